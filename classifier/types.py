@@ -1,0 +1,43 @@
+"""The classifier's vocabulary, shared by every classifier and the proxy."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import msgspec
+
+
+class Classification(msgspec.Struct, frozen=True):
+    """One message's verdict from a classifier.
+
+    `spam` and `spam_score` are None when the classifier has no spam opinion
+    (the header rules have none); the proxy then stamps no spam headers.
+    """
+
+    category: str
+    score: float  # confidence of `category`, 0..1
+    model: str  # "name/version", stamped into X-Triage-Model
+    spam: bool | None = None
+    spam_score: float | None = None
+
+
+class ClassifierError(Exception):
+    """Classification failed; the proxy applies `on_classifier_error`."""
+
+
+class Overloaded(ClassifierError):
+    """The classifier's queue is full: answered at once, never waited on."""
+
+
+class DeadlineExceeded(ClassifierError):
+    """The request's deadline passed before it was run."""
+
+
+class Classifier(Protocol):
+    """What the proxy calls. Rules and the ONNX service both implement it."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def classify(self, raw: bytes) -> Classification: ...

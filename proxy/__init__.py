@@ -1,0 +1,1 @@
+"""triaged's server: SMTP proxy (and later milter) front ends, pipeline, events."""

@@ -1,0 +1,170 @@
+"""The whole TOML config as frozen msgspec Structs, decoded once at start.
+
+Units are in the names (`_s`, `_ms`, `_bytes`). Unknown keys are errors, so a
+typo never silently falls back to a default. Nothing reads the environment later.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+from classifier.config import ClassifierSettings
+
+Seconds = Annotated[float, Meta(gt=0, le=86_400)]
+Port = Annotated[int, Meta(ge=0, le=65_535)]
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    pass
+
+
+class ListenerSettings(_Section):
+    # "host:port"; port 0 picks a free port (tests).
+    address: str = "127.0.0.1:10025"
+    protocol: Literal["smtp", "milter"] = "smtp"
+    # Expect a PROXY v1/v2 header first (behind HAProxy `send-proxy-v2`).
+    proxy_protocol: bool = False
+
+
+class ServerSettings(_Section):
+    hostname: str = "triaged.localdomain"
+    listeners: list[ListenerSettings] = msgspec.field(default_factory=lambda: [ListenerSettings()])
+    # Past this many open client connections new ones get 421 4.7.0 at once.
+    max_connections: Annotated[int, Meta(ge=1, le=1_000_000)] = 1000
+    idle_timeout_s: Seconds = 300.0  # RFC 5321 4.5.3.2.7: server timeout >= 5 min
+    data_timeout_s: Seconds = 600.0
+    max_message_bytes: Annotated[int, Meta(ge=1024)] = 50 * 1024 * 1024
+    max_recipients: Annotated[int, Meta(ge=1, le=100_000)] = 1000
+    # Bound on message bytes held in memory across all connections (aiosmtpd
+    # buffers whole messages). Over it a transaction gets 452 4.3.1.
+    max_inflight_data_bytes: Annotated[int, Meta(ge=1024)] = 512 * 1024 * 1024
+    # Clients allowed to connect (CIDR); others get 554 5.7.1.
+    allowed_clients: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    # Clients whose XFORWARD is honoured (Postfix content_filter), CIDR.
+    xforward_clients: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    # STARTTLS is offered when both are set.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # Graceful stop: how long open transactions may finish.
+    drain_timeout_s: Seconds = 30.0
+
+
+class UpstreamSettings(_Section):
+    # "smtp://host:port" (the next hop) or "maildir:PATH" (embedded default).
+    url: str = "maildir:./var/maildir"
+    starttls: Literal["none", "opportunistic", "require"] = "none"
+    pool_size: Annotated[int, Meta(ge=1, le=10_000)] = 64
+    connect_timeout_s: Seconds = 10.0
+    command_timeout_s: Seconds = 60.0  # MAIL/RCPT/RSET/NOOP replies
+    data_timeout_s: Seconds = 120.0  # the final reply after the message
+    # A pooled connection idle longer than this is closed, not reused.
+    max_idle_s: Seconds = 30.0
+    # Use one upstream connection for at most this many transactions.
+    max_transactions_per_connection: Annotated[int, Meta(ge=1)] = 1000
+    # Forward XFORWARD attributes when the next hop offers it.
+    xforward: bool = True
+
+
+class StampingSettings(_Section):
+    category_header: str = "X-Triage-Category"
+    score_header: str = "X-Triage-Score"
+    spam_header: str = "X-Triage-Spam"
+    spam_score_header: str = "X-Triage-Spam-Score"
+    model_header: str = "X-Triage-Model"
+
+
+Action = Literal["accept", "tag", "reject", "tempfail"]
+
+
+class PolicySettings(_Section):
+    # What to do with a category (missing categories: accept).
+    # "tag" prefixes the Subject with subject_tag; "reject" is 550 5.7.1;
+    # "tempfail" is 451 4.7.1.
+    category_actions: dict[str, Action] = msgspec.field(default_factory=dict)
+    spam_action: Action = "accept"
+    subject_tag: str = "[{category}]"
+    spam_subject_tag: str = "[SPAM]"
+    # Classifier failed or timed out: pass unstamped ("accept") or 451 ("tempfail").
+    on_classifier_error: Literal["accept", "tempfail"] = "accept"
+
+
+class EventsSettings(_Section):
+    # Empty: events go to the JSON-lines file below (no Kafka needed).
+    bootstrap_servers: list[str] = msgspec.field(default_factory=list)
+    topic: str = "triaged.events"
+    client_id: str = "triaged"
+    acks: Literal["all", "1", "0"] = "all"
+    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "gzip"
+    linger_ms: Annotated[float, Meta(ge=0, le=60_000)] = 20.0
+    request_timeout_s: Seconds = 10.0
+    # Bounded in-memory queue between the mail path and the shipper.
+    queue_size: Annotated[int, Meta(ge=1)] = 100_000
+    # Past this queue depth (or with Kafka unreachable) events go to the spool.
+    high_water: Annotated[int, Meta(ge=1)] = 50_000
+    spool_dir: str = "./var/spool/events"
+    spool_max_bytes: Annotated[int, Meta(ge=4096)] = 1024 * 1024 * 1024
+    spool_segment_bytes: Annotated[int, Meta(ge=4096)] = 16 * 1024 * 1024
+    fsync: Literal["always", "interval", "never"] = "interval"
+    fsync_interval_s: Seconds = 1.0
+    jsonl_path: str = "./var/events/events.jsonl"
+    jsonl_max_bytes: Annotated[int, Meta(ge=4096)] = 64 * 1024 * 1024
+    jsonl_keep: Annotated[int, Meta(ge=1, le=1000)] = 5
+    # HMAC key for pseudonymised addresses; empty: addresses are not shipped.
+    pseudonymize_secret: str = ""
+
+
+class LoggingSettings(_Section):
+    format: Literal["auto", "json", "console"] = "auto"  # auto: console on a TTY
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class MetricsSettings(_Section):
+    # Prometheus exposition "host:port"; empty: off.
+    listen: str = ""
+
+
+class Settings(_Section):
+    server: ServerSettings = ServerSettings()
+    upstream: UpstreamSettings = UpstreamSettings()
+    stamping: StampingSettings = StampingSettings()
+    policy: PolicySettings = PolicySettings()
+    classifier: ClassifierSettings = ClassifierSettings()
+    events: EventsSettings = EventsSettings()
+    logging: LoggingSettings = LoggingSettings()
+    metrics: MetricsSettings = MetricsSettings()
+
+
+class ConfigError(Exception):
+    """A bad config: the message names the key and the problem (exit 78)."""
+
+
+def decode_settings(toml_text: str | bytes) -> Settings:
+    try:
+        return msgspec.toml.decode(toml_text, type=Settings)
+    except msgspec.ValidationError as exc:
+        # msgspec says e.g. "Expected `int`, got `str` - at `$.server.max_connections`".
+        raise ConfigError(_name_the_key(str(exc))) from None
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}") from None
+
+
+def load_settings(path: str | Path | None) -> Settings:
+    """Defaults when `path` is None (the embedded `make run` configuration)."""
+    if path is None:
+        return Settings()
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    return decode_settings(data)
+
+
+def _name_the_key(message: str) -> str:
+    head, sep, where = message.rpartition(" - at `$.")
+    if not sep:
+        return message
+    return f"{where.rstrip('`')}: {head}"
