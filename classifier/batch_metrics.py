@@ -1,0 +1,137 @@
+"""Metrics hooks of the micro-batcher.
+
+The classifier stays free of prometheus: the batcher reports to this small
+protocol, and the proxy adapts it to prometheus_client (or anything else).
+`BatchStats` is an in-memory implementation for tests, benchmarks and
+`triaged classify`-style tools; it keeps bounded samples, so it is also safe
+to leave attached in a long-running process.
+
+All hooks are called on the event loop thread, never from the inference
+thread, so implementations need no locking.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+# Why a batch was closed: it reached max_batch_size ("full"), its first request
+# waited max_wait_ms ("timeout"), or no more requests were arriving while the
+# worker was idle ("idle": the lone-request fast path), or the batcher is
+# draining on close ("drain").
+CloseReason = Literal["full", "timeout", "idle", "drain"]
+
+
+class BatcherMetrics(Protocol):
+    def batch(self, size: int, reason: CloseReason) -> None:
+        """A batch of `size` live requests was handed to the worker."""
+
+    def queue_wait(self, seconds: float) -> None:
+        """One request waited this long between submit and its batch starting."""
+
+    def inference(self, seconds: float, size: int) -> None:
+        """The worker spent this long running one batch (features + model)."""
+
+    def queue_depth(self, depth: int) -> None:
+        """Requests waiting after a submit or a batch was taken."""
+
+    def timeout(self) -> None:
+        """A request's deadline passed (before or while it ran)."""
+
+    def overload(self) -> None:
+        """A submit found the queue full and was refused at once."""
+
+    def error(self, size: int) -> None:
+        """A batch of `size` requests failed (exception or output mismatch)."""
+
+
+class NullMetrics:
+    """Hooks that do nothing: the default."""
+
+    def batch(self, size: int, reason: CloseReason) -> None:
+        pass
+
+    def queue_wait(self, seconds: float) -> None:
+        pass
+
+    def inference(self, seconds: float, size: int) -> None:
+        pass
+
+    def queue_depth(self, depth: int) -> None:
+        pass
+
+    def timeout(self) -> None:
+        pass
+
+    def overload(self) -> None:
+        pass
+
+    def error(self, size: int) -> None:
+        pass
+
+
+def _samples() -> deque[float]:
+    return deque(maxlen=100_000)
+
+
+@dataclass
+class BatchStats:
+    """In-memory metrics with bounded samples (the last 100,000 of each)."""
+
+    batch_sizes: deque[float] = field(default_factory=_samples)
+    close_reasons: Counter[str] = field(default_factory=Counter)
+    queue_waits_s: deque[float] = field(default_factory=_samples)
+    inference_s: deque[float] = field(default_factory=_samples)
+    max_queue_depth: int = 0
+    timeouts: int = 0
+    overloads: int = 0
+    errors: int = 0
+    items: int = 0  # requests handed to the worker, all batches
+
+    def batch(self, size: int, reason: CloseReason) -> None:
+        self.batch_sizes.append(size)
+        self.close_reasons[reason] += 1
+        self.items += size
+
+    def queue_wait(self, seconds: float) -> None:
+        self.queue_waits_s.append(seconds)
+
+    def inference(self, seconds: float, size: int) -> None:
+        del size
+        self.inference_s.append(seconds)
+
+    def queue_depth(self, depth: int) -> None:
+        self.max_queue_depth = max(self.max_queue_depth, depth)
+
+    def timeout(self) -> None:
+        self.timeouts += 1
+
+    def overload(self) -> None:
+        self.overloads += 1
+
+    def error(self, size: int) -> None:
+        del size
+        self.errors += 1
+
+    @property
+    def batches(self) -> int:
+        return sum(self.close_reasons.values())
+
+    @property
+    def mean_batch_size(self) -> float:
+        return sum(self.batch_sizes) / len(self.batch_sizes) if self.batch_sizes else 0.0
+
+    def reset(self) -> None:
+        """Forget everything (a benchmark's warm-up)."""
+        self.__init__()  # type: ignore[misc]
+
+
+def percentile(samples: list[float] | deque[float], q: float) -> float:
+    """Nearest-rank percentile, q in 0..100; 0.0 for no samples."""
+    if not samples:
+        return 0.0
+    ordered = sorted(samples)
+    rank = max(1, min(len(ordered), math.ceil(q / 100 * len(ordered))))
+    return ordered[rank - 1]
