@@ -1,0 +1,124 @@
+"""Real, small ONNX models for the batcher and service tests.
+
+They are independent of the bundled default model, so these tests pass
+whatever state models/ is in. Each model echoes its input in output "y", so a
+result handed to the wrong caller is caught; the slow variant also computes a
+chain of MatMuls ("h") so that one batch takes measurable time.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from classifier.types import Classification
+
+DIM = 8
+
+
+def build_echo_model(*, dim: int = DIM, heavy_layers: int = 0, heavy_dim: int = 256,
+                     offset: float = 0.0) -> bytes:
+    """y = x + offset; with heavy_layers > 0 also h = tanh chain of MatMuls."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", dim])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", dim])
+    inits = [numpy_helper.from_array(np.array([offset], dtype=np.float32), "offset")]
+    nodes = [helper.make_node("Add", ["x", "offset"], ["y"])]
+    outputs = [y]
+    if heavy_layers:
+        rng = np.random.default_rng(0)
+        w_in = rng.standard_normal((dim, heavy_dim)) / np.sqrt(dim)
+        inits.append(numpy_helper.from_array(w_in.astype(np.float32), "w_in"))
+        nodes.append(helper.make_node("MatMul", ["x", "w_in"], ["a0"]))
+        prev = "a0"
+        for i in range(heavy_layers):
+            w = rng.standard_normal((heavy_dim, heavy_dim)) / np.sqrt(heavy_dim)
+            inits.append(numpy_helper.from_array(w.astype(np.float32), f"w{i}"))
+            nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"]))
+            nodes.append(helper.make_node("Tanh", [f"m{i}"], [f"a{i + 1}"]))
+            prev = f"a{i + 1}"
+        nodes.append(helper.make_node("ReduceSum", [prev], ["h"], keepdims=0))
+        outputs.append(helper.make_tensor_value_info("h", TensorProto.FLOAT, []))
+    graph = helper.make_graph(nodes, "echo", [x], outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def session(model: bytes, providers: Sequence[str] | None = None) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(model, opts, providers=list(providers or ["CPUExecutionProvider"]))
+
+
+class EchoRunner:
+    """run_batch for the generic batcher: ints in, ints out, through ONNX.
+
+    Records every item it ran (so tests can prove what never ran), and can be
+    held at a gate so tests control exactly which requests share a batch.
+    """
+
+    def __init__(self, model: bytes, providers: Sequence[str] | None = None) -> None:
+        self.session = session(model, providers)
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.ran: list[int] = []
+        self.batches: list[list[int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.poison: set[int] = set()
+        self.short: set[int] = set()  # a batch holding one of these loses an output
+        self.bad_item: set[int] = set()  # answered with a per-item exception
+
+    def __call__(self, items: list[int]) -> list[int | Exception]:
+        self.entered.set()
+        if not self.gate.wait(30):
+            raise RuntimeError("test gate never opened")
+        self.batches.append(list(items))
+        self.ran.extend(items)
+        if self.poison.intersection(items):
+            raise ValueError("poisoned batch")
+        x = np.repeat(np.asarray(items, dtype=np.float32)[:, None], DIM, axis=1)
+        y = self.session.run(self.outputs, {"x": x})[0]
+        out: list[int | Exception] = [int(round(float(v))) for v in y[:, 0]]
+        if self.short.intersection(items):
+            out = out[:-1]
+        return [ValueError("bad item") if i in self.bad_item else o
+                for i, o in zip(items, out, strict=False)]
+
+
+class EchoModel:
+    """The LoadedModel shape the service expects (featurize / predict /
+    name_version), over a real ONNX echo model: raw b"17" -> category "17"."""
+
+    def __init__(self, path: str | Path, providers: Sequence[str] | None = None) -> None:
+        data = Path(path).read_bytes()
+        self.session = session(data, providers)
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.name_version = Path(path).stem
+        self.manifest: dict[str, object] = {"name": self.name_version}
+        self.offset = float(numpy_helper.to_array(
+            next(i for i in onnx.load_from_string(data).graph.initializer if i.name == "offset")
+        )[0])
+
+    def featurize(self, raw: bytes) -> np.ndarray:
+        return np.full(DIM, float(int(raw)), dtype=np.float32)
+
+    def predict(self, batch: Sequence[np.ndarray]) -> list[Classification]:
+        y = self.session.run(self.outputs, {"x": np.stack(batch)})[0]
+        return [
+            Classification(category=str(int(round(float(v - self.offset)))), score=1.0,
+                           model=self.name_version)
+            for v in y[:, 0]
+        ]
+
+
+def write_model(path: Path, **kwargs: object) -> Path:
+    path.write_bytes(build_echo_model(**kwargs))  # type: ignore[arg-type]
+    return path

@@ -1,0 +1,325 @@
+"""The micro-batcher with real ONNX models, real threads and a real event loop.
+
+Timing never decides a test: a gate in the worker thread holds a batch while
+the test arranges the queue, and close reasons are asserted, not latencies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from batching_models import EchoRunner, build_echo_model
+
+from classifier.batch_metrics import BatchStats
+from classifier.batcher import Batcher, BatcherClosed
+from classifier.config import BatcherSettings
+from classifier.types import ClassifierError, DeadlineExceeded, Overloaded
+
+FAST = build_echo_model()
+SLOW = build_echo_model(heavy_layers=24, heavy_dim=256)
+
+
+def make(
+    runner: EchoRunner, *, max_batch_size: int = 64, max_wait_ms: float = 2.0,
+    queue_size: int = 4096, timeout_ms: float = 10_000,
+) -> tuple[Batcher[int, int], BatchStats]:
+    stats = BatchStats()
+    settings = BatcherSettings(
+        max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, queue_size=queue_size
+    )
+    return Batcher(runner, settings, timeout_ms=timeout_ms, metrics=stats), stats
+
+
+async def hold_worker(batcher: Batcher[int, int], runner: EchoRunner, item: int) -> asyncio.Task[int]:
+    """Start a batch of one item and keep the worker busy with it (gate closed)."""
+    runner.gate.clear()
+    runner.entered.clear()
+    task = asyncio.create_task(batcher.submit(item))
+    assert await asyncio.to_thread(runner.entered.wait, 10)
+    return task
+
+
+async def settle() -> None:
+    """Let submitted tasks reach the queue."""
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+async def test_64_concurrent_callers_share_batches_and_get_their_own_result() -> None:
+    runner = EchoRunner(FAST)
+    batcher, stats = make(runner, max_batch_size=16)
+    await batcher.start()
+    try:
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(64)))
+    finally:
+        await batcher.close()
+    assert results == list(range(64))
+    assert sorted(runner.ran) == list(range(64))
+    assert max(len(b) for b in runner.batches) == 16
+    assert stats.close_reasons["full"] == 4
+
+
+async def test_batches_form_while_the_worker_is_busy() -> None:
+    runner = EchoRunner(FAST)
+    batcher, stats = make(runner, max_batch_size=64, max_wait_ms=0)
+    await batcher.start()
+    try:
+        first = await hold_worker(batcher, runner, 1000)
+        rest = [asyncio.create_task(batcher.submit(i)) for i in range(63)]
+        await settle()
+        assert batcher.depth == 63
+        runner.gate.set()
+        assert await first == 1000
+        assert await asyncio.gather(*rest) == list(range(63))
+    finally:
+        await batcher.close()
+    assert runner.batches == [[1000], list(range(63))]
+    assert list(stats.batch_sizes) == [1, 63]
+
+
+async def test_slow_model_under_staggered_load_batches() -> None:
+    runner = EchoRunner(SLOW)
+    batcher, stats = make(runner, max_batch_size=64)
+    await batcher.start()
+
+    async def caller(i: int) -> int:
+        await asyncio.sleep(i * 0.0005)
+        return await batcher.submit(i)
+
+    try:
+        results = await asyncio.gather(*(caller(i) for i in range(64)))
+    finally:
+        await batcher.close()
+    assert results == list(range(64))
+    assert max(stats.batch_sizes) > 1
+    assert stats.items == 64
+
+
+async def test_lone_request_does_not_wait_out_the_window() -> None:
+    runner = EchoRunner(FAST)
+    # A window of a full second: a lone request that waited it out would be
+    # closed by "timeout"; the fast path closes it as "idle".
+    batcher, stats = make(runner, max_wait_ms=1000)
+    await batcher.start()
+    try:
+        assert await batcher.submit(7) == 7
+        assert await batcher.submit(8) == 8
+    finally:
+        await batcher.close()
+    assert dict(stats.close_reasons) == {"idle": 2}
+
+
+async def test_cancelled_callers_leave_others_correct() -> None:
+    runner = EchoRunner(FAST)
+    batcher, stats = make(runner)
+    await batcher.start()
+    try:
+        first = await hold_worker(batcher, runner, 1000)
+        queued = {i: asyncio.create_task(batcher.submit(i)) for i in range(20)}
+        await settle()
+        for i in range(0, 20, 2):
+            queued[i].cancel()
+        await settle()
+        runner.gate.set()
+        assert await first == 1000
+        for i, task in queued.items():
+            if i % 2:
+                assert await task == i
+            else:
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+        # Cancelled while queued: never run.
+        assert runner.ran == [1000, *range(1, 20, 2)]
+
+        # Cancelled while their batch runs: the batch completes for the rest.
+        running = {i: asyncio.create_task(batcher.submit(i)) for i in range(100, 110)}
+        runner.gate.clear()
+        runner.entered.clear()
+        await settle()
+        assert await asyncio.to_thread(runner.entered.wait, 10)
+        for i in range(100, 110, 3):
+            running[i].cancel()
+        runner.gate.set()
+        for i, task in running.items():
+            if (i - 100) % 3:
+                assert await task == i
+            else:
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+        assert runner.batches[-1] == list(range(100, 110))
+        assert await batcher.submit(5) == 5
+    finally:
+        await batcher.close()
+    assert stats.errors == 0
+
+
+async def test_expired_requests_are_not_run() -> None:
+    runner = EchoRunner(FAST)
+    batcher, stats = make(runner)
+    await batcher.start()
+    try:
+        first = await hold_worker(batcher, runner, 1000)
+        doomed = [asyncio.create_task(batcher.submit(i, timeout_ms=20)) for i in range(5)]
+        for task in doomed:
+            with pytest.raises(DeadlineExceeded):
+                await task
+        runner.gate.set()
+        assert await first == 1000
+        assert await batcher.submit(42) == 42
+    finally:
+        await batcher.close()
+    assert runner.ran == [1000, 42]
+    assert stats.timeouts == 5
+
+
+async def test_deadline_while_running_answers_the_caller_and_spares_the_batch() -> None:
+    runner = EchoRunner(FAST)
+    batcher, stats = make(runner)
+    await batcher.start()
+    try:
+        runner.gate.clear()
+        runner.entered.clear()
+        short = asyncio.create_task(batcher.submit(1, timeout_ms=20))
+        long = asyncio.create_task(batcher.submit(2))
+        assert await asyncio.to_thread(runner.entered.wait, 10)
+        with pytest.raises(DeadlineExceeded):
+            await short
+        runner.gate.set()
+        assert await long == 2
+    finally:
+        await batcher.close()
+    assert runner.batches == [[1, 2]]
+    assert stats.timeouts == 1
+
+
+async def test_full_queue_answers_overloaded_at_once() -> None:
+    runner = EchoRunner(FAST)
+    batcher, stats = make(runner, queue_size=4)
+    await batcher.start()
+    try:
+        first = await hold_worker(batcher, runner, 1000)
+        queued = [asyncio.create_task(batcher.submit(i)) for i in range(4)]
+        await settle()
+        assert batcher.depth == 4
+        refused = asyncio.create_task(batcher.submit(99))
+        await asyncio.sleep(0)
+        # Refused in its first step, while the worker is still held.
+        assert refused.done() and not runner.gate.is_set()
+        with pytest.raises(Overloaded):
+            await refused
+        runner.gate.set()
+        assert await first == 1000
+        assert await asyncio.gather(*queued) == [0, 1, 2, 3]
+    finally:
+        await batcher.close()
+    assert stats.overloads == 1
+    assert 99 not in runner.ran
+
+
+async def test_cancelled_callers_free_their_queue_slots() -> None:
+    runner = EchoRunner(FAST)
+    batcher, _ = make(runner, queue_size=2)
+    await batcher.start()
+    try:
+        first = await hold_worker(batcher, runner, 1000)
+        gone = [asyncio.create_task(batcher.submit(i)) for i in range(2)]
+        await settle()
+        for task in gone:
+            task.cancel()
+        await settle()
+        late = asyncio.create_task(batcher.submit(3))
+        await settle()
+        runner.gate.set()
+        assert await first == 1000
+        assert await late == 3
+    finally:
+        await batcher.close()
+
+
+async def test_exception_reaches_exactly_that_batch() -> None:
+    runner = EchoRunner(FAST)
+    runner.poison = {13}
+    batcher, stats = make(runner)
+    await batcher.start()
+    try:
+        first = await hold_worker(batcher, runner, 1000)
+        doomed = [asyncio.create_task(batcher.submit(i)) for i in (12, 13, 14)]
+        await settle()
+        runner.gate.set()
+        assert await first == 1000
+        for task in doomed:
+            with pytest.raises(ClassifierError, match="poisoned"):
+                await task
+        assert await batcher.submit(15) == 15
+    finally:
+        await batcher.close()
+    assert runner.batches == [[1000], [12, 13, 14], [15]]
+    assert stats.errors == 1
+
+
+async def test_output_count_mismatch_fails_the_batch() -> None:
+    runner = EchoRunner(FAST)
+    runner.short = {3}
+    batcher, stats = make(runner)
+    await batcher.start()
+    try:
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(5)),
+                                       return_exceptions=True)
+        assert all(isinstance(r, ClassifierError) and "4 results for 5" in str(r)
+                   for r in results)
+        assert await batcher.submit(9) == 9
+    finally:
+        await batcher.close()
+    assert stats.errors == 1
+
+
+async def test_per_item_error_fails_only_that_caller() -> None:
+    runner = EchoRunner(FAST)
+    runner.bad_item = {2}
+    batcher, _ = make(runner)
+    await batcher.start()
+    try:
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(4)),
+                                       return_exceptions=True)
+    finally:
+        await batcher.close()
+    assert results[0] == 0 and results[1] == 1 and results[3] == 3
+    assert isinstance(results[2], ValueError)
+    assert len(runner.batches) == 1
+
+
+async def test_close_drains_queued_requests() -> None:
+    runner = EchoRunner(FAST)
+    batcher, _ = make(runner)
+    await batcher.start()
+    first = await hold_worker(batcher, runner, 1000)
+    queued = [asyncio.create_task(batcher.submit(i)) for i in range(3)]
+    await settle()
+    closing = asyncio.create_task(batcher.close())
+    await settle()
+    with pytest.raises(BatcherClosed):
+        await batcher.submit(50)
+    runner.gate.set()
+    await closing
+    assert await first == 1000
+    assert await asyncio.gather(*queued) == [0, 1, 2]
+    assert not batcher.running
+
+
+async def test_close_without_drain_fails_queued_requests() -> None:
+    runner = EchoRunner(FAST)
+    batcher, _ = make(runner)
+    await batcher.start()
+    first = await hold_worker(batcher, runner, 1000)
+    queued = [asyncio.create_task(batcher.submit(i)) for i in range(3)]
+    await settle()
+    closing = asyncio.create_task(batcher.close(drain=False))
+    await settle()
+    runner.gate.set()
+    await closing
+    assert await first == 1000  # the running batch still completes
+    for task in queued:
+        with pytest.raises(BatcherClosed):
+            await task
+    assert runner.ran == [1000]
