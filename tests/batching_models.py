@@ -48,7 +48,8 @@ def build_echo_model(*, dim: int = DIM, heavy_layers: int = 0, heavy_dim: int = 
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
-    return model.SerializeToString()
+    data: bytes = model.SerializeToString()
+    return data
 
 
 def session(model: bytes, providers: Sequence[str] | None = None) -> ort.InferenceSession:
@@ -86,7 +87,7 @@ class EchoRunner:
             raise ValueError("poisoned batch")
         x = np.repeat(np.asarray(items, dtype=np.float32)[:, None], DIM, axis=1)
         y = self.session.run(self.outputs, {"x": x})[0]
-        out: list[int | Exception] = [int(round(float(v))) for v in y[:, 0]]
+        out: list[int | Exception] = [round(float(v)) for v in y[:, 0]]
         if self.short.intersection(items):
             out = out[:-1]
         return [ValueError("bad item") if i in self.bad_item else o
@@ -113,7 +114,7 @@ class EchoModel:
     def predict(self, batch: Sequence[np.ndarray]) -> list[Classification]:
         y = self.session.run(self.outputs, {"x": np.stack(batch)})[0]
         return [
-            Classification(category=str(int(round(float(v - self.offset)))), score=1.0,
+            Classification(category=str(round(float(v - self.offset))), score=1.0,
                            model=self.name_version)
             for v in y[:, 0]
         ]
