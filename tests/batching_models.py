@@ -8,6 +8,7 @@ chain of MatMuls ("h") so that one batch takes measurable time.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from classifier.providers import Provider, choose_providers, session_kind
 from classifier.types import Classification
 
 DIM = 8
@@ -52,10 +54,25 @@ def build_echo_model(*, dim: int = DIM, heavy_layers: int = 0, heavy_dim: int = 
     return data
 
 
-def session(model: bytes, providers: Sequence[str] | None = None) -> ort.InferenceSession:
+def provider_setting() -> str:
+    """TRIAGED_TEST_PROVIDER=cuda runs these tests on the GPU (bench/gpu_check.sh)."""
+    return os.environ.get("TRIAGED_TEST_PROVIDER", "cpu")
+
+
+def providers_under_test() -> list[Provider]:
+    setting = provider_setting()
+    assert setting in ("cpu", "cuda", "auto")
+    return choose_providers(setting, 0).providers  # type: ignore[arg-type]
+
+
+def session(model: bytes, providers: Sequence[Provider] | None = None) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
-    return ort.InferenceSession(model, opts, providers=list(providers or ["CPUExecutionProvider"]))
+    sess = ort.InferenceSession(model, opts, providers=list(providers or providers_under_test()))
+    if provider_setting() == "cuda":
+        # Prove the GPU run really ran on the GPU.
+        assert session_kind(sess) == "cuda", sess.get_providers()
+    return sess
 
 
 class EchoRunner:
@@ -65,7 +82,7 @@ class EchoRunner:
     held at a gate so tests control exactly which requests share a batch.
     """
 
-    def __init__(self, model: bytes, providers: Sequence[str] | None = None) -> None:
+    def __init__(self, model: bytes, providers: Sequence[Provider] | None = None) -> None:
         self.session = session(model, providers)
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.ran: list[int] = []
@@ -98,7 +115,7 @@ class EchoModel:
     """The LoadedModel shape the service expects (featurize / predict /
     name_version), over a real ONNX echo model: raw b"17" -> category "17"."""
 
-    def __init__(self, path: str | Path, providers: Sequence[str] | None = None) -> None:
+    def __init__(self, path: str | Path, providers: Sequence[Provider] | None = None) -> None:
         data = Path(path).read_bytes()
         self.session = session(data, providers)
         self.outputs = [o.name for o in self.session.get_outputs()]
@@ -109,7 +126,10 @@ class EchoModel:
         )[0])
 
     def featurize(self, raw: bytes) -> np.ndarray:
-        return np.full(DIM, float(int(raw)), dtype=np.float32)
+        if raw == b"unparseable":
+            raise ValueError("cannot featurize")
+        # The service's warm-up message is not a number: -1.
+        return np.full(DIM, float(int(raw)) if raw.isdigit() else -1.0, dtype=np.float32)
 
     def predict(self, batch: Sequence[np.ndarray]) -> list[Classification]:
         y = self.session.run(self.outputs, {"x": np.stack(batch)})[0]
