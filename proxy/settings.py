@@ -22,7 +22,7 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     pass
 
 
-class ListenerSettings(_Section):
+class ListenerSettings(_Section, frozen=True):
     # "host:port"; port 0 picks a free port (tests).
     address: str = "127.0.0.1:10025"
     protocol: Literal["smtp", "milter"] = "smtp"
@@ -30,7 +30,7 @@ class ListenerSettings(_Section):
     proxy_protocol: bool = False
 
 
-class ServerSettings(_Section):
+class ServerSettings(_Section, frozen=True):
     hostname: str = "triaged.localdomain"
     listeners: list[ListenerSettings] = msgspec.field(default_factory=lambda: [ListenerSettings()])
     # Past this many open client connections new ones get 421 4.7.0 at once.
@@ -53,7 +53,7 @@ class ServerSettings(_Section):
     drain_timeout_s: Seconds = 30.0
 
 
-class UpstreamSettings(_Section):
+class UpstreamSettings(_Section, frozen=True):
     # "smtp://host:port" (the next hop) or "maildir:PATH" (embedded default).
     url: str = "maildir:./var/maildir"
     starttls: Literal["none", "opportunistic", "require"] = "none"
@@ -69,7 +69,7 @@ class UpstreamSettings(_Section):
     xforward: bool = True
 
 
-class StampingSettings(_Section):
+class StampingSettings(_Section, frozen=True):
     category_header: str = "X-Triage-Category"
     score_header: str = "X-Triage-Score"
     spam_header: str = "X-Triage-Spam"
@@ -80,7 +80,7 @@ class StampingSettings(_Section):
 Action = Literal["accept", "tag", "reject", "tempfail"]
 
 
-class PolicySettings(_Section):
+class PolicySettings(_Section, frozen=True):
     # What to do with a category (missing categories: accept).
     # "tag" prefixes the Subject with subject_tag; "reject" is 550 5.7.1;
     # "tempfail" is 451 4.7.1.
@@ -92,7 +92,7 @@ class PolicySettings(_Section):
     on_classifier_error: Literal["accept", "tempfail"] = "accept"
 
 
-class EventsSettings(_Section):
+class EventsSettings(_Section, frozen=True):
     # Empty: events go to the JSON-lines file below (no Kafka needed).
     bootstrap_servers: list[str] = msgspec.field(default_factory=list)
     topic: str = "triaged.events"
@@ -115,19 +115,21 @@ class EventsSettings(_Section):
     jsonl_keep: Annotated[int, Meta(ge=1, le=1000)] = 5
     # HMAC key for pseudonymised addresses; empty: addresses are not shipped.
     pseudonymize_secret: str = ""
+    # Graceful stop: time to flush queued events to Kafka; the rest is spooled.
+    close_timeout_s: Seconds = 5.0
 
 
-class LoggingSettings(_Section):
+class LoggingSettings(_Section, frozen=True):
     format: Literal["auto", "json", "console"] = "auto"  # auto: console on a TTY
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
-class MetricsSettings(_Section):
+class MetricsSettings(_Section, frozen=True):
     # Prometheus exposition "host:port"; empty: off.
     listen: str = ""
 
 
-class Settings(_Section):
+class Settings(_Section, frozen=True):
     server: ServerSettings = ServerSettings()
     upstream: UpstreamSettings = UpstreamSettings()
     stamping: StampingSettings = StampingSettings()
@@ -144,12 +146,71 @@ class ConfigError(Exception):
 
 def decode_settings(toml_text: str | bytes) -> Settings:
     try:
-        return msgspec.toml.decode(toml_text, type=Settings)
+        settings = msgspec.toml.decode(toml_text, type=Settings)
     except msgspec.ValidationError as exc:
         # msgspec says e.g. "Expected `int`, got `str` - at `$.server.max_connections`".
         raise ConfigError(_name_the_key(str(exc))) from None
     except msgspec.DecodeError as exc:
         raise ConfigError(f"not valid TOML: {exc}") from None
+    errors = validate(settings)
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return settings
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """"host:port" or "[v6]:port" -> (host, port); ValueError when malformed."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65_535:
+        raise ValueError("expected host:port")
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ValueError("expected [v6address]:port")
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError("IPv6 addresses need brackets: [::1]:port")
+    return host, int(port)
+
+
+def validate(s: Settings) -> list[str]:
+    """Checks msgspec types cannot express; one "key: problem" per error."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    errors: list[str] = []
+    if not s.server.listeners:
+        errors.append("server.listeners: at least one listener is needed")
+    for i, listener in enumerate(s.server.listeners):
+        try:
+            split_host_port(listener.address)
+        except ValueError as exc:
+            errors.append(f"server.listeners[{i}].address: {exc}, got {listener.address!r}")
+    for key in ("allowed_clients", "xforward_clients"):
+        for i, cidr in enumerate(getattr(s.server, key)):
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                errors.append(f"server.{key}[{i}]: not a CIDR network: {cidr!r}")
+    if bool(s.server.tls_cert_file) != bool(s.server.tls_key_file):
+        errors.append("server.tls_cert_file: tls_cert_file and tls_key_file go together")
+    url = s.upstream.url
+    if url.startswith("maildir:"):
+        if not url.removeprefix("maildir:"):
+            errors.append("upstream.url: maildir: needs a path")
+    else:
+        try:
+            parts = urlsplit(url)
+            ok = parts.scheme == "smtp" and bool(parts.hostname) and parts.port is not None
+        except ValueError:
+            ok = False
+        if not ok:
+            errors.append(f"upstream.url: expected smtp://host:port or maildir:PATH, got {url!r}")
+    if s.metrics.listen:
+        try:
+            split_host_port(s.metrics.listen)
+        except ValueError as exc:
+            errors.append(f"metrics.listen: {exc}, got {s.metrics.listen!r}")
+    return errors
 
 
 def load_settings(path: str | Path | None) -> Settings:

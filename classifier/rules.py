@@ -1,0 +1,131 @@
+"""Header-rule classifier ("rules/1"): the first classifier and later the fallback.
+
+It reads only the header block, with a small unfolding scanner instead of the
+email package: it is on every message's path and the whole parse costs a few
+microseconds. Rules, first match wins:
+
+1. mailing-list headers (List-Post, Mailing-List, List-Id without
+   List-Unsubscribe, Precedence: list)             -> forums
+2. Auto-Submitted (RFC 3834), no-reply/automated senders, bounces
+   (MAILER-DAEMON, null Return-Path, multipart/report) -> updates
+3. List-Unsubscribe without List-Post, a bulk-mailer X-Mailer,
+   Precedence: bulk                                  -> promotions
+4. otherwise                                         -> primary
+"""
+
+from __future__ import annotations
+
+import re
+
+from classifier.types import Classification
+
+MODEL = "rules/1"
+
+# Header names the rules look at (lower case).
+_WANTED = frozenset(
+    {
+        b"list-id",
+        b"list-post",
+        b"list-unsubscribe",
+        b"mailing-list",
+        b"precedence",
+        b"auto-submitted",
+        b"from",
+        b"sender",
+        b"return-path",
+        b"content-type",
+        b"x-mailer",
+        b"x-auto-response-suppress",
+    }
+)
+
+_AUTOMATED_LOCAL = re.compile(
+    rb"(?:^|[<\s\"])(?:no[-_.]?reply|do[-_.]?not[-_.]?reply|mailer-daemon|postmaster|"
+    rb"notifications?|notify|alerts?|bounces?(?:[-+][^@]*)?|auto[-_.]?(?:reply|confirm))@",
+    re.I,
+)
+_MAILER_DAEMON = re.compile(rb"mailer-daemon", re.I)
+_BULK_MAILER = re.compile(
+    rb"mailchimp|sendgrid|sendinblue|brevo|constant ?contact|mailerlite|campaign ?monitor|"
+    rb"klaviyo|hubspot|marketo|exacttarget|salesforce marketing|mailjet|phplist|"
+    rb"acoustic|silverpop|emarsys|cheetahmail|responsys|listrak|getresponse|aweber|"
+    rb"icontact|benchmark email|sailthru|braze|customer\.io|mailgun|postmark|sparkpost",
+    re.I,
+)
+
+
+def header_fields(raw: bytes) -> dict[bytes, bytes]:
+    """The wanted header fields of `raw`, unfolded; first occurrence wins.
+
+    The header block ends at the first empty line (RFC 5322 section 2.1).
+    """
+    end = raw.find(b"\r\n\r\n")
+    lf_end = raw.find(b"\n\n")
+    if end < 0 or (0 <= lf_end < end):
+        end = lf_end
+    block = raw if end < 0 else raw[:end]
+    fields: dict[bytes, bytes] = {}
+    name = b""
+    for line in block.splitlines():
+        if not line:
+            break
+        if line[:1] in (b" ", b"\t"):
+            if name:  # continuation of a wanted field
+                fields[name] += b" " + line.strip()
+            continue
+        head, colon, value = line.partition(b":")
+        key = head.strip().lower()
+        if colon and key in _WANTED and key not in fields:
+            fields[key] = value.strip()
+            name = key
+        else:
+            name = b""
+    return fields
+
+
+def classify_headers(fields: dict[bytes, bytes]) -> tuple[str, float]:
+    precedence = fields.get(b"precedence", b"").lower()
+    has_unsub = b"list-unsubscribe" in fields
+    if (
+        b"list-post" in fields
+        or b"mailing-list" in fields
+        or (b"list-id" in fields and not has_unsub)
+        or precedence == b"list"
+    ):
+        return "forums", 0.9
+    auto = fields.get(b"auto-submitted", b"").lower()
+    if auto and not auto.startswith(b"no"):
+        return "updates", 0.9
+    if fields.get(b"return-path", b"").replace(b" ", b"") == b"<>":
+        return "updates", 0.9  # null sender: a bounce or other DSN (RFC 5321 4.5.5)
+    if b"multipart/report" in fields.get(b"content-type", b"").lower():
+        return "updates", 0.9  # RFC 6522 delivery and disposition reports
+    sender = fields.get(b"from", b"") + b" " + fields.get(b"sender", b"")
+    if _MAILER_DAEMON.search(sender) or _AUTOMATED_LOCAL.search(sender):
+        return "updates", 0.8
+    if b"x-auto-response-suppress" in fields:
+        return "updates", 0.7
+    if has_unsub or precedence in (b"bulk", b"junk"):
+        return "promotions", 0.8
+    if _BULK_MAILER.search(fields.get(b"x-mailer", b"")):
+        return "promotions", 0.8
+    return "primary", 0.6
+
+
+class RulesClassifier:
+    """The Classifier protocol over header rules. No spam opinion."""
+
+    model = MODEL
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def classify_now(self, raw: bytes) -> Classification:
+        category, score = classify_headers(header_fields(raw))
+        return Classification(category=category, score=score, model=MODEL)
+
+    async def classify(self, raw: bytes) -> Classification:
+        return self.classify_now(raw)

@@ -1,0 +1,187 @@
+"""Start, serve, drain. `serve_forever()` is `triaged serve`; `Server` is the
+same thing as an importable async API (tests start it on port 0).
+
+Graceful stop on SIGTERM/SIGINT: stop accepting, close idle sessions with
+421, let open transactions finish for drain_timeout_s, then close the rest.
+Readiness goes to systemd via sd_notify (Type=notify) when NOTIFY_SOCKET is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import ssl
+from collections.abc import Sequence
+
+import structlog
+
+from classifier.types import Classifier
+from proxy import logs
+from proxy.metrics import Metrics
+from proxy.pipeline import Pipeline
+from proxy.settings import Settings, split_host_port
+from proxy.smtp.session import RelayContext, TriageSMTP
+from proxy.smtp.upstream import Upstream, build_upstream
+from proxy.transaction import TransactionSink
+
+log = structlog.get_logger("triaged")
+
+
+def build_classifier(settings: Settings) -> Classifier:
+    from classifier.rules import RulesClassifier
+
+    if settings.classifier.kind == "onnx":
+        try:
+            from classifier.service import OnnxClassifierService
+        except ImportError as exc:
+            log.warning("onnx_unavailable_using_rules", error=str(exc))
+        else:
+            return OnnxClassifierService(settings.classifier)
+    return RulesClassifier()
+
+
+def _server_tls(settings: Settings) -> ssl.SSLContext | None:
+    s = settings.server
+    if not (s.tls_cert_file and s.tls_key_file):
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(s.tls_cert_file, s.tls_key_file)
+    return ctx
+
+
+class Server:
+    """The SMTP front end with its classifier, next hop and sinks.
+
+    `classifier` defaults to the one `settings.classifier.kind` names;
+    `sinks` receive every TransactionRecord (the metrics are always one).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        classifier: Classifier | None = None,
+        sinks: Sequence[TransactionSink] = (),
+        upstream: Upstream | None = None,
+    ) -> None:
+        self.settings = settings
+        self.classifier = classifier if classifier is not None else build_classifier(settings)
+        self.metrics = Metrics()
+        self.pipeline = Pipeline(settings, self.classifier, [self.metrics, *sinks])
+        self.upstream = upstream or build_upstream(settings.upstream, settings.server.hostname)
+        self._servers: list[asyncio.Server] = []
+        self.addresses: list[tuple[str, int]] = []
+        self.metrics_port: int | None = None
+        self.ctx: RelayContext | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        await self.classifier.start()
+        await self.upstream.start()
+        self.ctx = ctx = RelayContext(s, self.pipeline, self.upstream, self.metrics, _server_tls(s))
+        loop = asyncio.get_running_loop()
+        try:
+            for listener in s.server.listeners:
+                if listener.protocol != "smtp":
+                    raise RuntimeError(f"listener {listener.address}: milter front end not available")
+                host, port = split_host_port(listener.address)
+                srv = await loop.create_server(
+                    lambda listener=listener: TriageSMTP(ctx, listener),  # type: ignore[misc]
+                    host,
+                    port,
+                    reuse_address=True,
+                    backlog=1024,
+                )
+                self._servers.append(srv)
+                bound = srv.sockets[0].getsockname()
+                self.addresses.append((str(bound[0]), int(bound[1])))
+        except BaseException:
+            await self._close_servers()
+            raise
+        if s.metrics.listen:
+            host, port = split_host_port(s.metrics.listen)
+            self.metrics_port = self.metrics.serve(host, port)
+        log.info("started", listeners=[f"{h}:{p}" for h, p in self.addresses], upstream=_redact(s.upstream.url))
+
+    async def stop(self, drain_timeout_s: float | None = None) -> None:
+        """Stop accepting, drain open transactions, close everything."""
+        timeout = self.settings.server.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+        ctx = self.ctx
+        for srv in self._servers:
+            srv.close()
+        if ctx is not None:
+            ctx.draining = True
+            for conn in list(ctx.connections):
+                if conn.hop is None and not conn.in_data:
+                    conn.shutdown()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while ctx.connections and loop.time() < deadline:  # noqa: ASYNC110 - polled, bounded
+                await asyncio.sleep(0.05)
+            for conn in list(ctx.connections):
+                conn.shutdown()
+        await self._close_servers()
+        await self.upstream.close()
+        await self.classifier.close()
+        self.metrics.close()
+        log.info("stopped")
+
+    async def _close_servers(self) -> None:
+        for srv in self._servers:
+            srv.close()
+        for srv in self._servers:
+            try:
+                async with asyncio.timeout(1.0):
+                    await srv.wait_closed()
+            except TimeoutError:
+                pass
+        self._servers.clear()
+
+
+def _redact(url: str) -> str:
+    return url.split("@")[-1] if url.startswith("smtp://") else url
+
+
+def sd_notify(message: str, address: str | None) -> None:
+    """systemd's notify protocol: one datagram to NOTIFY_SOCKET (sd_notify(3))."""
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # abstract namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as exc:
+        log.warning("sd_notify_failed", error=exc.strerror)
+
+
+async def _serve(settings: Settings, notify_socket: str | None) -> int:
+    server = Server(settings)
+    try:
+        await server.start()
+    except (OSError, RuntimeError, ssl.SSLError) as exc:
+        log.error("start_failed", error=str(exc))
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    sd_notify("READY=1", notify_socket)
+    await stop.wait()
+    sd_notify("STOPPING=1", notify_socket)
+    log.info("draining", connections=len(server.ctx.connections) if server.ctx else 0)
+    await server.stop()
+    return 0
+
+
+def serve_forever(settings: Settings) -> int:
+    """`triaged serve`: run until SIGTERM/SIGINT; the process exit status."""
+    import uvloop
+
+    logs.configure(settings.logging)
+    notify_socket = os.environ.get("NOTIFY_SOCKET")  # read once, at start
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(_serve(settings, notify_socket))

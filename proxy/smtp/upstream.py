@@ -1,0 +1,210 @@
+"""The next hop: a bounded pool of SMTP connections, or a Maildir.
+
+Both hand out a `Hop` per transaction with the same verbs, so the session
+code does not care where mail goes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import ssl
+import time
+from itertools import count
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlsplit
+
+import structlog
+
+from proxy.settings import UpstreamSettings
+from proxy.smtp.client import Reply, SmtpClient, UpstreamError
+
+log = structlog.get_logger("triaged.upstream")
+
+# A pooled connection idle longer than this is probed with NOOP before reuse.
+_PROBE_AFTER_S = 2.0
+
+
+class Hop(Protocol):
+    extensions: dict[str, str]
+
+    async def xforward(self, attrs: dict[str, str]) -> None: ...
+    async def mail(self, sender: str, options: list[str]) -> Reply: ...
+    async def rcpt(self, recipient: str, options: list[str]) -> Reply: ...
+    async def data(self, content: bytes) -> Reply: ...
+    async def rset(self) -> bool: ...
+
+
+class Upstream(Protocol):
+    async def start(self) -> None: ...
+    async def acquire(self) -> Hop: ...
+    def release(self, hop: Hop, *, clean: bool) -> None: ...
+    async def close(self) -> None: ...
+
+
+def build_upstream(settings: UpstreamSettings, helo_name: str) -> Upstream:
+    url = settings.url
+    if url.startswith("maildir:"):
+        return MaildirUpstream(Path(url.removeprefix("maildir:")))
+    parts = urlsplit(url)
+    if parts.scheme == "smtp" and parts.hostname and parts.port:
+        return SmtpPool(settings, parts.hostname, parts.port, helo_name)
+    raise ValueError(f"upstream.url: unsupported {url!r}")
+
+
+class SmtpPool:
+    """Bounded pool: at most pool_size connections, idle ones reused LIFO."""
+
+    def __init__(self, settings: UpstreamSettings, host: str, port: int, helo_name: str) -> None:
+        self.settings = settings
+        self.host = host
+        self.port = port
+        self.helo_name = helo_name
+        self._slots = asyncio.Semaphore(settings.pool_size)
+        self._idle: list[SmtpClient] = []
+        self._tls: ssl.SSLContext | None = None
+        self._closed = False
+
+    async def start(self) -> None:
+        if self.settings.starttls != "none":
+            self._tls = ssl.create_default_context()
+            if self.settings.starttls == "opportunistic":
+                # Opportunistic TLS (RFC 7435): encrypt, do not authenticate.
+                self._tls.check_hostname = False
+                self._tls.verify_mode = ssl.CERT_NONE
+
+    async def acquire(self) -> SmtpClient:
+        s = self.settings
+        try:
+            async with asyncio.timeout(s.connect_timeout_s):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise UpstreamError("pool exhausted", timeout=True, connect=True) from None
+        try:
+            now = time.monotonic()
+            while self._idle:
+                client = self._idle.pop()
+                idle = now - client.last_used
+                if not client.usable or idle > s.max_idle_s:
+                    client.close()
+                    continue
+                if idle > _PROBE_AFTER_S and not await client.noop():
+                    client.close()
+                    continue
+                return client
+            return await SmtpClient.connect(
+                self.host,
+                self.port,
+                helo_name=self.helo_name,
+                connect_timeout_s=s.connect_timeout_s,
+                command_timeout_s=s.command_timeout_s,
+                data_timeout_s=s.data_timeout_s,
+                starttls=s.starttls,
+                tls_context=self._tls,
+            )
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def release(self, hop: Hop, *, clean: bool) -> None:
+        """Give a connection back. `clean`: at a transaction boundary (after
+        the final DATA reply or a successful RSET); anything else is closed."""
+        assert isinstance(hop, SmtpClient)
+        self._slots.release()
+        if (
+            clean
+            and not self._closed
+            and hop.usable
+            and hop.transactions < self.settings.max_transactions_per_connection
+        ):
+            self._idle.append(hop)
+        else:
+            asyncio.get_running_loop().create_task(hop.quit())
+
+    async def close(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+        await asyncio.gather(*(c.quit() for c in idle), return_exceptions=True)
+
+
+class MaildirUpstream:
+    """Delivery into one Maildir: tmp/, fsync, rename into new/ (maildir(5))."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    async def start(self) -> None:
+        for sub in ("tmp", "new", "cur"):
+            (self.path / sub).mkdir(parents=True, exist_ok=True)
+
+    async def acquire(self) -> MaildirHop:
+        return MaildirHop(self.path)
+
+    def release(self, hop: Hop, *, clean: bool) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+_seq = count()
+_HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+
+
+class MaildirHop:
+    extensions: dict[str, str] = {"8BITMIME": "", "SMTPUTF8": "", "SIZE": ""}  # noqa: RUF012
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sender = ""
+
+    async def xforward(self, attrs: dict[str, str]) -> None:
+        return None
+
+    async def mail(self, sender: str, options: list[str]) -> Reply:
+        self.sender = sender
+        return Reply(250, "2.1.0 Ok")
+
+    async def rcpt(self, recipient: str, options: list[str]) -> Reply:
+        return Reply(250, "2.1.5 Ok")
+
+    async def rset(self) -> bool:
+        return True
+
+    async def data(self, content: bytes) -> Reply:
+        sender = self.sender if self.sender.startswith("<") else f"<{self.sender}>"
+        try:
+            name = await asyncio.to_thread(_deliver, self.path, sender, content)
+        except OSError as exc:
+            log.error("maildir_write_failed", error=exc.strerror)
+            return Reply(451, "4.3.0 Mailbox write failed, try again later")
+        return Reply(250, f"2.0.0 Ok: delivered as {name}")
+
+
+def _deliver(path: Path, sender: str, content: bytes) -> str:
+    # Maildir files use LF line endings, like Postfix local(8)/virtual(8).
+    text = b"Return-Path: " + sender.encode("utf-8", "surrogateescape") + b"\n"
+    text += content.replace(b"\r\n", b"\n")
+    now = time.time()
+    name = f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{next(_seq)}.{_HOST}"
+    tmp = path / "tmp" / name
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(text)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.rename(tmp, path / "new" / name)
+    dfd = os.open(path / "new", os.O_RDONLY)
+    try:
+        os.fsync(dfd)  # the rename itself is durable only once the directory is
+    finally:
+        os.close(dfd)
+    return name
