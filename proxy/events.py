@@ -1,0 +1,559 @@
+"""One event per transaction, shipped to Kafka without ever touching the mail path.
+
+The mail path calls `record()`: an O(1) append to a bounded deque, never an
+await, never an exception. One task (`_run`) encodes events and feeds an
+aiokafka producer; every await on Kafka sits under our own deadline, because
+aiokafka's `send()` can wait `request_timeout_ms` for metadata and, with
+idempotence on, retries a batch forever. When Kafka fails (or the deque passes
+high_water) events go to the disk spool (proxy/spool.py); while the spool holds
+anything, new events queue behind it there, so replay keeps the order.
+Delivery is at-least-once: a chunk whose acks we did not get in time is spooled
+and replayed, and the broker may have stored it already.
+
+Privacy: no local parts and no content. Message-ID is hashed; addresses are
+shipped only as keyed pseudonyms (HMAC-SHA256) when a secret is configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol, TypeVar
+
+import msgspec
+import structlog
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import BrokerResponseError, KafkaError
+from prometheus_client import Counter, Gauge
+
+from proxy.settings import ConfigError, EventsSettings
+from proxy.spool import Spool
+from proxy.transaction import TransactionRecord
+
+log = structlog.get_logger("triaged.events")
+
+SCHEMA_VERSION = 1
+MAX_RECIPIENT_PSEUDONYMS = 100  # recipient_count carries the real number
+
+# -- schema -------------------------------------------------------------------
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """What one transaction looks like on the topic (JSON). Consumers should
+    accept unknown fields: new ones may appear without a version bump;
+    `schema` changes only when a field changes meaning or goes away."""
+
+    schema: int
+    id: str  # unique per event: deduplicate at-least-once deliveries on it
+    time: float  # Unix time the transaction ended
+    instance: str
+    front_end: str  # smtp | milter
+    queue_id: str
+    message_id_hash: str  # sha256(Message-ID)[:32] hex, "" without one
+    client_address: str  # from PROXY / XFORWARD when present, else the peer
+    sender_domain: str  # lower case; "" for the null sender <>
+    recipient_count: int
+    size_bytes: int
+    category: str | None
+    score: float | None
+    spam: bool | None
+    spam_score: float | None
+    model: str | None
+    classifier_latency_ms: float
+    total_latency_ms: float
+    verdict: str
+    reply_code: int
+    # Only with events.pseudonymize_secret: HMAC-SHA256(secret, address)[:32].
+    sender_pseudonym: str | None = None
+    recipient_pseudonyms: list[str] | None = None
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Event)
+
+
+def decode_event(data: bytes) -> Event:
+    return _decoder.decode(data)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+def event_key(record: TransactionRecord) -> bytes:
+    """Kafka key: one message's events land in one partition (in order)."""
+    ident = record.message_id.strip() or record.queue_id
+    return _digest(ident).encode()
+
+
+def _domain(address: str) -> str:
+    _, at, domain = address.rpartition("@")
+    return domain.strip().rstrip(">").lower() if at else ""
+
+
+class EventBuilder:
+    """TransactionRecord -> Event under the privacy rules."""
+
+    def __init__(self, instance_id: str, secret: str) -> None:
+        self._instance = instance_id
+        self._secret = secret.encode() if secret else b""
+
+    def _pseudonym(self, address: str) -> str:
+        msg = address.strip().lower().encode("utf-8", "surrogateescape")
+        return hmac.new(self._secret, msg, hashlib.sha256).hexdigest()[:32]
+
+    def build(self, r: TransactionRecord) -> Event:
+        sender_p: str | None = None
+        rcpt_p: list[str] | None = None
+        if self._secret:
+            sender_p = self._pseudonym(r.sender) if r.sender else ""
+            rcpt_p = [self._pseudonym(a) for a in r.recipients[:MAX_RECIPIENT_PSEUDONYMS]]
+        mid = r.message_id.strip()
+        return Event(
+            schema=SCHEMA_VERSION,
+            id=os.urandom(12).hex(),
+            time=r.time,
+            instance=self._instance,
+            front_end=r.front_end,
+            queue_id=r.queue_id,
+            message_id_hash=_digest(mid) if mid else "",
+            client_address=r.client_address,
+            sender_domain=_domain(r.sender),
+            recipient_count=len(r.recipients),
+            size_bytes=r.size_bytes,
+            category=r.category,
+            score=r.score,
+            spam=r.spam,
+            spam_score=r.spam_score,
+            model=r.model,
+            classifier_latency_ms=r.classifier_latency_ms,
+            total_latency_ms=r.total_latency_ms,
+            verdict=r.verdict,
+            reply_code=r.reply_code,
+            sender_pseudonym=sender_p,
+            recipient_pseudonyms=rcpt_p,
+        )
+
+    def encode(self, r: TransactionRecord) -> bytes:
+        return _encoder.encode(self.build(r))
+
+
+def default_instance_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+# -- metrics (process-wide; the shipper also keeps exact ints for tests) -------
+
+EVENTS_SENT = Counter("triaged_events_sent", "Events Kafka acknowledged straight from memory")
+EVENTS_SPOOLED = Counter("triaged_events_spooled", "Events written to the disk spool")
+EVENTS_REPLAYED = Counter("triaged_events_replayed", "Spooled events Kafka acknowledged")
+EVENTS_WRITTEN = Counter("triaged_events_written", "Events written to the JSON-lines file")
+EVENTS_DROPPED = Counter(
+    "triaged_events_dropped", "Events lost (queue full, spool full, after close)", ["reason"]
+)
+EVENTS_PRODUCER_ERRORS = Counter(
+    "triaged_events_producer_errors", "Kafka connect or delivery failures"
+)
+EVENTS_SPOOL_BYTES = Gauge("triaged_events_spool_bytes", "Bytes in the event spool")
+EVENTS_QUEUE_DEPTH = Gauge("triaged_events_queue_depth", "Events waiting in memory")
+
+
+class DropCounter:
+    """Counts drops exactly; logs at most once a minute (a full disk must not
+    turn into a log flood)."""
+
+    def __init__(self, what: str) -> None:
+        self.total = 0
+        self._what = what
+        self._unlogged = 0
+        self._last_log = -1e18
+
+    def __call__(self, n: int, reason: str) -> None:
+        self.total += n
+        self._unlogged += n
+        EVENTS_DROPPED.labels(reason).inc(n)
+        now = time.monotonic()
+        if now - self._last_log >= 60.0:
+            log.warning(f"{self._what}_dropped", count=self._unlogged, reason=reason, total=self.total)
+            self._unlogged = 0
+            self._last_log = now
+
+
+# -- the Kafka shipper ----------------------------------------------------------
+
+Pending = tuple[bytes, bytes, int]  # key, value, timestamp ms
+_T = TypeVar("_T")
+
+_SEND_CHUNK = 512  # events per produce round (also bounds time we hold the loop)
+_SPOOL_CHUNK = 1024
+_REPLAY_CHUNK = 1024
+_BACKOFF_MIN_S = 0.25
+_BACKOFF_MAX_S = 10.0
+
+
+class EventSink(Protocol):
+    """A TransactionSink with a lifecycle: what the server constructs."""
+
+    def record(self, record: TransactionRecord) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class EventShipper:
+    def __init__(self, settings: EventsSettings, *, instance_id: str | None = None) -> None:
+        self._s = settings
+        self._builder = EventBuilder(instance_id or default_instance_id(), settings.pseudonymize_secret)
+        self._queue: deque[TransactionRecord] = deque()
+        self._wake = asyncio.Event()
+        self._spool = Spool(
+            settings.spool_dir,
+            max_bytes=settings.spool_max_bytes,
+            segment_bytes=settings.spool_segment_bytes,
+            fsync=settings.fsync,
+            fsync_interval_s=settings.fsync_interval_s,
+        )
+        # One thread: spool operations stay in order.
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="triaged-spool")
+        self._producer: AIOKafkaProducer | None = None
+        # Idempotence needs acks=all; it is dropped (logged) if the broker
+        # refuses InitProducerId: Tansu 0.6 answers aiokafka's v0 request with
+        # UNKNOWN_SERVER_ERROR.
+        self._idempotent = settings.acks == "all"
+        self._deadline_s = settings.request_timeout_s + settings.linger_ms / 1000 + 0.5
+        self._retry_at = 0.0
+        self._backoff_s = _BACKOFF_MIN_S
+        self._step: asyncio.Timeout | None = None  # the deadline of the Kafka await in progress
+        self._task: asyncio.Task[None] | None = None
+        self._connecting: asyncio.Task[None] | None = None
+        self._discards: set[asyncio.Task[None]] = set()
+        self._closed = False  # record() drops from now on
+        self._close_deadline: float | None = None
+        self._drop = DropCounter("events")
+        # Exact counts (the Prometheus counters are process-wide).
+        self.sent = 0
+        self.spooled = 0
+        self.replayed = 0
+        self.producer_errors = 0
+        self.kafka_up = False
+
+    # -- mail path ---------------------------------------------------------------
+
+    def record(self, record: TransactionRecord) -> None:
+        """O(1), never awaits, never raises: called on the mail path."""
+        if self._closed or len(self._queue) >= self._s.queue_size:
+            self._drop(1, "closed" if self._closed else "queue_full")
+            return
+        self._queue.append(record)
+        self._wake.set()
+
+    # -- counters -----------------------------------------------------------------
+
+    @property
+    def dropped(self) -> int:
+        return self._drop.total
+
+    @property
+    def spool_pending(self) -> int:
+        return self._spool.pending
+
+    @property
+    def spool_bytes(self) -> int:
+        return self._spool.bytes
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        try:  # a missing codec library is a config error, not an endless outage
+            await self._new_producer().stop()
+        except KafkaError as exc:
+            raise ConfigError(f"events.compression: {exc}") from None
+        await self._in_io(self._spool.open)
+        EVENTS_SPOOL_BYTES.set(self._spool.bytes)
+        if self._spool.pending:
+            log.info("event_spool_found", events=self._spool.pending, bytes=self._spool.bytes)
+        self._task = asyncio.create_task(self._run(), name="event-shipper")
+
+    async def close(self) -> None:
+        """Flush to Kafka within close_timeout_s, spool what is left."""
+        self._closed = True
+        if self._task is None:
+            self._drop(len(self._queue), "closed")
+            self._queue.clear()
+            return
+        loop = asyncio.get_running_loop()
+        self._close_deadline = loop.time() + self._s.close_timeout_s
+        step = self._step
+        if step is not None and (step.when() or 1e18) > self._close_deadline:
+            step.reschedule(self._close_deadline)
+        self._wake.set()
+        await self._task
+        if self._discards:
+            await asyncio.wait(self._discards)
+        await self._in_io(self._spool.close)
+        self._io.shutdown(wait=False)  # idle: the close above was its last job
+
+    # -- the shipper task -----------------------------------------------------------------
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                if self._close_deadline is not None:
+                    await self._finish()
+                    return
+                await self._step_once(loop)
+            except Exception as exc:  # a bug here must not stop shipping for good
+                log.exception("event_shipper_error", error=type(exc).__name__)
+                self._lose_producer("internal", exc)
+                await asyncio.sleep(_BACKOFF_MIN_S)
+
+    async def _step_once(self, loop: asyncio.AbstractEventLoop) -> None:
+        EVENTS_QUEUE_DEPTH.set(len(self._queue))
+        if self._producer is None and self._connecting is None and loop.time() >= self._retry_at:
+            # In its own task: a silent broker holds start() for the whole
+            # deadline, and events must keep flowing to the spool meanwhile.
+            self._connecting = asyncio.create_task(self._connect(), name="event-shipper-connect")
+        degraded = (
+            self._producer is None
+            or self._spool.pending > 0
+            or len(self._queue) > self._s.high_water
+        )
+        if self._queue and degraded:
+            await self._to_spool(self._take(_SPOOL_CHUNK))
+        elif self._producer is not None and self._spool.pending > 0:
+            await self._replay_chunk()
+        elif self._queue:
+            await self._ship(self._take(_SEND_CHUNK))
+        else:
+            await self._idle(loop)
+
+    async def _idle(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._spool.dirty:  # fsync "interval": at the latest when a burst ends
+            await self._in_io(self._spool.sync)
+        self._wake.clear()
+        if self._queue or self._close_deadline is not None:
+            return
+        timeout = None
+        if self._producer is None and self._connecting is None:
+            timeout = max(self._retry_at - loop.time(), 0.0)
+        try:
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
+        except TimeoutError:
+            pass
+
+    async def _finish(self) -> None:
+        """Closing: ship what is queued if Kafka is healthy, spool the rest."""
+        assert self._close_deadline is not None
+        loop = asyncio.get_running_loop()
+        if self._connecting is not None:
+            self._connecting.cancel()
+            await asyncio.wait([self._connecting])
+        while (
+            self._queue
+            and self._producer is not None
+            and self._spool.pending == 0
+            and loop.time() < self._close_deadline
+        ):
+            await self._ship(self._take(_SEND_CHUNK))
+        while self._queue:
+            await self._to_spool(self._take(_SPOOL_CHUNK))
+        if self._producer is not None:
+            self._discard(self._producer)  # everything it had is acked or spooled
+            self._producer = None
+        EVENTS_QUEUE_DEPTH.set(0)
+
+    def _take(self, n: int) -> list[Pending]:
+        out: list[Pending] = []
+        encode = self._builder.encode
+        while self._queue and len(out) < n:
+            rec = self._queue.popleft()
+            try:
+                out.append((event_key(rec), encode(rec), int(rec.time * 1000)))
+            except (msgspec.EncodeError, ValueError, UnicodeError):
+                self._drop(1, "unencodable")
+        return out
+
+    async def _to_spool(self, items: list[Pending]) -> None:
+        if not items:
+            return
+        try:
+            stored = await self._in_io(self._spool.append, items)
+        except Exception as exc:  # append() handles OSError; anything else is a bug
+            log.error("event_spool_error", error=type(exc).__name__)
+            stored = 0
+        self.spooled += stored
+        EVENTS_SPOOLED.inc(stored)
+        EVENTS_SPOOL_BYTES.set(self._spool.bytes)
+        if stored < len(items):
+            self._drop(len(items) - stored, "spool_full")
+
+    async def _ship(self, items: list[Pending]) -> None:
+        ok = await self._produce(items)
+        good = sum(ok)
+        self.sent += good
+        EVENTS_SENT.inc(good)
+        if good < len(items):
+            self._lose_producer("send", None)
+            await self._to_spool([it for it, done in zip(items, ok, strict=True) if not done])
+
+    async def _replay_chunk(self) -> None:
+        recs = await self._in_io(self._spool.read, _REPLAY_CHUNK)
+        if not recs:
+            return
+        ok = await self._produce([(r.key, r.value, r.timestamp_ms) for r in recs])
+        # Ack only the unbroken prefix: the spool is FIFO. Acked records after
+        # a failure are sent again later (at-least-once).
+        n = ok.index(False) if False in ok else len(ok)
+        if n:
+            await self._in_io(self._spool.ack, recs[n - 1], n)
+            self.replayed += n
+            EVENTS_REPLAYED.inc(n)
+            EVENTS_SPOOL_BYTES.set(self._spool.bytes)
+        if n < len(recs):
+            self._lose_producer("replay", None)
+        elif self._spool.pending == 0:
+            log.info("event_spool_replayed", total=self.replayed)
+
+    async def _produce(self, items: Sequence[Pending]) -> list[bool]:
+        """Send under one deadline; which items Kafka acknowledged in time."""
+        producer = self._producer
+        assert producer is not None
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self._deadline_s
+        if self._close_deadline is not None:
+            end = min(end, self._close_deadline)
+        futs: list[asyncio.Future[Any]] = []
+        try:
+            async with asyncio.timeout_at(end) as self._step:
+                for i, (key, value, ts) in enumerate(items):
+                    # send() only queues (or waits for metadata); it returns the ack future.
+                    futs.append(await producer.send(self._s.topic, value=value, key=key, timestamp_ms=ts))
+                    if i % 128 == 127:
+                        await asyncio.sleep(0)  # let mail through between appends
+                if futs:
+                    await asyncio.wait(futs)
+        except (TimeoutError, KafkaError):
+            pass  # what was not acked in time is the caller's to spool
+        except Exception as exc:
+            log.error("event_send_error", error=type(exc).__name__)
+        finally:
+            self._step = None
+        ok = [False] * len(items)
+        for i, fut in enumerate(futs):
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                ok[i] = True
+            elif not fut.done():
+                fut.add_done_callback(_retrieve)
+        return ok
+
+    async def _connect(self) -> None:
+        producer = self._new_producer()
+        try:
+            async with asyncio.timeout(self._deadline_s):
+                await producer.start()
+        except asyncio.CancelledError:
+            self._discard(producer)
+            raise
+        except Exception as exc:
+            self._discard(producer)
+            if self._idempotent and isinstance(exc, BrokerResponseError):
+                self._idempotent = False
+                log.warning("kafka_idempotence_refused", error=str(exc)[:200])
+            else:
+                self._lose_producer("connect", exc)
+        else:
+            self._producer = producer
+            self._backoff_s = _BACKOFF_MIN_S
+            if not self.kafka_up:
+                self.kafka_up = True
+                log.info("kafka_up", idempotent=self._idempotent, spooled=self._spool.pending)
+        finally:
+            self._connecting = None
+            self._wake.set()
+
+    def _new_producer(self) -> AIOKafkaProducer:
+        s = self._s
+        acks: int | str = "all" if s.acks == "all" else int(s.acks)
+        return AIOKafkaProducer(
+            bootstrap_servers=list(s.bootstrap_servers),
+            client_id=s.client_id,
+            acks=acks,
+            enable_idempotence=self._idempotent,
+            compression_type=None if s.compression == "none" else s.compression,
+            linger_ms=int(s.linger_ms),
+            request_timeout_ms=int(s.request_timeout_s * 1000),
+        )
+
+    def _lose_producer(self, during: str, exc: BaseException | None) -> None:
+        self.producer_errors += 1
+        EVENTS_PRODUCER_ERRORS.inc()
+        if self._producer is not None:
+            # Abandon it: its unacked batches are spooled by the caller and
+            # must not go out later from this producer (no duplicates).
+            self._discard(self._producer)
+            self._producer = None
+        if self.kafka_up or (during == "connect" and self._backoff_s == _BACKOFF_MIN_S):
+            log.warning(
+                "kafka_down",
+                during=during,
+                error=(str(exc)[:200] if exc else "no ack before deadline"),
+            )
+        self.kafka_up = False
+        self._retry_at = asyncio.get_running_loop().time() + self._backoff_s
+        self._backoff_s = min(self._backoff_s * 2, _BACKOFF_MAX_S)
+
+    def _discard(self, producer: AIOKafkaProducer) -> None:
+        task = asyncio.create_task(_abandon(producer, self._deadline_s))
+        self._discards.add(task)
+        task.add_done_callback(self._discards.discard)
+
+    async def _in_io(self, fn: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    """Mark a late ack/failure seen (we already spooled its event)."""
+    if not fut.cancelled():
+        fut.exception()
+
+
+async def _abandon(producer: AIOKafkaProducer, timeout_s: float) -> None:
+    """Stop a producer without letting it deliver what it still holds.
+    aiokafka has no abort(): fail its queued batches, then stop() (which
+    cancels its sender and closes the connections)."""
+    try:
+        producer._message_accumulator.fail_all(KafkaError("abandoned by the event shipper"))
+    except Exception:  # private API: if it moved, stop() alone still ends it
+        pass
+    try:
+        async with asyncio.timeout(timeout_s):
+            await producer.stop()
+    except Exception:
+        try:
+            await producer.client.close()
+        except Exception:
+            pass
+
+
+def make_event_sink(settings: EventsSettings, *, instance_id: str | None = None) -> EventSink:
+    """The configured sink: Kafka when bootstrap_servers is set, else the
+    JSON-lines file (so `make run` needs no Kafka)."""
+    if settings.bootstrap_servers:
+        return EventShipper(settings, instance_id=instance_id)
+    from proxy.jsonl_sink import JsonlSink
+
+    return JsonlSink(settings, instance_id=instance_id)
