@@ -1,0 +1,381 @@
+"""Micro-batching benchmark: the classifier inside the server vs offline.
+
+    .venv/bin/python bench/batching_bench.py                       # models/default.onnx, CPU
+    .venv/bin/python bench/batching_bench.py --model M.onnx --provider cuda --out DIR
+    .venv/bin/python bench/batching_bench.py --standin             # no trained model yet
+    .venv/bin/python bench/batching_bench.py --smtp                # + 64 SMTP clients via triaged
+
+Parts:
+  offline    featurize + predict over the corpus in fixed batches, one thread,
+             nothing else running: the ceiling for a given batch size.
+  inprocess  64 concurrent callers of OnnxClassifierService.classify() on one
+             event loop (the service as the proxy uses it), for --seconds.
+             Reported: classifier throughput (verdicts / wall s), mean batch
+             size, p50/p99 queue wait, p50/p99 classify() latency, and the
+             offline throughput at the same (mean) batch size for the ratio.
+  smtp       (--smtp) 64 concurrent aiosmtplib clients -> `triaged serve`
+             (ONNX classifier) -> smtp-sink; end-to-end latency with the
+             classifier vs the same server with the rules classifier.
+
+Targets (issue 4): in-server >= 80% of offline at the same batch size;
+p99 queue wait <= max_wait_ms + one inference time (p99 of batch run time).
+The standin model (--standin) has the default model's graph shape with random
+weights: batching cost does not depend on the weights, only on the shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from classifier.batch_metrics import BatchStats, percentile  # noqa: E402
+from classifier.config import BatcherSettings, ClassifierSettings  # noqa: E402
+from classifier.providers import choose_providers  # noqa: E402
+from classifier.service import OnnxClassifierService, load_onnx_model  # noqa: E402
+
+CORPUS = REPO / "data-cache" / "spamassassin" / "package" / "data"
+
+
+def load_messages(limit: int) -> list[bytes]:
+    files = sorted(CORPUS.glob("*/*.txt"))
+    if not files:
+        raise SystemExit(f"no corpus at {CORPUS}: run `make corpus`")
+    # Interleave the groups so every slice has ham and spam.
+    files.sort(key=lambda p: (hash(p.name) & 0xFFFF, p.name))
+    return [p.read_bytes() for p in files[:limit]]
+
+
+def build_standin(path: Path, *, dim: int = 64, labels: int = 5) -> Path:
+    """An untrained model with the default model's graph and manifest shape."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from classifier.features import FeatureParams
+    from classifier.model import MANIFEST_KEY, Manifest, encode_manifest
+
+    params = FeatureParams()
+    rng = np.random.default_rng(1)
+    emb = (rng.standard_normal((params.buckets, dim)) * 0.1).astype(np.float32)
+    emb[0] = 0
+    inits = [
+        numpy_helper.from_array(emb, "emb"),
+        numpy_helper.from_array(rng.standard_normal((dim, labels)).astype(np.float32), "wc"),
+        numpy_helper.from_array(rng.standard_normal((dim, 1)).astype(np.float32), "ws"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["emb", "ids"], ["e"]),
+        helper.make_node("ReduceMean", ["e", "axis1"], ["m"], keepdims=0),
+        helper.make_node("MatMul", ["m", "wc"], ["lc"]),
+        helper.make_node("Softmax", ["lc"], ["category_probs"], axis=1),
+        helper.make_node("MatMul", ["m", "ws"], ["ls"]),
+        helper.make_node("Sigmoid", ["ls"], ["spam_prob"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "standin",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", "L"])],
+        [helper.make_tensor_value_info("category_probs", TensorProto.FLOAT, ["N", labels]),
+         helper.make_tensor_value_info("spam_prob", TensorProto.FLOAT, ["N", 1])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    names = ["primary", "forums", "updates", "promotions", "spam"][:labels]
+    manifest = Manifest(name="standin", version="0", labels=names, features=params)
+    helper.set_model_props(model, {MANIFEST_KEY: encode_manifest(manifest)})
+    onnx.save(model, str(path))
+    return path
+
+
+# -- offline -------------------------------------------------------------------
+
+
+def offline(model: Any, messages: list[bytes], batch: int, min_s: float) -> dict[str, float]:
+    """featurize+predict in batches of `batch`, repeated until min_s elapsed."""
+    done = 0
+    feat_s = 0.0
+    pred_s = 0.0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < min_s:
+        for i in range(0, len(messages) - batch + 1, batch):
+            a = time.perf_counter()
+            feats = [model.featurize(m) for m in messages[i : i + batch]]
+            b = time.perf_counter()
+            model.predict(feats)
+            c = time.perf_counter()
+            feat_s += b - a
+            pred_s += c - b
+            done += batch
+    wall = feat_s + pred_s
+    return {
+        "batch": batch,
+        "msg_per_s": done / wall,
+        "predict_only_msg_per_s": done / pred_s,
+        "batch_ms": 1000 * wall / (done / batch),
+    }
+
+
+# -- in-process ----------------------------------------------------------------
+
+
+async def inprocess(settings: ClassifierSettings, messages: list[bytes], clients: int,
+                    seconds: float, warmup_s: float) -> dict[str, Any]:
+    stats = BatchStats()
+    service = OnnxClassifierService(settings, metrics=stats)
+    await service.start()
+    latencies: list[float] = []
+    measuring = False
+    stop = False
+    loop = asyncio.get_running_loop()
+
+    async def client(k: int) -> None:
+        i = k
+        while not stop:
+            raw = messages[i % len(messages)]
+            i += clients
+            t = loop.time()
+            await service.classify(raw)
+            if measuring:
+                latencies.append(loop.time() - t)
+
+    try:
+        tasks = [asyncio.create_task(client(k)) for k in range(clients)]
+        await asyncio.sleep(warmup_s)
+        stats.reset()
+        measuring = True
+        t0 = time.perf_counter()
+        await asyncio.sleep(seconds)
+        wall = time.perf_counter() - t0
+        measuring = False
+        done = stats.items
+        stop = True
+        await asyncio.gather(*tasks)
+    finally:
+        await service.close()
+    busy = sum(stats.inference_s)
+    return {
+        "provider": service.provider,
+        "model": service.model_name,
+        "clients": clients,
+        "wall_s": wall,
+        "verdicts": done,
+        "msg_per_s": done / wall,
+        "msg_per_busy_s": done / busy if busy else 0.0,
+        "worker_busy_pct": 100 * busy / wall,
+        "batches": stats.batches,
+        "mean_batch": stats.mean_batch_size,
+        "close_reasons": dict(stats.close_reasons),
+        "queue_wait_p50_ms": 1000 * percentile(stats.queue_waits_s, 50),
+        "queue_wait_p99_ms": 1000 * percentile(stats.queue_waits_s, 99),
+        "batch_run_p50_ms": 1000 * percentile(stats.inference_s, 50),
+        "batch_run_p99_ms": 1000 * percentile(stats.inference_s, 99),
+        "latency_p50_ms": 1000 * percentile(latencies, 50),
+        "latency_p99_ms": 1000 * percentile(latencies, 99),
+        "timeouts": stats.timeouts,
+        "overloads": stats.overloads,
+        "errors": stats.errors,
+    }
+
+
+# -- report --------------------------------------------------------------------
+
+
+def machine(provider: str) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "host": platform.node(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+    try:
+        info["cpu"] = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        pass
+    import onnxruntime as ort
+
+    info["onnxruntime"] = ort.__version__
+    if provider == "cuda":
+        import subprocess
+
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+            capture_output=True, text=True, check=False,
+        )
+        info["gpu"] = out.stdout.strip() or "unknown"
+    return info
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m, s, ip = report["machine"], report["settings"], report["inprocess"]
+    lines = [
+        f"# Micro-batching benchmark ({ip['provider']})",
+        "",
+        f"- Date: {report['date']}; command: `{report['command']}`",
+        f"- Machine: {m['host']}, {m['cpu']}, {m['cores']} cores"
+        + (f", GPU {m['gpu']}" if "gpu" in m else "")
+        + f"; onnxruntime {m['onnxruntime']}, Python {m['python']}",
+        f"- Model: {ip['model']}; {report['messages']} SpamAssassin messages, cycled",
+        f"- Batcher: max_batch_size={s['max_batch_size']}, max_wait_ms={s['max_wait_ms']}, "
+        f"intra_op_num_threads={s['threads']}; {ip['clients']} concurrent callers, "
+        f"{ip['wall_s']:.1f} s measured",
+        "",
+        "## Offline (featurize + predict, one thread, fixed batch)",
+        "",
+        "| batch | msg/s | predict-only msg/s | ms per batch |",
+        "|---:|---:|---:|---:|",
+    ]
+    for row in report["offline"]:
+        lines.append(f"| {row['batch']} | {row['msg_per_s']:,.0f} | "
+                     f"{row['predict_only_msg_per_s']:,.0f} | {row['batch_ms']:.2f} |")
+    ref = report["offline_at_mean_batch"]
+    ratio = ip["ratio"]
+    wait_bound = s["max_wait_ms"] + ip["batch_run_p99_ms"]
+    lines += [
+        "",
+        f"## In-process: {ip['clients']} concurrent classify() callers",
+        "",
+        "| metric | value |",
+        "|---|---:|",
+        f"| classifier throughput (verdicts / wall s) | {ip['msg_per_s']:,.0f} msg/s |",
+        f"| offline at the same batch size ({ref['batch']}) | {ref['msg_per_s']:,.0f} msg/s |",
+        f"| **in-server / offline** (target >= 80%) | **{100 * ratio:.0f}%** |",
+        f"| worker thread busy | {ip['worker_busy_pct']:.0f}% |",
+        f"| throughput per busy second | {ip['msg_per_busy_s']:,.0f} msg/s |",
+        f"| mean batch size | {ip['mean_batch']:.1f} |",
+        f"| batches closed by | {ip['close_reasons']} |",
+        f"| queue wait p50 / p99 | {ip['queue_wait_p50_ms']:.2f} / {ip['queue_wait_p99_ms']:.2f} ms |",
+        f"| batch run (features + model) p50 / p99 | {ip['batch_run_p50_ms']:.2f} / {ip['batch_run_p99_ms']:.2f} ms |",
+        f"| **p99 queue wait vs max_wait_ms + p99 batch run** | **{ip['queue_wait_p99_ms']:.2f} vs {wait_bound:.2f} ms** |",
+        f"| classify() latency p50 / p99 | {ip['latency_p50_ms']:.2f} / {ip['latency_p99_ms']:.2f} ms |",
+        f"| timeouts / overloads / errors | {ip['timeouts']} / {ip['overloads']} / {ip['errors']} |",
+        "",
+        "Rounds (in-process then offline at its mean batch; the median round is shown above): "
+        + ", ".join(f"{x['msg_per_s']:,.0f} vs {x['offline_msg_per_s']:,.0f} msg/s "
+                    f"({100 * x['ratio']:.0f}%)" for x in report["rounds"]) + ".",
+    ]
+    if report.get("smtp"):
+        sm = report["smtp"]
+        lines += ["", f"## SMTP: {sm['clients']} concurrent aiosmtplib clients -> triaged -> smtp-sink", "",
+                  "| classifier | msg/s | latency p50 | latency p99 |", "|---|---:|---:|---:|"]
+        for name, row in sm["runs"].items():
+            lines.append(f"| {name} | {row['msg_per_s']:,.0f} | {row['p50_ms']:.2f} ms | {row['p99_ms']:.2f} ms |")
+        if "added_p50_ms" in sm:
+            lines.append("")
+            lines.append(f"End-to-end latency added by the ONNX classifier over the rules one: "
+                         f"p50 {sm['added_p50_ms']:.2f} ms, p99 {sm['added_p99_ms']:.2f} ms.")
+    lines += ["", "Verdict: "
+              + ("in-server >= 80% of offline: met" if ratio >= 0.8 else "in-server >= 80% of offline: NOT met")
+              + "; "
+              + ("p99 queue wait bound: met" if ip["queue_wait_p99_ms"] <= wait_bound
+                 else "p99 queue wait bound: NOT met") + ".", ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--model", default=str(REPO / "models" / "default.onnx"))
+    ap.add_argument("--standin", action="store_true", help="build and use an untrained model of the default's shape")
+    ap.add_argument("--provider", choices=("cpu", "cuda", "auto"), default="cpu")
+    ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--seconds", type=float, default=5.0, help="per in-process round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--warmup", type=float, default=1.0)
+    ap.add_argument("--messages", type=int, default=2048)
+    ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--max-wait-ms", type=float, default=2.0)
+    ap.add_argument("--threads", type=int, default=1, help="intra_op_num_threads")
+    ap.add_argument("--offline-batches", default="1,8,32,64")
+    ap.add_argument("--offline-seconds", type=float, default=2.0)
+    ap.add_argument("--smtp", action="store_true", help="also run the SMTP part (needs triaged serve)")
+    ap.add_argument("--out", help="folder for the .md and .json (default bench/results)")
+    ap.add_argument("--tag", default="", help="suffix for the result file names")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+
+    model_path = Path(args.model)
+    if args.standin:
+        model_path = build_standin(Path(os.environ.get("TMPDIR", "/tmp")) / "triaged-standin.onnx")
+    if not model_path.exists():
+        raise SystemExit(f"no model at {model_path}: pass --model or --standin")
+    messages = load_messages(args.messages)
+    settings = ClassifierSettings(
+        model_path=str(model_path),
+        provider=args.provider,
+        intra_op_num_threads=args.threads,
+        timeout_ms=10_000,
+        batcher=BatcherSettings(max_batch_size=args.max_batch, max_wait_ms=args.max_wait_ms),
+    )
+
+    # Offline first, on the same providers the service will choose.
+    choice = choose_providers(args.provider, 0)
+    model = load_onnx_model(str(model_path), choice, args.threads)
+    model.predict([model.featurize(m) for m in messages[:8]])
+    sizes = sorted({int(b) for b in args.offline_batches.split(",")})
+    rows = [offline(model, messages, b, args.offline_seconds) for b in sizes]
+    for row in rows:
+        print(f"offline batch={row['batch']:>3}: {row['msg_per_s']:,.0f} msg/s "
+              f"(predict only {row['predict_only_msg_per_s']:,.0f})", flush=True)
+
+    # Rounds interleave the in-process run with an offline run at the batch
+    # size it reached, so load from other work on a shared machine hits both.
+    rounds = []
+    for r in range(args.rounds):
+        ip = asyncio.run(inprocess(settings, messages, args.clients, args.seconds, args.warmup))
+        at = max(1, round(ip["mean_batch"]))
+        ref = offline(model, messages, at, args.offline_seconds)
+        ip["offline_ref"] = ref
+        ip["ratio"] = ip["msg_per_s"] / ref["msg_per_s"]
+        print(f"round {r + 1}: in-process {ip['msg_per_s']:,.0f} msg/s, mean batch "
+              f"{ip['mean_batch']:.1f}, offline at {at}: {ref['msg_per_s']:,.0f} msg/s, "
+              f"ratio {100 * ip['ratio']:.0f}%", flush=True)
+        rounds.append(ip)
+    # The round with the median ratio is the one reported in full.
+    ip = sorted(rounds, key=lambda x: x["ratio"])[len(rounds) // 2]
+    ref = ip["offline_ref"]
+    report: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "machine": machine(ip["provider"]),
+        "settings": {"max_batch_size": args.max_batch, "max_wait_ms": args.max_wait_ms,
+                     "threads": args.threads},
+        "messages": len(messages),
+        "offline": rows,
+        "offline_at_mean_batch": ref,
+        "inprocess": ip,
+        "rounds": [{k: x[k] for k in ("msg_per_s", "mean_batch", "ratio", "queue_wait_p99_ms")}
+                   | {"offline_msg_per_s": x["offline_ref"]["msg_per_s"]} for x in rounds],
+    }
+    if args.smtp:
+        from smtp_part import run_smtp  # type: ignore[import-not-found]  # bench/smtp_part.py
+
+        report["smtp"] = run_smtp(model_path, args)
+    text = markdown(report)
+    print(text)
+    if not args.no_write:
+        out = Path(args.out) if args.out else REPO / "bench" / "results"
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"batching_{ip['provider']}{args.tag}"
+        (out / f"{stem}.md").write_text(text)
+        (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+        print(f"wrote {out / stem}.md", flush=True)
+    ok = all(x["errors"] == 0 and x["timeouts"] == 0 and x["overloads"] == 0 for x in rounds)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
