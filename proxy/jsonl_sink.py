@@ -49,22 +49,37 @@ class RotatingFile:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
         self._size = os.fstat(self._fd).st_size
 
-    def write(self, blob: bytes) -> None:
+    def write_lines(self, lines: list[bytes]) -> None:
+        """Append lines (without newlines); rotates between lines, so a file
+        exceeds max_bytes only when one line alone does."""
         if self._fd is None:
             self.open()
-        if self._size > 0 and self._size + len(blob) > self._max_bytes:
-            self._rotate()
-        assert self._fd is not None
-        view = memoryview(blob)
-        while view:
-            view = view[os.write(self._fd, view) :]
-        self._size += len(blob)
-        self._dirty = True
+        group: list[bytes] = []
+        group_bytes = 0
+        for line in lines:
+            if self._size + group_bytes > 0 and self._size + group_bytes + len(line) + 1 > self._max_bytes:
+                self._write(group, group_bytes)
+                group, group_bytes = [], 0
+                self._rotate()
+            group.append(line)
+            group_bytes += len(line) + 1
+        self._write(group, group_bytes)
         now = time.monotonic()
         if self._fsync == "always" or (
             self._fsync == "interval" and now - self._last_sync >= self._fsync_interval_s
         ):
             self.sync()
+
+    def _write(self, lines: list[bytes], nbytes: int) -> None:
+        if not lines:
+            return
+        assert self._fd is not None
+        lines.append(b"")
+        view = memoryview(b"\n".join(lines))
+        while view:
+            view = view[os.write(self._fd, view) :]
+        self._size += nbytes
+        self._dirty = True
 
     def sync(self) -> None:
         if self._fd is not None and self._dirty and self._fsync != "never":
@@ -161,13 +176,13 @@ class JsonlSink:
                     self._drop(1, "unencodable")
             if not lines:
                 continue
-            lines.append(b"")
             try:
-                await loop.run_in_executor(self._io, self._file.write, b"\n".join(lines))
+                await loop.run_in_executor(self._io, self._file.write_lines, lines)
             except OSError as exc:
+                # Lines before the failure may be in the file: counted as dropped.
                 self.write_errors += 1
-                self._drop(len(lines) - 1, "write_error")
+                self._drop(len(lines), "write_error")
                 log.error("event_file_error", error=exc.strerror)
                 continue
-            self.written += len(lines) - 1
-            EVENTS_WRITTEN.inc(len(lines) - 1)
+            self.written += len(lines)
+            EVENTS_WRITTEN.inc(len(lines))
