@@ -1,0 +1,359 @@
+"""Train the fastText-style model with torch and export it to ONNX (+ int8).
+
+Model: mean of hashed-token embeddings (EmbeddingBag) -> a category softmax
+head and a spam sigmoid head. Spam and ham without a known category train
+only the spam head. Deterministic for a seed: one thread, seeded torch and
+numpy, deterministic algorithms, a fixed input order.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from classifier.corpus import Message, load_dir
+from classifier.evaluate import Report, compute_report, format_report, report_dict
+from classifier.features import FeatureParams, IdArray, extract
+from classifier.model import MANIFEST_KEY, Manifest, encode_manifest
+
+F32 = npt.NDArray[np.float32]
+
+
+class TrainConfig(msgspec.Struct, frozen=True):
+    dim: int = 32
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 0.01
+    seed: int = 1
+    token_dropout: float = 0.1  # drop tokens at random while training: less reliance on any one
+    val_fraction: float = 0.1  # by message hash, for the report and the spam threshold
+    opset: int = 17
+
+
+class Weights(msgspec.Struct):
+    emb: F32  # [buckets, dim], row 0 (padding) is zero
+    w_cat: F32  # [dim, C]
+    b_cat: F32  # [C]
+    w_spam: F32  # [dim, 1]
+    b_spam: F32  # [1]
+
+
+def featurize(messages: Sequence[Message], params: FeatureParams, *, progress: bool = True) -> list[IdArray]:
+    from tqdm import tqdm
+
+    it = tqdm(messages, desc="features", unit="msg", disable=not progress, file=sys.stderr, mininterval=1.0)
+    return [extract(m.raw, params) for m in it]
+
+
+def fit(
+    ids: Sequence[IdArray],
+    cat: npt.NDArray[np.int64],  # class index, -1: unknown (trains the spam head only)
+    spam: npt.NDArray[np.float32],
+    n_classes: int,
+    params: FeatureParams,
+    cfg: TrainConfig,
+    *,
+    progress: bool = True,
+) -> Weights:
+    import torch
+    from torch import nn
+    from tqdm import tqdm
+
+    torch.manual_seed(cfg.seed)
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(cfg.seed)
+
+    emb = nn.EmbeddingBag(params.buckets, cfg.dim, mode="mean")
+    nn.init.uniform_(emb.weight, -1.0 / cfg.dim, 1.0 / cfg.dim)
+    head_cat = nn.Linear(cfg.dim, max(n_classes, 1))
+    head_spam = nn.Linear(cfg.dim, 1)
+    model = nn.ModuleList([emb, head_cat, head_spam])
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+    # Class weights ~ 1/sqrt(frequency): the small classes count for macro-F1.
+    known = cat[cat >= 0]
+    counts = np.bincount(known, minlength=n_classes).astype(np.float64) + 1.0
+    cw = (counts.sum() / counts) ** 0.5
+    cw = cw / cw.mean()
+    ce = nn.CrossEntropyLoss(weight=torch.tensor(cw, dtype=torch.float32), reduction="sum")
+    bce = nn.BCEWithLogitsLoss(reduction="mean")
+
+    n = len(ids)
+    steps = cfg.epochs * ((n + cfg.batch_size - 1) // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.05, 1.0 - s / max(steps, 1)))
+    bar = tqdm(total=steps, desc="train", unit="step", disable=not progress, file=sys.stderr, mininterval=1.0)
+    for _epoch in range(cfg.epochs):
+        order = rng.permutation(n)
+        for start in range(0, n, cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            bags = []
+            for i in idx:
+                a = ids[i]
+                if cfg.token_dropout > 0 and a.shape[0] > 4:
+                    a = a[rng.random(a.shape[0]) >= cfg.token_dropout]
+                bags.append(a if a.shape[0] else ids[i][:1])
+            lengths = np.fromiter((b.shape[0] for b in bags), dtype=np.int64, count=len(bags))
+            offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)[:-1]]))
+            flat = torch.from_numpy(np.concatenate(bags))
+            h = emb(flat, offsets)
+            y_spam = torch.from_numpy(spam[idx])
+            loss = bce(head_spam(h).squeeze(1), y_spam)
+            c = cat[idx]
+            mask = c >= 0
+            if mask.any():
+                m = torch.from_numpy(mask)
+                loss = loss + ce(head_cat(h[m]), torch.from_numpy(c[mask])) / len(idx)
+            opt.zero_grad()
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+            sched.step()
+            bar.update(1)
+    bar.close()
+    with torch.no_grad():
+        e = emb.weight.detach().numpy().astype(np.float32).copy()
+        e[0] = 0.0  # padding row: contributes nothing to the sum
+        return Weights(
+            emb=e,
+            w_cat=head_cat.weight.detach().numpy().T.astype(np.float32).copy(),
+            b_cat=head_cat.bias.detach().numpy().astype(np.float32).copy(),
+            w_spam=head_spam.weight.detach().numpy().T.astype(np.float32).copy(),
+            b_spam=head_spam.bias.detach().numpy().astype(np.float32).copy(),
+        )
+
+
+def forward(w: Weights, ids: Sequence[IdArray]) -> tuple[F32, F32]:
+    """The exported graph's math in numpy (for reports during training)."""
+    h = np.stack([w.emb[a].mean(axis=0) if a.shape[0] else np.zeros(w.emb.shape[1], np.float32) for a in ids])
+    logits = h @ w.w_cat + w.b_cat
+    logits -= logits.max(axis=1, keepdims=True)
+    p = np.exp(logits)
+    p /= p.sum(axis=1, keepdims=True)
+    s = 1.0 / (1.0 + np.exp(-(h @ w.w_spam + w.b_spam)[:, 0]))
+    return p.astype(np.float32), s.astype(np.float32)
+
+
+def best_threshold(scores: F32, truth: npt.NDArray[np.bool_]) -> float:
+    """The spam threshold with the best F1 on validation; ties go to the higher (fewer FPs)."""
+    if not truth.any() or truth.all():
+        return 0.5
+    best, best_f1 = 0.5, -1.0
+    for t in np.arange(0.2, 0.951, 0.025):
+        pred = scores >= t
+        tp = int((pred & truth).sum())
+        fp = int((pred & ~truth).sum())
+        fn = int((~pred & truth).sum())
+        f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+        if f1 >= best_f1:
+            best, best_f1 = float(t), f1
+    return round(best, 3)
+
+
+def build_onnx(w: Weights, manifest: Manifest, opset: int = 17) -> Any:
+    """ids [N, L] -> Gather -> ReduceSum / count of non-padding -> two Gemm heads."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    c = w.w_cat.shape[1]
+    inits = [
+        numpy_helper.from_array(w.emb, "emb"),
+        numpy_helper.from_array(w.w_cat, "w_cat"),
+        numpy_helper.from_array(w.b_cat, "b_cat"),
+        numpy_helper.from_array(w.w_spam, "w_spam"),
+        numpy_helper.from_array(w.b_spam, "b_spam"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"),
+        numpy_helper.from_array(np.array(0, dtype=np.int64), "zero"),
+        numpy_helper.from_array(np.array(1.0, dtype=np.float32), "one"),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["emb", "ids"], ["vecs"], axis=0),  # [N, L, D]
+        helper.make_node("ReduceSum", ["vecs", "axis1"], ["sums"], keepdims=0),  # [N, D]
+        helper.make_node("Greater", ["ids", "zero"], ["real"]),
+        helper.make_node("Cast", ["real"], ["realf"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceSum", ["realf", "axis1"], ["count"], keepdims=1),  # [N, 1]
+        helper.make_node("Max", ["count", "one"], ["count1"]),
+        helper.make_node("Div", ["sums", "count1"], ["mean"]),
+        helper.make_node("Gemm", ["mean", "w_cat", "b_cat"], ["cat_logits"]),
+        helper.make_node("Softmax", ["cat_logits"], ["category_probs"], axis=1),
+        helper.make_node("Gemm", ["mean", "w_spam", "b_spam"], ["spam_logit"]),
+        helper.make_node("Sigmoid", ["spam_logit"], ["spam_prob"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "triaged_fasttext",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", "L"])],
+        [
+            helper.make_tensor_value_info("category_probs", TensorProto.FLOAT, ["N", c]),
+            helper.make_tensor_value_info("spam_prob", TensorProto.FLOAT, ["N", 1]),
+        ],
+        inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="triaged"
+    )
+    model.ir_version = 8  # readable by onnxruntime >= 1.14
+    helper.set_model_props(model, {MANIFEST_KEY: encode_manifest(manifest)})
+    onnx.checker.check_model(model)
+    return model
+
+
+def save_onnx(model: Any, path: str | Path) -> None:
+    import onnx
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path))
+
+
+def quantize_int8(src: str | Path, dst: str | Path) -> None:
+    """Dynamic int8: the embedding table (Gather) and heads; the manifest is kept."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        str(src), str(dst), op_types_to_quantize=["Gather"], weight_type=QuantType.QUInt8
+    )
+    m = onnx.load_model(str(dst))
+    props = {p.key: p.value for p in onnx.load_model(str(src)).metadata_props}
+    manifest = msgspec.json.decode(props[MANIFEST_KEY])
+    manifest["version"] = manifest["version"] + "-int8"
+    onnx.helper.set_model_props(m, {MANIFEST_KEY: msgspec.json.encode(manifest).decode()})
+    onnx.save_model(m, str(dst))
+
+
+def split_by_hash(m: Message, fraction: float, salt: bytes = b"val") -> bool:
+    """True for a fixed `fraction` of messages chosen by a hash of their bytes."""
+    h = hashlib.sha256(salt + m.raw).digest()
+    return int.from_bytes(h[:4], "big") < fraction * 2**32
+
+
+class TrainResult(msgspec.Struct):
+    weights: Weights
+    labels: list[str]
+    threshold: float
+    validation: Report | None
+    summary: dict[str, Any]
+
+
+def train_messages(
+    train: Sequence[Message],
+    val: Sequence[Message],
+    params: FeatureParams,
+    cfg: TrainConfig,
+    *,
+    labels: list[str] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    labels = labels or sorted({m.category for m in train if m.category is not None})
+    index = {c: i for i, c in enumerate(labels)}
+    x = featurize(train, params, progress=progress)
+    cat = np.array([index.get(m.category, -1) if m.category else -1 for m in train], dtype=np.int64)
+    spam = np.array([1.0 if m.spam else 0.0 for m in train], dtype=np.float32)
+    w = fit(x, cat, spam, len(labels), params, cfg, progress=progress)
+    report = None
+    threshold = 0.5
+    if val:
+        xv = featurize(val, params, progress=False)
+        probs, sp = forward(w, xv)
+        truth = np.array([m.spam for m in val])
+        threshold = best_threshold(sp, truth)
+        report = compute_report(
+            labels,
+            [m.category for m in val],
+            [labels[i] for i in probs.argmax(axis=1)],
+            list(truth),
+            list(sp >= threshold),
+        )
+    summary = {
+        "messages": len(train),
+        "categories": dict(sorted(Counter(m.category for m in train if m.category).items())),
+        "spam": int(spam.sum()),
+        "ham_without_category": int(sum(1 for m in train if m.category is None and not m.spam)),
+        "sources": dict(sorted(Counter(m.source for m in train).items())),
+        "validation_messages": len(val),
+        "config": msgspec.to_builtins(cfg),
+    }
+    return TrainResult(w, labels, threshold, report, summary)
+
+
+def make_manifest(
+    result: TrainResult, params: FeatureParams, name: str, version: str, metrics: dict[str, Any] | None = None
+) -> Manifest:
+    return Manifest(
+        name=name,
+        version=version,
+        labels=result.labels,
+        features=params,
+        spam_threshold=result.threshold,
+        created=dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
+        training=result.summary,
+        metrics=metrics if metrics is not None else ({"validation": report_dict(result.validation)} if result.validation else {}),
+    )
+
+
+def export(result: TrainResult, manifest: Manifest, out: str | Path, *, int8: bool = True, opset: int = 17) -> list[Path]:
+    out = Path(out)
+    save_onnx(build_onnx(result.weights, manifest, opset), out)
+    paths = [out]
+    if int8:
+        q = out.with_name(out.stem + "-int8" + out.suffix)
+        quantize_int8(out, q)
+        paths.append(q)
+    return paths
+
+
+def train_dir(
+    data_dir: str,
+    out: str,
+    *,
+    spam_folder: str = "spam",
+    cfg: TrainConfig = TrainConfig(),
+    params: FeatureParams = FeatureParams(),
+    name: str | None = None,
+    version: str = "1",
+    int8: bool = True,
+    progress: bool = True,
+) -> tuple[TrainResult, list[Path]]:
+    """`triaged train`: DATA_DIR/<category>/..., a hash-chosen slice kept for validation."""
+    messages = load_dir(data_dir, spam_folder=spam_folder)
+    if not messages:
+        raise ValueError(f"{data_dir}: no messages found (expected one subfolder per category)")
+    val = [m for m in messages if split_by_hash(m, cfg.val_fraction)]
+    train = [m for m in messages if not split_by_hash(m, cfg.val_fraction)]
+    if not any(m.category for m in train):
+        raise ValueError(f"{data_dir}: no category folder besides {spam_folder!r}")
+    result = train_messages(train, val, params, cfg, progress=progress)
+    manifest = make_manifest(result, params, name or Path(out).stem, version)
+    paths = export(result, manifest, out, int8=int8, opset=cfg.opset)
+    return result, paths
+
+
+def print_validation(result: TrainResult) -> None:
+    if result.validation is not None:
+        print(format_report(result.validation, f"validation (spam threshold {result.threshold})"))
+
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "Weights",
+    "build_onnx",
+    "export",
+    "featurize",
+    "fit",
+    "forward",
+    "make_manifest",
+    "print_validation",
+    "quantize_int8",
+    "split_by_hash",
+    "train_dir",
+    "train_messages",
+]
