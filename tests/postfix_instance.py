@@ -110,6 +110,9 @@ class PostfixInstance:
             "maximal_backoff_time": "600s",
             "smtp_connect_timeout": "5s",
             "biff": "no",
+            # Postmaster notices (e.g. "proxy filter unreachable") would land
+            # in the sink and spoil exact message counts.
+            "notify_classes": "",
             **(main_cf or {}),
         }
         (self.config_dir / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in main.items()))
