@@ -265,11 +265,11 @@ def test_before_queue_tempfails_while_triaged_is_down_then_delivers(
     with pytest.raises((smtplib.SMTPResponseException, smtplib.SMTPRecipientsRefused)) as info:
         _send(setup.front, [msg])
     exc = info.value
-    codes = (
-        [code for code, _ in exc.recipients.values()]
-        if isinstance(exc, smtplib.SMTPRecipientsRefused)
-        else [exc.smtp_code]
-    )
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        codes = [code for code, _ in exc.recipients.values()]
+    else:
+        assert isinstance(exc, smtplib.SMTPResponseException)
+        codes = [exc.smtp_code]
     assert all(400 <= c < 500 for c in codes), codes  # the client keeps the mail and retries
     assert setup.postfix.queue() == []
     assert sink.deliveries == []
