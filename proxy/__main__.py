@@ -40,16 +40,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    import msgspec
-
-    from proxy.settings import ConfigError, load_settings
+    from proxy.settings import ConfigError, dump_toml, load_settings
 
     try:
         settings = load_settings(args.path)
     except ConfigError as exc:
         print(f"triaged: config: {exc}", file=sys.stderr)
         return EX_CONFIG
-    sys.stdout.write(msgspec.toml.encode(settings).decode())
+    sys.stdout.write(dump_toml(settings))
     return 0
 
 

@@ -7,7 +7,7 @@ typo never silently falls back to a default. Nothing reads the environment later
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
@@ -229,3 +229,50 @@ def _name_the_key(message: str) -> str:
     if not sep:
         return message
     return f"{where.rstrip('`')}: {head}"
+
+
+def dump_toml(settings: Settings) -> str:
+    """The effective config as TOML (`triaged check-config`).
+
+    Hand-rolled because msgspec's TOML encoder needs tomli_w, an extra
+    dependency for one command; our config has only scalars, lists of
+    scalars, string maps and the list of listener tables.
+    """
+    import json
+
+    def value(v: object) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v, ensure_ascii=False)  # a valid TOML basic string
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + "}"
+        raise TypeError(type(v))
+
+    out: list[str] = []
+
+    def table(name: str, data: dict[str, object], header: str) -> None:
+        out.append(header)
+        subtables: list[tuple[str, Any]] = []
+        for key, v in data.items():
+            if isinstance(v, dict) and key != "category_actions":
+                subtables.append((key, v))
+            elif isinstance(v, list) and v and isinstance(v[0], dict):
+                subtables.append((key, v))
+            else:
+                out.append(f"{key} = {value(v)}")
+        out.append("")
+        for key, v in subtables:
+            if isinstance(v, list):
+                for item in v:
+                    table(f"{name}.{key}", item, f"[[{name}.{key}]]")
+            else:
+                table(f"{name}.{key}", v, f"[{name}.{key}]")
+
+    for section, data in msgspec.to_builtins(settings).items():
+        table(section, data, f"[{section}]")
+    return "\n".join(out)
