@@ -62,18 +62,18 @@ def compute_report(
     index = {c: i for i, c in enumerate(labels)}
     k = len(labels)
     conf = np.zeros((k, k), dtype=np.int64)
-    for t, p in zip(true_cat, pred_cat, strict=True):
-        if t is not None and t in index and p in index:
-            conf[index[t], index[p]] += 1
+    for t, guess in zip(true_cat, pred_cat, strict=True):
+        if t is not None and t in index and guess in index:
+            conf[index[t], index[guess]] += 1
     per: dict[str, ClassStats] = {}
     f1s = []
-    for c, i in index.items():
+    for label, i in index.items():
         tp = int(conf[i, i])
         fp = int(conf[:, i].sum()) - tp
         fn = int(conf[i, :].sum()) - tp
         p, r, f = _prf(tp, fp, fn)
         support = int(conf[i, :].sum())
-        per[c] = ClassStats(round(p, 4), round(r, 4), round(f, 4), support)
+        per[label] = ClassStats(round(p, 4), round(r, 4), round(f, 4), support)
         if support:
             f1s.append(f)
     n_cat = int(conf.sum())
@@ -111,7 +111,9 @@ def format_report(r: Report, title: str = "") -> str:
         lines.append(f"{'category':<{w}} precision  recall     f1  support")
         for c in r.labels:
             s = r.per_class[c]
-            lines.append(f"{c:<{w}} {f(s.precision):>9} {f(s.recall):>7} {f(s.f1):>6} {s.support:>8}")
+            lines.append(
+                f"{c:<{w}} {f(s.precision):>9} {f(s.recall):>7} {f(s.f1):>6} {s.support:>8}"
+            )
         lines.append(f"macro-F1 {f(r.macro_f1)}   accuracy {f(r.accuracy)}")
         lines.append("confusion (rows: true, columns: predicted)")
         lines.append(" " * w + " ".join(f"{c[:10]:>10}" for c in r.labels))
@@ -157,7 +159,9 @@ def predict_messages(
     return cats, scores, spams, spam_scores, elapsed
 
 
-def evaluate_messages(model: LoadedModel, messages: Sequence[Message], batch_size: int = 256) -> Report:
+def evaluate_messages(
+    model: LoadedModel, messages: Sequence[Message], batch_size: int = 256
+) -> Report:
     cats, _, spams, _, elapsed = predict_messages(model, (m.raw for m in messages), batch_size)
     report = compute_report(
         model.manifest.labels,
@@ -175,4 +179,11 @@ def report_dict(r: Report) -> dict[str, Any]:
     return out
 
 
-__all__ = ["Report", "compute_report", "evaluate_messages", "format_report", "predict_messages", "report_dict"]
+__all__ = [
+    "Report",
+    "compute_report",
+    "evaluate_messages",
+    "format_report",
+    "predict_messages",
+    "report_dict",
+]

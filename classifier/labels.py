@@ -32,7 +32,9 @@ _LEAK_FIELDS = re.compile(
     rb"delivery-date|x-eudora2unix|x-spam-[a-z-]+)[ \t]*:.*(\r?\n[ \t].*)*\r?\n"
 )
 # Received lines of the SpamAssassin collector (taint.org, fetchmail).
-_LEAK_RECEIVED = re.compile(rb"(?mi)^received:(?:.*(?:\r?\n[ \t].*)*)(?:taint\.org|fetchmail)(?:.*(?:\r?\n[ \t].*)*)\r?\n")
+_LEAK_RECEIVED = re.compile(
+    rb"(?mi)^received:(?:.*(?:\r?\n[ \t].*)*)(?:taint\.org|fetchmail)(?:.*(?:\r?\n[ \t].*)*)\r?\n"
+)
 # The anonymised recipients, wherever they appear (some spam quotes the recipient).
 _LEAK_ADDR = re.compile(rb"(?i)\b(zzzz|yyyy)(@|\.)|spamassassin\.taint\.org|taint\.org")
 
@@ -72,12 +74,16 @@ def refine_sa(group: str, raw: bytes, weak: str) -> tuple[str | None, bool, str]
         return "forums", False, "primary-with-list-headers->forums"
     if weak == "updates" and has_list and _first(h, "auto-submitted") == "":
         name, local, _ = _domain(_first(h, "from"))
-        if not re.search(r"(rss|noreply|no-reply|root|cron|daemon|bounce|errata)", local + name.lower()):
+        if not re.search(
+            r"(rss|noreply|no-reply|root|cron|daemon|bounce|errata)", local + name.lower()
+        ):
             return "forums", False, "updates-on-list-by-person->forums"
     return weak, False, "kept"
 
 
-def load_spamassassin(sa_dir: Path, weak_labels: Path) -> tuple[list[Message], Counter[tuple[str, str, str]]]:
+def load_spamassassin(
+    sa_dir: Path, weak_labels: Path
+) -> tuple[list[Message], Counter[tuple[str, str, str]]]:
     weak = json.loads(gzip.decompress(weak_labels.read_bytes()))
     out: list[Message] = []
     audit: Counter[tuple[str, str, str]] = Counter()
@@ -89,7 +95,9 @@ def load_spamassassin(sa_dir: Path, weak_labels: Path) -> tuple[list[Message], C
         raw = strip_leaks(path.read_bytes())
         cat, spam, rule = refine_sa(group, raw, weak[key])
         audit[(weak[key], str(cat if not spam else "spam"), rule)] += 1
-        out.append(Message(raw=raw, category=cat, spam=spam, source=f"sa/{group}", ident=key, group=key))
+        out.append(
+            Message(raw=raw, category=cat, spam=spam, source=f"sa/{group}", ident=key, group=key)
+        )
     return out, audit
 
 

@@ -51,7 +51,9 @@ def decode_manifest(text: str, path: str = "model") -> Manifest:
         raw = json.loads(text)
         version = raw["features"]["version"]
     except (ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"{path}: manifest is not valid JSON with features.version ({exc})") from None
+        raise ModelError(
+            f"{path}: manifest is not valid JSON with features.version ({exc})"
+        ) from None
     if version != FEATURE_VERSION:
         raise ModelError(
             f"{path}: built for feature version {version}, but this triaged extracts "
@@ -124,7 +126,9 @@ def load_model(
             path, sess_options=opts, providers=providers or ["CPUExecutionProvider"]
         )
     except Exception as exc:
-        raise ModelError(f"{path}: not a usable ONNX model ({str(exc).splitlines()[0][:200]})") from None
+        raise ModelError(
+            f"{path}: not a usable ONNX model ({str(exc).splitlines()[0][:200]})"
+        ) from None
     meta = session.get_modelmeta().custom_metadata_map
     if MANIFEST_KEY not in meta:
         raise ModelError(f"{path}: no triaged manifest in the ONNX metadata ({MANIFEST_KEY})")
@@ -132,11 +136,25 @@ def load_model(
     names_in = [i.name for i in session.get_inputs()]
     names_out = {o.name for o in session.get_outputs()}
     if names_in != ["ids"] or not {"category_probs", "spam_prob"} <= names_out:
-        raise ModelError(f"{path}: graph has inputs {names_in} / outputs {sorted(names_out)}, not a triaged model")
-    shape = session.get_outputs()[[o.name for o in session.get_outputs()].index("category_probs")].shape
+        raise ModelError(
+            f"{path}: graph has inputs {names_in} / outputs {sorted(names_out)}, not a triaged model"
+        )
+    shape = session.get_outputs()[
+        [o.name for o in session.get_outputs()].index("category_probs")
+    ].shape
     if isinstance(shape[-1], int) and shape[-1] != len(manifest.labels):
-        raise ModelError(f"{path}: {shape[-1]} category outputs but {len(manifest.labels)} labels in the manifest")
+        raise ModelError(
+            f"{path}: {shape[-1]} category outputs but {len(manifest.labels)} labels in the manifest"
+        )
     return LoadedModel(session, manifest, path)
 
 
-__all__ = ["MANIFEST_KEY", "LoadedModel", "Manifest", "ModelError", "decode_manifest", "encode_manifest", "load_model"]
+__all__ = [
+    "MANIFEST_KEY",
+    "LoadedModel",
+    "Manifest",
+    "ModelError",
+    "decode_manifest",
+    "encode_manifest",
+    "load_model",
+]

@@ -47,10 +47,19 @@ class Weights(msgspec.Struct):
     b_spam: F32  # [1]
 
 
-def featurize(messages: Sequence[Message], params: FeatureParams, *, progress: bool = True) -> list[IdArray]:
+def featurize(
+    messages: Sequence[Message], params: FeatureParams, *, progress: bool = True
+) -> list[IdArray]:
     from tqdm import tqdm
 
-    it = tqdm(messages, desc="features", unit="msg", disable=not progress, file=sys.stderr, mininterval=1.0)
+    it = tqdm(
+        messages,
+        desc="features",
+        unit="msg",
+        disable=not progress,
+        file=sys.stderr,
+        mininterval=1.0,
+    )
     return [extract(m.raw, params) for m in it]
 
 
@@ -91,7 +100,14 @@ def fit(
     n = len(ids)
     steps = cfg.epochs * ((n + cfg.batch_size - 1) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.05, 1.0 - s / max(steps, 1)))
-    bar = tqdm(total=steps, desc="train", unit="step", disable=not progress, file=sys.stderr, mininterval=1.0)
+    bar = tqdm(
+        total=steps,
+        desc="train",
+        unit="step",
+        disable=not progress,
+        file=sys.stderr,
+        mininterval=1.0,
+    )
     for _epoch in range(cfg.epochs):
         order = rng.permutation(n)
         for start in range(0, n, cfg.batch_size):
@@ -114,7 +130,7 @@ def fit(
                 m = torch.from_numpy(mask)
                 loss = loss + ce(head_cat(h[m]), torch.from_numpy(c[mask])) / len(idx)
             opt.zero_grad()
-            loss.backward()  # type: ignore[no-untyped-call]
+            loss.backward()
             opt.step()
             sched.step()
             bar.update(1)
@@ -133,7 +149,9 @@ def fit(
 
 def forward(w: Weights, ids: Sequence[IdArray]) -> tuple[F32, F32]:
     """The exported graph's math in numpy (for reports during training)."""
-    h = np.stack([w.emb[a].mean(axis=0) if a.shape[0] else np.zeros(w.emb.shape[1], np.float32) for a in ids])
+    h = np.stack(
+        [w.emb[a].mean(axis=0) if a.shape[0] else np.zeros(w.emb.shape[1], np.float32) for a in ids]
+    )
     logits = h @ w.w_cat + w.b_cat
     logits -= logits.max(axis=1, keepdims=True)
     p = np.exp(logits)
@@ -285,7 +303,11 @@ def train_messages(
 
 
 def make_manifest(
-    result: TrainResult, params: FeatureParams, name: str, version: str, metrics: dict[str, Any] | None = None
+    result: TrainResult,
+    params: FeatureParams,
+    name: str,
+    version: str,
+    metrics: dict[str, Any] | None = None,
 ) -> Manifest:
     return Manifest(
         name=name,
@@ -295,11 +317,15 @@ def make_manifest(
         spam_threshold=result.threshold,
         created=dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
         training=result.summary,
-        metrics=metrics if metrics is not None else ({"validation": report_dict(result.validation)} if result.validation else {}),
+        metrics=metrics
+        if metrics is not None
+        else ({"validation": report_dict(result.validation)} if result.validation else {}),
     )
 
 
-def export(result: TrainResult, manifest: Manifest, out: str | Path, *, int8: bool = True, opset: int = 17) -> list[Path]:
+def export(
+    result: TrainResult, manifest: Manifest, out: str | Path, *, int8: bool = True, opset: int = 17
+) -> list[Path]:
     out = Path(out)
     save_onnx(build_onnx(result.weights, manifest, opset), out)
     paths = [out]
@@ -315,14 +341,16 @@ def train_dir(
     out: str,
     *,
     spam_folder: str = "spam",
-    cfg: TrainConfig = TrainConfig(),
-    params: FeatureParams = FeatureParams(),
+    cfg: TrainConfig | None = None,
+    params: FeatureParams | None = None,
     name: str | None = None,
     version: str = "1",
     int8: bool = True,
     progress: bool = True,
 ) -> tuple[TrainResult, list[Path]]:
     """`triaged train`: DATA_DIR/<category>/..., a hash-chosen slice kept for validation."""
+    cfg = cfg or TrainConfig()
+    params = params or FeatureParams()
     messages = load_dir(data_dir, spam_folder=spam_folder)
     if not messages:
         raise ValueError(f"{data_dir}: no messages found (expected one subfolder per category)")

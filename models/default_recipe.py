@@ -81,8 +81,12 @@ def load_all() -> tuple[dict[str, list[Message]], str]:
     sets = {
         "classic_train": [m for m in classic if not split_by_hash(m, 0.2, b"test")],
         "classic_test": [m for m in classic if split_by_hash(m, 0.2, b"test")],
-        "modern_train": [m for m in modern if m.source in trainable and not _group_held_out(m.group)],
-        "modern_test_ham": [m for m in modern if m.source in trainable and not m.spam and _group_held_out(m.group)],
+        "modern_train": [
+            m for m in modern if m.source in trainable and not _group_held_out(m.group)
+        ],
+        "modern_test_ham": [
+            m for m in modern if m.source in trainable and not m.spam and _group_held_out(m.group)
+        ],
         "modern_phishing": [m for m in modern if m.source not in trainable],
     }
     return sets, format_audit(audit)
@@ -117,7 +121,11 @@ def source_split(sets: dict[str, list[Message]]) -> Report:
 
 
 def summary_line(reports: dict[str, Report], source: Report) -> dict[str, Any]:
-    r, mh, ph = reports["random_held_out"], reports["modern_ham_held_out"], reports["modern_phishing_pot"]
+    r, mh, ph = (
+        reports["random_held_out"],
+        reports["modern_ham_held_out"],
+        reports["modern_phishing_pot"],
+    )
     return {
         "macro_f1": r.macro_f1,
         "spam_f1": r.spam_f1,
@@ -133,12 +141,14 @@ def build() -> int:
     t0 = time.time()
     sets, audit = load_all()
     for k, v in sets.items():
-        print(f"{k}: {len(v)} messages, {dict(Counter(m.category or ('spam' if m.spam else '?') for m in v))}")
+        print(
+            f"{k}: {len(v)} messages, {dict(Counter(m.category or ('spam' if m.spam else '?') for m in v))}"
+        )
     result = _train(sets["classic_train"] + sets["modern_train"])
     manifest = make_manifest(result, PARAMS, NAME, VERSION)
     export(result, manifest, MODEL)
     reports = _evaluate(MODEL, sets)
-    metrics = {k: report_dict(v) for k, v in reports.items()}
+    metrics: dict[str, Any] = {k: report_dict(v) for k, v in reports.items()}
     metrics["validation"] = report_dict(result.validation) if result.validation else None
     manifest = make_manifest(result, PARAMS, NAME, VERSION, metrics)
     paths = export(result, manifest, MODEL)  # again, with the held-out metrics inside
@@ -150,8 +160,8 @@ def build() -> int:
             indent=1,
         )
     )  # fmt: skip
-    for k, v in reports.items():
-        print(format_report(v, k))
+    for k, rep in reports.items():
+        print(format_report(rep, k))
     print(f"wrote {', '.join(str(p.relative_to(ROOT)) for p in paths)} in {time.time() - t0:.0f} s")
     return 0
 
@@ -162,13 +172,17 @@ def evaluate(model_path: Path) -> int:
     for k, v in reports.items():
         print(format_report(v, k))
     source = source_split(sets)
-    print(format_report(source, "source split: trained without hard-ham-1 and spam-2, tested on them"))
+    print(
+        format_report(source, "source split: trained without hard-ham-1 and spam-2, tested on them")
+    )
     print(json.dumps(summary_line(reports, source)))
     return 0
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("action", choices=["build", "eval"])
     ap.add_argument("--model", default=str(MODEL))
     args = ap.parse_args()
