@@ -244,6 +244,9 @@ class EventShipper:
         self.replayed = 0
         self.producer_errors = 0
         self.kafka_up = False
+        # Kafka failed and has not come back: events go to the spool. Not set
+        # while the first connection is being made (no needless disk writes).
+        self._down = False
 
     # -- mail path ---------------------------------------------------------------
 
@@ -272,6 +275,11 @@ class EventShipper:
     @property
     def queue_depth(self) -> int:
         return len(self._queue)
+
+    @property
+    def idempotent(self) -> bool:
+        """False once the broker refused InitProducerId (then acks=all only)."""
+        return self._idempotent
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -326,6 +334,9 @@ class EventShipper:
             # In its own task: a silent broker holds start() for the whole
             # deadline, and events must keep flowing to the spool meanwhile.
             self._connecting = asyncio.create_task(self._connect(), name="event-shipper-connect")
+        if self._producer is None and not self._down and self._connecting is not None:
+            await asyncio.wait([self._connecting])  # first connect: bounded by its deadline
+            return
         degraded = (
             self._producer is None
             or self._spool.pending > 0
@@ -477,6 +488,7 @@ class EventShipper:
                 self._lose_producer("connect", exc)
         else:
             self._producer = producer
+            self._down = False
             self._backoff_s = _BACKOFF_MIN_S
             if not self.kafka_up:
                 self.kafka_up = True
@@ -513,6 +525,7 @@ class EventShipper:
                 error=(str(exc)[:200] if exc else "no ack before deadline"),
             )
         self.kafka_up = False
+        self._down = True
         self._retry_at = asyncio.get_running_loop().time() + self._backoff_s
         self._backoff_s = min(self._backoff_s * 2, _BACKOFF_MAX_S)
 

@@ -88,9 +88,11 @@ class KafkaBroker:
         self.kill()
         self.start()
 
-    async def consume(self, expected: int, *, timeout_s: float = 30.0, quiet_s: float = 1.0) -> list[bytes]:
-        """Every record value on the topic: reads until `expected` arrived and
-        then `quiet_s` more with nothing new (so extras and duplicates show)."""
+    async def consume(
+        self, expected: int, *, timeout_s: float = 30.0, quiet_s: float = 1.0
+    ) -> list[tuple[int, bytes]]:
+        """Every (partition, value) on the topic: reads until `expected` arrived
+        and then `quiet_s` more with nothing new (so extras and duplicates show)."""
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
         )
@@ -108,11 +110,11 @@ class KafkaBroker:
             tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
-            values: list[bytes] = []
+            values: list[tuple[int, bytes]] = []
             quiet_since = time.monotonic()
             while time.monotonic() < deadline:
                 batch = await consumer.getmany(timeout_ms=200)
-                got = [m.value for msgs in batch.values() for m in msgs if m.value is not None]
+                got = [(m.partition, m.value) for msgs in batch.values() for m in msgs if m.value is not None]
                 if got:
                     values.extend(got)
                     quiet_since = time.monotonic()
