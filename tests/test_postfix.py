@@ -96,6 +96,8 @@ class Setup:
                  "reinject": self.reinject}
         master = BEFORE_QUEUE_MASTER_CF if kind == "before" else AFTER_QUEUE_MASTER_CF
         main = _main_cf(AFTER_QUEUE_MAIN_CF.format(**ports)) if kind == "after" else {}
+        # Client ports in the maillog tell the real client from triaged's hop.
+        main["smtpd_client_port_logging"] = "yes"
         self.postfix = PostfixInstance(sink.port, master_cf=[master.format(**ports)], main_cf=main)
         self.triaged = TriagedProcess(
             f"smtp://127.0.0.1:{self.reinject}", port=self.triaged_port
@@ -218,13 +220,19 @@ def test_postfix_delivers_stamped_mail_through_triaged(running: Setup, sink: Smt
 @needs_postfix
 @pytest.mark.timeout(120)
 def test_postfix_keeps_client_identity_through_triaged(running: Setup, sink: SmtpSink) -> None:
-    """XFORWARD end to end: the reinjection smtpd's Received line names the
-    original client's HELO, not triaged's (Postfix XFORWARD_README)."""
-    _send(running.front, [_message(f"xforward-{running.kind}", 0)])
+    """XFORWARD end to end (Postfix XFORWARD_README): the reinjection smtpd
+    logs the original client (its source port), not triaged's connection."""
+    with smtplib.SMTP("127.0.0.1", running.front, local_hostname=CLIENT_HELO) as client:
+        assert client.sock is not None
+        client_port = client.sock.getsockname()[1]
+        client.sendmail("alice@example.test", ["bob@example.test"], _message("xforward", 0))
     (delivery,) = sink.wait_for(1, timeout=60)
     # Received lines are prepended: the first is the reinjection smtpd's.
     received = [v for k, v in _headers(delivery) if k.lower() == "received"]
-    assert CLIENT_HELO in received[0], received
+    queue_id = re.search(r"with E?SMTP id (\w+)", received[0])
+    assert queue_id is not None, received[0]
+    (line,) = running.postfix.wait_for_log(rf"{queue_id.group(1)}: client=")
+    assert f"orig_client=unknown[127.0.0.1]:{client_port}" in line, line
 
 
 @needs_postfix
