@@ -19,9 +19,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import os
 import socket
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -104,26 +106,33 @@ class EventBuilder:
     def __init__(self, instance_id: str, secret: str) -> None:
         self._instance = instance_id
         self._secret = secret.encode() if secret else b""
+        # Event ids: random per process, then a counter (unique without a
+        # syscall per event).
+        self._id_prefix = os.urandom(8).hex() + "-"
+        self._seq = 0
 
     def _pseudonym(self, address: str) -> str:
         msg = address.strip().lower().encode("utf-8", "surrogateescape")
         return hmac.new(self._secret, msg, hashlib.sha256).hexdigest()[:32]
 
-    def build(self, r: TransactionRecord) -> Event:
+    def build(self, r: TransactionRecord, mid_hash: str | None = None) -> Event:
         sender_p: str | None = None
         rcpt_p: list[str] | None = None
         if self._secret:
             sender_p = self._pseudonym(r.sender) if r.sender else ""
             rcpt_p = [self._pseudonym(a) for a in r.recipients[:MAX_RECIPIENT_PSEUDONYMS]]
-        mid = r.message_id.strip()
+        if mid_hash is None:
+            mid = r.message_id.strip()
+            mid_hash = _digest(mid) if mid else ""
+        self._seq += 1
         return Event(
             schema=SCHEMA_VERSION,
-            id=os.urandom(12).hex(),
+            id=f"{self._id_prefix}{self._seq:x}",
             time=r.time,
             instance=self._instance,
             front_end=r.front_end,
             queue_id=r.queue_id,
-            message_id_hash=_digest(mid) if mid else "",
+            message_id_hash=mid_hash,
             client_address=r.client_address,
             sender_domain=_domain(r.sender),
             recipient_count=len(r.recipients),
@@ -143,6 +152,13 @@ class EventBuilder:
 
     def encode(self, r: TransactionRecord) -> bytes:
         return _encoder.encode(self.build(r))
+
+    def encode_keyed(self, r: TransactionRecord) -> tuple[bytes, bytes]:
+        """(Kafka key, JSON): the key is the Message-ID hash, computed once."""
+        mid = r.message_id.strip()
+        mid_hash = _digest(mid) if mid else ""
+        key = mid_hash or _digest(r.queue_id)
+        return key.encode(), _encoder.encode(self.build(r, mid_hash))
 
 
 def default_instance_id() -> str:
@@ -192,6 +208,8 @@ Pending = tuple[bytes, bytes, int]  # key, value, timestamp ms
 _T = TypeVar("_T")
 
 _SEND_CHUNK = 512  # events per produce round (also bounds time we hold the loop)
+_BATCH_BYTES = 256 * 1024  # aiokafka max_batch_size: one batch per partition per round
+_MAX_EVENT_BYTES = 128 * 1024  # an event is ~0.5 KiB; 100 pseudonyms ~4 KiB
 _SPOOL_CHUNK = 1024
 _REPLAY_CHUNK = 1024
 _BACKOFF_MIN_S = 0.25
@@ -284,6 +302,9 @@ class EventShipper:
     # -- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> None:
+        # aiokafka logs a warning per retry (every 100 ms) while a broker is
+        # down; kafka_down / kafka_up above say it once per outage.
+        logging.getLogger("aiokafka").setLevel(logging.ERROR)
         try:  # a missing codec library is a config error, not an endless outage
             await self._new_producer().stop()
         except KafkaError as exc:
@@ -389,13 +410,18 @@ class EventShipper:
 
     def _take(self, n: int) -> list[Pending]:
         out: list[Pending] = []
-        encode = self._builder.encode
+        encode = self._builder.encode_keyed
         while self._queue and len(out) < n:
             rec = self._queue.popleft()
             try:
-                out.append((event_key(rec), encode(rec), int(rec.time * 1000)))
+                key, value = encode(rec)
             except (msgspec.EncodeError, ValueError, UnicodeError):
                 self._drop(1, "unencodable")
+                continue
+            if len(value) > _MAX_EVENT_BYTES:
+                self._drop(1, "too_large")  # could never fit a Kafka batch: would block replay
+                continue
+            out.append((key, value, int(rec.time * 1000)))
         return out
 
     async def _to_spool(self, items: list[Pending]) -> None:
@@ -447,16 +473,33 @@ class EventShipper:
         end = loop.time() + self._deadline_s
         if self._close_deadline is not None:
             end = min(end, self._close_deadline)
-        futs: list[asyncio.Future[Any]] = []
+        # (ack future, indexes of the items in that batch)
+        batches: list[tuple[asyncio.Future[Any], list[int]]] = []
+        topic = self._s.topic
         try:
             async with asyncio.timeout_at(end) as self._step:
-                for i, (key, value, ts) in enumerate(items):
-                    # send() only queues (or waits for metadata); it returns the ack future.
-                    futs.append(await producer.send(self._s.topic, value=value, key=key, timestamp_ms=ts))
-                    if i % 128 == 127:
-                        await asyncio.sleep(0)  # let mail through between appends
-                if futs:
-                    await asyncio.wait(futs)
+                # Our own batches, one per partition, partitioned by our key
+                # (already a digest): per-message send() and aiokafka's
+                # pure-Python murmur2 cost more CPU than the rest of the shipper.
+                parts = sorted(await producer.partitions_for(topic))
+                groups: dict[int, list[int]] = {}
+                for i, (key, _, _) in enumerate(items):
+                    groups.setdefault(parts[zlib.crc32(key) % len(parts)], []).append(i)
+                for part, idxs in groups.items():
+                    batch = producer.create_batch()
+                    members: list[int] = []
+                    for i in idxs:
+                        key, value, ts = items[i]
+                        if batch.append(timestamp=ts, key=key, value=value) is None:
+                            # Full: submit it (send_batch waits while the
+                            # partition's previous batch is still queued).
+                            batches.append((await producer.send_batch(batch, topic, partition=part), members))
+                            batch, members = producer.create_batch(), []
+                            batch.append(timestamp=ts, key=key, value=value)  # fits: see _MAX_EVENT_BYTES
+                        members.append(i)
+                    batches.append((await producer.send_batch(batch, topic, partition=part), members))
+                if batches:
+                    await asyncio.wait([fut for fut, _ in batches])
         except (TimeoutError, KafkaError):
             pass  # what was not acked in time is the caller's to spool
         except Exception as exc:
@@ -464,9 +507,10 @@ class EventShipper:
         finally:
             self._step = None
         ok = [False] * len(items)
-        for i, fut in enumerate(futs):
+        for fut, members in batches:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
-                ok[i] = True
+                for i in members:
+                    ok[i] = True
             elif not fut.done():
                 fut.add_done_callback(_retrieve)
         return ok
@@ -508,6 +552,7 @@ class EventShipper:
             compression_type=None if s.compression == "none" else s.compression,
             linger_ms=int(s.linger_ms),
             request_timeout_ms=int(s.request_timeout_s * 1000),
+            max_batch_size=_BATCH_BYTES,
         )
 
     def _lose_producer(self, during: str, exc: BaseException | None) -> None:

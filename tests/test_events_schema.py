@@ -57,7 +57,9 @@ def test_event_carries_the_facts_and_round_trips() -> None:
     assert (ev.model, ev.classifier_latency_ms, ev.total_latency_ms) == ("triage/3", 1.5, 12.25)
     assert (ev.verdict, ev.reply_code) == ("accept", 250)
     assert ev.message_id_hash == hashlib.sha256(r.message_id.encode()).hexdigest()[:32]
-    assert len(ev.id) == 24
+    b = EventBuilder("host-a:1", "")
+    ids = {decode_event(b.encode(r)).id for _ in range(100)}
+    assert len(ids) == 100 and ev.id not in ids  # unique per event and per process
 
 
 def test_no_local_parts_or_message_id_in_the_event_by_default() -> None:
@@ -97,6 +99,10 @@ def test_kafka_key_is_stable_per_message() -> None:
     assert event_key(a) == event_key(b)
     assert event_key(record(message_id="")) == event_key(record(message_id="", time=9.0))
     assert event_key(record(message_id="", queue_id="A")) != event_key(record(message_id="", queue_id="B"))
+    for r in (a, record(message_id="", queue_id="A")):
+        key, value = EventBuilder("i", "").encode_keyed(r)
+        assert key == event_key(r)
+        assert decode_event(value).queue_id == r.queue_id
 
 
 def test_schema_rejects_a_wrong_type() -> None:
