@@ -191,6 +191,11 @@ class DropCounter:
         self._unlogged = 0
         self._last_log = -1e18
 
+    def flush_log(self) -> None:
+        if self._unlogged:
+            log.warning(f"{self._what}_dropped", count=self._unlogged, total=self.total)
+            self._unlogged = 0
+
     def __call__(self, n: int, reason: str) -> None:
         self.total += n
         self._unlogged += n
@@ -265,6 +270,7 @@ class EventShipper:
         # Kafka failed and has not come back: events go to the spool. Not set
         # while the first connection is being made (no needless disk writes).
         self._down = False
+        self._last_error = ""  # why the last produce round failed, for the log
 
     # -- mail path ---------------------------------------------------------------
 
@@ -333,6 +339,15 @@ class EventShipper:
             await asyncio.wait(self._discards)
         await self._in_io(self._spool.close)
         self._io.shutdown(wait=False)  # idle: the close above was its last job
+        self._drop.flush_log()
+        log.info(
+            "event_shipper_closed",
+            sent=self.sent,
+            spooled=self.spooled,
+            replayed=self.replayed,
+            dropped=self.dropped,
+            spool_pending=self._spool.pending,
+        )
 
     # -- the shipper task -----------------------------------------------------------------
 
@@ -355,8 +370,14 @@ class EventShipper:
             # In its own task: a silent broker holds start() for the whole
             # deadline, and events must keep flowing to the spool meanwhile.
             self._connecting = asyncio.create_task(self._connect(), name="event-shipper-connect")
-        if self._producer is None and not self._down and self._connecting is not None:
-            await asyncio.wait([self._connecting])  # first connect: bounded by its deadline
+        if (
+            self._producer is None
+            and not self._down
+            and self._connecting is not None
+            and len(self._queue) <= self._s.high_water
+        ):
+            # First connection: hold events in memory rather than spool them.
+            await asyncio.wait([self._connecting], timeout=0.25)
             return
         degraded = (
             self._producer is None
@@ -500,19 +521,24 @@ class EventShipper:
                     batches.append((await producer.send_batch(batch, topic, partition=part), members))
                 if batches:
                     await asyncio.wait([fut for fut, _ in batches])
-        except (TimeoutError, KafkaError):
-            pass  # what was not acked in time is the caller's to spool
+        except TimeoutError:
+            self._last_error = "no ack before the deadline"
+        except KafkaError as exc:  # what was not acked is the caller's to spool
+            self._last_error = str(exc)[:200]
         except Exception as exc:
+            self._last_error = type(exc).__name__
             log.error("event_send_error", error=type(exc).__name__)
         finally:
             self._step = None
         ok = [False] * len(items)
         for fut, members in batches:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
+            if not fut.done():
+                fut.add_done_callback(_retrieve)
+            elif not fut.cancelled() and fut.exception() is None:
                 for i in members:
                     ok[i] = True
-            elif not fut.done():
-                fut.add_done_callback(_retrieve)
+            elif not fut.cancelled():
+                self._last_error = str(fut.exception())[:200]
         return ok
 
     async def _connect(self) -> None:
@@ -564,11 +590,7 @@ class EventShipper:
             self._discard(self._producer)
             self._producer = None
         if self.kafka_up or (during == "connect" and self._backoff_s == _BACKOFF_MIN_S):
-            log.warning(
-                "kafka_down",
-                during=during,
-                error=(str(exc)[:200] if exc else "no ack before deadline"),
-            )
+            log.warning("kafka_down", during=during, error=str(exc)[:200] if exc else self._last_error)
         self.kafka_up = False
         self._down = True
         self._retry_at = asyncio.get_running_loop().time() + self._backoff_s
