@@ -323,3 +323,26 @@ async def test_close_without_drain_fails_queued_requests() -> None:
         with pytest.raises(BatcherClosed):
             await task
     assert runner.ran == [1000]
+
+
+async def test_window_closes_a_batch_while_requests_keep_arriving() -> None:
+    runner = EchoRunner(FAST)
+    # Requests keep coming on every pass of the loop, so the "idle" rule never
+    # fires; the max_wait_ms window must still close the batch.
+    batcher, stats = make(runner, max_batch_size=4096, max_wait_ms=20)
+    await batcher.start()
+    runner.entered.clear()
+    tasks: list[asyncio.Task[int]] = []
+    try:
+        i = 0
+        while not runner.entered.is_set() and i < 100_000:
+            tasks.append(asyncio.create_task(batcher.submit(i)))
+            tasks.append(asyncio.create_task(batcher.submit(i + 1)))
+            i += 2
+            await asyncio.sleep(0)
+        results = await asyncio.gather(*tasks)
+    finally:
+        await batcher.close()
+    assert results == list(range(len(tasks)))
+    assert stats.close_reasons["timeout"] >= 1
+    assert runner.batches[0] and len(runner.batches[0]) > 2
