@@ -153,3 +153,31 @@ def test_passthrough_keeps_upstream_text_and_maps_421() -> None:
     assert V.passthrough(550, "User unknown") == "550 5.0.0 User unknown"
     assert V.passthrough(250, "2.0.0 Ok\nqueued") == "250-2.0.0 Ok\r\n250 2.0.0 queued"
     assert V.passthrough(421, "4.3.2 closing") == V.UPSTREAM_FAILED
+
+
+async def test_fast_session_init_sets_everything_aiosmtpd_does(tmp_path: object) -> None:
+    """TriageSMTP skips SMTP.__init__ (per-connection introspection); this
+    catches an aiosmtpd upgrade that adds state we would then lack."""
+    import asyncio
+    from pathlib import Path
+
+    from aiosmtpd.smtp import SMTP
+
+    from classifier.rules import RulesClassifier
+    from proxy.metrics import Metrics
+    from proxy.pipeline import Pipeline
+    from proxy.settings import Settings
+    from proxy.smtp.session import RelayContext, TriageSMTP
+    from proxy.smtp.upstream import MaildirUpstream
+
+    settings = Settings()
+    ctx = RelayContext(
+        settings, Pipeline(settings, RulesClassifier()), MaildirUpstream(Path(str(tmp_path))), Metrics(), None
+    )
+    ours = TriageSMTP(ctx, settings.server.listeners[0])
+    theirs = SMTP(ctx.handler, loop=asyncio.get_running_loop())
+    assert set(vars(theirs)) <= set(vars(ours))
+    assert set(theirs._handle_hooks) == set(ours._handle_hooks)
+    assert set(theirs._smtp_methods) - set(ours._smtp_methods) == {"AUTH"}
+    for arg in ("<a@example.org>", "<a.b+c@example.org> SIZE=5 BODY=8BITMIME", "<>", '<"q b"@x.org>'):
+        assert ours._getaddr(arg) == theirs._getaddr(arg)
