@@ -271,6 +271,8 @@ class EventShipper:
         # while the first connection is being made (no needless disk writes).
         self._down = False
         self._last_error = ""  # why the last produce round failed, for the log
+        self._first_at = 0.0  # monotonic time the oldest queued event arrived
+        self._linger_s = settings.linger_ms / 1000
 
     # -- mail path ---------------------------------------------------------------
 
@@ -279,6 +281,8 @@ class EventShipper:
         if self._closed or len(self._queue) >= self._s.queue_size:
             self._drop(1, "closed" if self._closed else "queue_full")
             return
+        if not self._queue:
+            self._first_at = time.monotonic()  # the linger window starts
         self._queue.append(record)
         self._wake.set()
 
@@ -379,6 +383,13 @@ class EventShipper:
             # First connection: hold events in memory rather than spool them.
             await asyncio.wait([self._connecting], timeout=0.25)
             return
+        if self._queue and len(self._queue) < _SEND_CHUNK and self._close_deadline is None:
+            # linger_ms: let a round collect events rather than pay a whole
+            # produce round (or a disk write) per message at low rates.
+            wait = self._first_at + self._linger_s - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                return
         degraded = (
             self._producer is None
             or self._spool.pending > 0
@@ -394,14 +405,19 @@ class EventShipper:
             await self._idle(loop)
 
     async def _idle(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._spool.dirty:  # fsync "interval": at the latest when a burst ends
-            await self._in_io(self._spool.sync)
+        timeouts: list[float] = []
+        if self._spool.dirty:  # fsync "interval": also when no further append comes
+            due = self._spool.last_sync + self._s.fsync_interval_s - time.monotonic()
+            if due <= 0:
+                await self._in_io(self._spool.sync)
+            else:
+                timeouts.append(due)
         self._wake.clear()
         if self._queue or self._close_deadline is not None:
             return
-        timeout = None
         if self._producer is None and self._connecting is None:
-            timeout = max(self._retry_at - loop.time(), 0.0)
+            timeouts.append(max(self._retry_at - loop.time(), 0.0))
+        timeout = min(timeouts) if timeouts else None
         try:
             async with asyncio.timeout(timeout):
                 await self._wake.wait()
@@ -518,6 +534,7 @@ class EventShipper:
                             batch, members = producer.create_batch(), []
                             batch.append(timestamp=ts, key=key, value=value)  # fits: see _MAX_EVENT_BYTES
                         members.append(i)
+                    batch.close()  # complete: we lingered already, aiokafka need not
                     batches.append((await producer.send_batch(batch, topic, partition=part), members))
                 if batches:
                     await asyncio.wait([fut for fut, _ in batches])

@@ -81,6 +81,14 @@ class RotatingFile:
         self._size += nbytes
         self._dirty = True
 
+    @property
+    def dirty(self) -> bool:
+        return self._dirty
+
+    @property
+    def last_sync(self) -> float:
+        return self._last_sync
+
     def sync(self) -> None:
         if self._fd is not None and self._dirty and self._fsync != "never":
             os.fsync(self._fd)
@@ -124,6 +132,7 @@ class JsonlSink:
         self._drop = DropCounter("events")
         self.written = 0
         self.write_errors = 0
+        self._first_at = 0.0
 
     @property
     def dropped(self) -> int:
@@ -138,6 +147,8 @@ class JsonlSink:
         if self._closed or len(self._queue) >= self._s.queue_size:
             self._drop(1, "closed" if self._closed else "queue_full")
             return
+        if not self._queue:
+            self._first_at = time.monotonic()  # the linger window starts
         self._queue.append(record)
         self._wake.set()
 
@@ -158,15 +169,16 @@ class JsonlSink:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        linger_s = self._s.linger_ms / 1000
         while True:
             if not self._queue:
                 if self._closed:
                     return
-                await loop.run_in_executor(self._io, self._file.sync)  # burst over
-                self._wake.clear()
-                if not self._queue and not self._closed:
-                    await self._wake.wait()
+                await self._idle(loop)
                 continue
+            wait = self._first_at + linger_s - time.monotonic()
+            if len(self._queue) < _CHUNK and wait > 0 and not self._closed:
+                await asyncio.sleep(wait)  # collect a batch: one thread hop per batch, not per event
             lines: list[bytes] = []
             while self._queue and len(lines) < _CHUNK:
                 rec = self._queue.popleft()
@@ -186,3 +198,20 @@ class JsonlSink:
                 continue
             self.written += len(lines)
             EVENTS_WRITTEN.inc(len(lines))
+
+    async def _idle(self, loop: asyncio.AbstractEventLoop) -> None:
+        timeout = None
+        if self._file.dirty:  # fsync "interval": also when no further write comes
+            due = self._file.last_sync + self._s.fsync_interval_s - time.monotonic()
+            if due <= 0:
+                await loop.run_in_executor(self._io, self._file.sync)
+            else:
+                timeout = due
+        self._wake.clear()
+        if self._queue or self._closed:
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
+        except TimeoutError:
+            pass

@@ -168,6 +168,11 @@ class Spool:
     def dirty(self) -> bool:
         return self._dirty
 
+    @property
+    def last_sync(self) -> float:
+        """time.monotonic() of the last fsync (or open)."""
+        return self._last_sync
+
     # -- reader ---------------------------------------------------------------
 
     def read(self, max_records: int, max_bytes: int = 4 * 1024 * 1024) -> list[SpoolRecord]:
