@@ -115,8 +115,11 @@ tail -5 "$OUT/pytest_$TEST_PROVIDER.txt" | tee -a "$LOG"
 
 say "5/5 benchmark: $PROVIDERS"
 BENCH_ARGS=(--seconds 4 --rounds 3 --offline-seconds 1.5 --smtp --smtp-seconds 8 --out "$OUT")
-if [ -f "$MODEL" ]; then BENCH_ARGS+=(--model "$MODEL"); else
-  say "no $MODEL: using the standin (same graph shape, random weights)"; BENCH_ARGS+=(--standin); fi
+if [ -f "$MODEL" ] && "$PY" -c "from classifier.model import load_model; load_model('$MODEL')" >>"$LOG" 2>&1; then
+  BENCH_ARGS+=(--model "$MODEL")
+else
+  say "no usable $MODEL: using the standin (same graph shape, random weights)"; BENCH_ARGS+=(--standin)
+fi
 if [ -d .gpu/corpus ]; then export TRIAGED_BENCH_CORPUS=$PWD/.gpu/corpus; fi
 for provider in $PROVIDERS; do
   timeout 150 "$PY" bench/batching_bench.py --provider "$provider" "${BENCH_ARGS[@]}" \

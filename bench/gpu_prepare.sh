@@ -7,7 +7,7 @@
 # numpy, onnx, the CPU onnxruntime, pytest, uvloop, prometheus-client; it
 # lacks onnxruntime-gpu and triaged's small pure deps. So this script:
 #   - downloads onnxruntime-gpu (CUDA 13 build, cp312), unpacks it, packs it
-#     as tar.xz and splits that into parts of PART_MB,
+#     as tar.xz and splits that into parts that fit a call with the tree,
 #   - downloads the small wheels (msgspec, structlog, aiosmtpd, atpublic,
 #     aiosmtplib, pytest-asyncio),
 #   - copies a corpus subset (1,024 SpamAssassin messages under 48 KB).
@@ -19,7 +19,6 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 G=.gpu
 ORT_VERSION=${ORT_VERSION:-1.31.1}
-PART_MB=${PART_MB:-48}
 DL=${DL:-/tmp/triaged-gpu-dl}
 
 rm -rf "$G" && mkdir -p "$G/wheels" "$G/ort" "$G/corpus" "$DL"
@@ -42,15 +41,15 @@ if [ -z "$whl" ]; then
   whl=$(ls "$DL"/onnxruntime_gpu-"$ORT_VERSION"-cp312-*.whl | head -1)
 fi
 # Unpacked wheel = a directory to put on PYTHONPATH; xz packs the CUDA
-# kernels ~25% tighter than the wheel's deflate. The TensorRT provider and
-# the transformers/quantization tools are not needed.
-rm -rf "$DL/site" && mkdir -p "$DL/site"
-(cd "$DL/site" && unzip -q "$whl" -x 'onnxruntime/transformers/*' 'onnxruntime/quantization/*' \
-  'onnxruntime/tools/*' 'onnxruntime/capi/libonnxruntime_providers_tensorrt.so')
-tar -C "$DL/site" -cf - . | xz -T2 -6 > "$DL/ort.tar.xz"
-split -b "${PART_MB}M" -d -a 1 "$DL/ort.tar.xz" "$G/ort/part"
-sha256sum "$DL/ort.tar.xz" | awk '{print $1}' > "$G/ort/SHA256"
-ls "$G/ort" | grep '^part' > "$G/ort/PARTS"
+# kernels ~20% tighter than the wheel's deflate. The TensorRT provider and
+# the transformers/quantization tools are not needed. Cached in $DL.
+if [ ! -s "$DL/ort-$ORT_VERSION.tar.xz" ]; then
+  rm -rf "$DL/site" && mkdir -p "$DL/site"
+  (cd "$DL/site" && unzip -q "$whl" -x 'onnxruntime/transformers/*' 'onnxruntime/quantization/*' \
+    'onnxruntime/tools/*' 'onnxruntime/capi/libonnxruntime_providers_tensorrt.so')
+  tar -C "$DL/site" -cf - . | xz -T2 -6 > "$DL/ort.tmp" && mv "$DL/ort.tmp" "$DL/ort-$ORT_VERSION.tar.xz"
+fi
+sha256sum "$DL/ort-$ORT_VERSION.tar.xz" | awk '{print $1}' > "$G/ort/SHA256"
 
 echo "== corpus subset"
 "$PY" - <<'EOF'
@@ -64,6 +63,25 @@ for p in files[::step][:1024]:
     shutil.copy(p, Path(".gpu/corpus") / p.parent.name / p.name)
 EOF
 
+echo "== split onnxruntime-gpu to fit each call's 64 MiB with the working tree"
+# What travels on every call: tracked + untracked-not-ignored files.
+tree=$( (git ls-files -z; git ls-files -z -o --exclude-standard) | xargs -0 stat -c %s 2>/dev/null \
+  | awk '{s+=$1} END {print s}')
+extras=$(du -sb "$G/wheels" "$G/corpus" | awk '{s+=$1} END {print s}')
+part=$("$PY" - "$tree" "$extras" "$(stat -c %s "$DL/ort-$ORT_VERSION.tar.xz")" <<'EOF'
+import math, sys
+tree, extras, ort = map(int, sys.argv[1:])
+avail = 62 * 2**20 - tree  # 2 MiB margin under 64 MiB
+assert avail > 16 * 2**20, f"working tree too big ({tree} bytes) to carry parts"
+n = max(1, math.ceil((ort + extras) / avail))
+while math.ceil(ort / n) + extras > avail:  # the last call also carries wheels + corpus
+    n += 1
+print(math.ceil(ort / n))
+EOF
+)
+split -b "$part" -d -a 1 "$DL/ort-$ORT_VERSION.tar.xz" "$G/ort/part"
+ls "$G/ort" | grep '^part' > "$G/ort/PARTS"
+echo "working tree $((tree / 1048576)) MiB; wheels + corpus $((extras / 1048576)) MiB; parts of $((part / 1048576)) MiB"
 du -sh "$G"/* "$G"/ort/*
 parts=$(cat "$G/ort/PARTS")
 last=$(echo "$parts" | tail -1)

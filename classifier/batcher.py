@@ -57,6 +57,9 @@ class _Request(Generic[In, Out]):
     future: asyncio.Future[Out]
     enqueued: float  # loop.time()
     deadline: float  # loop.time()
+    # perf_counter() at submit, for the queue-wait metric: uvloop's loop.time()
+    # ticks in whole milliseconds.
+    submitted: float
 
 
 class Batcher(Generic[In, Out]):
@@ -123,7 +126,9 @@ class Batcher(Generic[In, Out]):
         loop = asyncio.get_running_loop()
         now = loop.time()
         timeout_s = self._timeout_s if timeout_ms is None else timeout_ms / 1000.0
-        request: _Request[In, Out] = _Request(item, loop.create_future(), now, now + timeout_s)
+        request: _Request[In, Out] = _Request(
+            item, loop.create_future(), now, now + timeout_s, time.perf_counter()
+        )
         self._queue.append(request)
         self._arrivals += 1
         self._arrived.set()
@@ -214,7 +219,7 @@ class Batcher(Generic[In, Out]):
 
     async def _run(self, batch: list[_Request[In, Out]], reason: CloseReason) -> None:
         loop = asyncio.get_running_loop()
-        start = loop.time()
+        start = time.perf_counter()
         # Requests may have been cancelled during the collection window.
         live = [r for r in batch if not r.future.done()]
         if not live:
@@ -222,7 +227,7 @@ class Batcher(Generic[In, Out]):
         self._metrics.batch(len(live), reason)
         self._metrics.queue_depth(len(self._queue))
         for request in live:
-            self._metrics.queue_wait(start - request.enqueued)
+            self._metrics.queue_wait(start - request.submitted)
         items = [r.item for r in live]
         assert self._executor is not None
         try:
