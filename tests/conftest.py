@@ -4,6 +4,9 @@ both on real loopback sockets with kernel-chosen ports."""
 from __future__ import annotations
 
 import asyncio
+import shutil
+import ssl
+import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -34,6 +37,8 @@ class CaptureServer:
     """
 
     def __init__(self, *, offer_xforward: bool = True) -> None:
+        self.tls_context: ssl.SSLContext | None = None  # set: offer STARTTLS
+        self.tls_sessions = 0
         self.messages: list[Captured] = []
         self.refuse_rcpt: dict[str, str] = {}
         self.data_reply = "250 2.0.0 Ok: queued as CAPTURED"
@@ -95,6 +100,8 @@ class CaptureServer:
                 ext = ["8BITMIME", "SMTPUTF8", "SIZE 100000000", "ENHANCEDSTATUSCODES"]
                 if self.offer_xforward:
                     ext.append("XFORWARD NAME ADDR PROTO HELO SOURCE PORT IDENT")
+                if self.tls_context is not None and writer.get_extra_info("sslcontext") is None:
+                    ext.append("STARTTLS")
                 lines = ["capture", *ext]
                 out = "".join(f"250-{x}\r\n" for x in lines[:-1]) + f"250 {lines[-1]}\r\n"
                 writer.write(out.encode())
@@ -127,6 +134,12 @@ class CaptureServer:
                     self.received.set()
                 xforward = {}
                 writer.write(self.data_reply.encode() + b"\r\n")
+            elif verb == "STARTTLS" and self.tls_context is not None:
+                writer.write(b"220 2.0.0 Ready to start TLS\r\n")
+                await writer.drain()
+                await writer.start_tls(self.tls_context)
+                self.tls_sessions += 1
+                continue
             elif verb == "RSET":
                 sender, params, rcpts, xforward = "", [], [], {}
                 writer.write(b"250 2.0.0 Ok\r\n")
@@ -262,3 +275,19 @@ async def start_triaged(capture: CaptureServer) -> AsyncIterator[StartTriaged]:
 @pytest.fixture
 def tmp_maildir() -> Path:
     return Path(tempfile.mkdtemp(prefix="triaged-md-")) / "Maildir"
+
+
+@pytest.fixture(scope="session")
+def tls_files() -> tuple[str, str]:
+    """A throwaway self-signed certificate and key for 127.0.0.1/localhost."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed (.ci/run installs it)")
+    d = Path(tempfile.mkdtemp(prefix="triaged-tls-"))
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    return str(cert), str(key)
