@@ -159,11 +159,16 @@ def sd_notify(message: str, address: str | None) -> None:
 
 
 async def _serve(settings: Settings, notify_socket: str | None) -> int:
-    server = Server(settings)
+    from proxy.events import make_event_sink
+
+    events = make_event_sink(settings.events)
+    await events.start()
+    server = Server(settings, sinks=[events])
     try:
         await server.start()
     except (OSError, RuntimeError, ssl.SSLError) as exc:
         log.error("start_failed", error=str(exc))
+        await events.close()
         return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -174,6 +179,7 @@ async def _serve(settings: Settings, notify_socket: str | None) -> int:
     sd_notify("STOPPING=1", notify_socket)
     log.info("draining", connections=len(server.ctx.connections) if server.ctx else 0)
     await server.stop()
+    await events.close()  # after the drain: the last transactions' events too
     return 0
 
 

@@ -425,3 +425,16 @@ async def test_stop_drains_and_refuses_new_mail(start_triaged: StartTriaged, cap
     assert len(capture.messages) == 1
     await idle.close()
     await busy.close()
+
+
+async def test_metrics_exposition(start_triaged: StartTriaged) -> None:
+    import urllib.request
+
+    srv = await start_triaged(metrics={"listen": "127.0.0.1:0"})
+    c = await client_for(srv)
+    assert (await c.send_message("a@example.org", ["b@example.net"], MESSAGE))[0] == 250
+    await c.close()
+    url = f"http://127.0.0.1:{srv.metrics_port}/metrics"
+    body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+    assert 'triaged_transactions_total{category="primary",verdict="accept"} 1.0' in body
+    assert 'triaged_connections_total{result="accepted"} 1.0' in body

@@ -152,3 +152,6 @@ def test_serve_with_default_config_shape_delivers_to_maildir(tmp_path: Path) -> 
     [tx] = [e for e in log_lines if e.get("event") == "transaction"]
     assert tx["verdict"] == "accept" and tx["reply"] == 250
     assert "a@example.org" not in json.dumps(log_lines)  # never full addresses in logs
+    # `serve` wires the configured event sink (JSON lines without Kafka).
+    events = (tmp_path / "var" / "events" / "events.jsonl").read_text().splitlines()
+    assert len(events) == 1
