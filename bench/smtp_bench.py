@@ -83,16 +83,21 @@ class Sink:
 
     def __init__(self) -> None:
         self.port = free_port()
+        # The counter is rewritten after every message: a file, not a pipe
+        # nobody reads while it runs (a full pipe would stall the sink).
+        self.out = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
             ["smtp-sink", "-u", "nobody", "-c", f"127.0.0.1:{self.port}", "1024"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdout=self.out, stderr=subprocess.STDOUT,
         )
         wait_for_banner(self.port, 10, self.proc)
 
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
-        out, _ = self.proc.communicate(timeout=10)
-        counts = re.findall(rb"mesg=(\d+)", out or b"")
+        self.proc.wait(timeout=10)
+        self.out.seek(0)
+        counts = re.findall(rb"mesg=(\d+)", self.out.read())
+        self.out.close()
         return int(counts[-1]) if counts else 0
 
 
