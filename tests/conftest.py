@@ -44,6 +44,7 @@ class CaptureServer:
         self.data_reply = "250 2.0.0 Ok: queued as CAPTURED"
         self.stall_on = ""
         self.drop_on = ""
+        self.drop_once = ""  # like drop_on, for the next such command only
         self.offer_xforward = offer_xforward
         self.connections = 0
         self.commands: list[str] = []
@@ -93,6 +94,9 @@ class CaptureServer:
             verb = line.split(" ", 1)[0].upper()
             self.commands.append(verb)
             if self.drop_on == verb:
+                return
+            if self.drop_once == verb:
+                self.drop_once = ""
                 return
             if self.stall_on == verb:
                 await self._stall()

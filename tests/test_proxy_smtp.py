@@ -438,3 +438,21 @@ async def test_metrics_exposition(start_triaged: StartTriaged) -> None:
     body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
     assert 'triaged_transactions_total{category="primary",verdict="accept"} 1.0' in body
     assert 'triaged_connections_total{result="accepted"} 1.0' in body
+
+
+async def test_stale_pooled_connection_is_retried_once_fresh(
+    start_triaged: StartTriaged, capture: CaptureServer
+) -> None:
+    srv = await start_triaged()
+    c = await client_for(srv)
+    assert (await c.send_message("a@example.org", ["b@example.net"], MESSAGE))[0] == 250
+    capture.drop_once = "MAIL"  # the pooled connection dies under the next MAIL
+    assert (await c.send_message("a@example.org", ["b@example.net"], MESSAGE))[0] == 250
+    assert capture.connections == 2 and len(capture.messages) == 2
+    # A fresh connection failing the same way is not retried: 4xx.
+    capture.drop_on = "MAIL"
+    srv2 = await start_triaged()
+    c2 = await client_for(srv2)
+    assert (await c2.cmd("MAIL FROM:<a@example.org>"))[0] == 451
+    await c.close()
+    await c2.close()

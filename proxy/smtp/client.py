@@ -57,6 +57,7 @@ class SmtpClient:
         self.last_used = time.monotonic()
         self.transactions = 0
         self.broken = False
+        self.reused = False
 
     @classmethod
     async def connect(

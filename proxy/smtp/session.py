@@ -356,7 +356,7 @@ class TriageSMTP(SMTP):
             self.xforward = {}
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             if ctx.draining:
-                self._close()
+                self.shutdown()
 
     async def _read_data(self) -> tuple[bytes | None, str | None, int]:
         """The unstuffed message, or a refusal; plus bytes reserved.
@@ -510,23 +510,28 @@ class RelayHandler:
         ctx = self.ctx
         if ctx.draining:
             return V.SHUTTING_DOWN
-        try:
-            hop = await ctx.upstream.acquire()
-        except UpstreamError as exc:
-            ctx.metrics.upstream_errors.labels("connect").inc()
-            log.warning("upstream_failed", stage="connect", error=str(exc))
-            return V.UPSTREAM_UNREACHABLE
-        try:
-            if server.xforward and ctx.settings.upstream.xforward and "XFORWARD" in hop.extensions:
-                await hop.xforward(server.xforward)
-            reply = await hop.mail(address, _offered(options, hop.extensions))
-        except UpstreamError as exc:
-            ctx.upstream.release(hop, clean=False)
-            ctx.metrics.upstream_errors.labels("timeout" if exc.timeout else "failed").inc()
-            log.warning("upstream_failed", stage="mail", error=str(exc))
-            return V.UPSTREAM_TIMEOUT if exc.timeout else V.UPSTREAM_FAILED
+        for attempt in (1, 2):
+            try:
+                hop = await ctx.upstream.acquire(fresh=attempt == 2)
+            except UpstreamError as exc:
+                ctx.metrics.upstream_errors.labels("connect").inc()
+                log.warning("upstream_failed", stage="connect", error=str(exc))
+                return V.UPSTREAM_UNREACHABLE
+            try:
+                if server.xforward and ctx.settings.upstream.xforward and "XFORWARD" in hop.extensions:
+                    await hop.xforward(server.xforward)
+                reply = await hop.mail(address, _offered(options, hop.extensions))
+                break
+            except UpstreamError as exc:
+                ctx.upstream.release(hop, clean=False)
+                if attempt == 1 and hop.reused and not exc.timeout:
+                    continue  # a pooled connection the next hop had closed: once more, fresh
+                ctx.metrics.upstream_errors.labels("timeout" if exc.timeout else "failed").inc()
+                log.warning("upstream_failed", stage="mail", error=str(exc))
+                return V.UPSTREAM_TIMEOUT if exc.timeout else V.UPSTREAM_FAILED
         if not reply.ok:
-            ctx.upstream.release(hop, clean=True)  # no transaction was opened
+            # No transaction was opened; a 421 means the next hop is closing.
+            ctx.upstream.release(hop, clean=reply.code != 421)
         else:
             server.hop = hop
             envelope.mail_from = address
@@ -552,6 +557,8 @@ class RelayHandler:
         if reply.ok:
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(options)
+        elif reply.code == 421:
+            server.abort_hop()  # the next hop is closing this session
         return V.passthrough(reply.code, reply.message)
 
     async def handle_RSET(self, server: TriageSMTP, session: Session, envelope: Envelope) -> str:

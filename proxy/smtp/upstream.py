@@ -29,6 +29,7 @@ _PROBE_AFTER_S = 2.0
 
 class Hop(Protocol):
     extensions: dict[str, str]
+    reused: bool  # came from the pool idle list (may be stale)
 
     async def xforward(self, attrs: dict[str, str]) -> None: ...
     async def mail(self, sender: str, options: list[str]) -> Reply: ...
@@ -39,7 +40,7 @@ class Hop(Protocol):
 
 class Upstream(Protocol):
     async def start(self) -> None: ...
-    async def acquire(self) -> Hop: ...
+    async def acquire(self, *, fresh: bool = False) -> Hop: ...
     def release(self, hop: Hop, *, clean: bool) -> None: ...
     async def close(self) -> None: ...
 
@@ -75,7 +76,8 @@ class SmtpPool:
                 self._tls.check_hostname = False
                 self._tls.verify_mode = ssl.CERT_NONE
 
-    async def acquire(self) -> SmtpClient:
+    async def acquire(self, *, fresh: bool = False) -> SmtpClient:
+        """A connection at a transaction boundary; `fresh`: skip idle ones."""
         s = self.settings
         try:
             async with asyncio.timeout(s.connect_timeout_s):
@@ -84,7 +86,7 @@ class SmtpPool:
             raise UpstreamError("pool exhausted", timeout=True, connect=True) from None
         try:
             now = time.monotonic()
-            while self._idle:
+            while self._idle and not fresh:
                 client = self._idle.pop()
                 idle = now - client.last_used
                 if not client.usable or idle > s.max_idle_s:
@@ -93,6 +95,7 @@ class SmtpPool:
                 if idle > _PROBE_AFTER_S and not await client.noop():
                     client.close()
                     continue
+                client.reused = True
                 return client
             return await SmtpClient.connect(
                 self.host,
@@ -139,7 +142,7 @@ class MaildirUpstream:
         for sub in ("tmp", "new", "cur"):
             (self.path / sub).mkdir(parents=True, exist_ok=True)
 
-    async def acquire(self) -> MaildirHop:
+    async def acquire(self, *, fresh: bool = False) -> MaildirHop:
         return MaildirHop(self.path)
 
     def release(self, hop: Hop, *, clean: bool) -> None:
@@ -155,6 +158,7 @@ _HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
 
 class MaildirHop:
     extensions: dict[str, str] = {"8BITMIME": "", "SMTPUTF8": "", "SIZE": ""}  # noqa: RUF012
+    reused = False
 
     def __init__(self, path: Path) -> None:
         self.path = path
