@@ -456,3 +456,30 @@ async def test_stale_pooled_connection_is_retried_once_fresh(
     assert (await c2.cmd("MAIL FROM:<a@example.org>"))[0] == 451
     await c.close()
     await c2.close()
+
+
+async def test_idle_and_data_timeouts_close_the_session(
+    start_triaged: StartTriaged, capture: CaptureServer
+) -> None:
+    srv = await start_triaged(server={"idle_timeout_s": 0.3, "data_timeout_s": 0.3})
+    idle = await client_for(srv)
+    assert await asyncio.wait_for(idle.reader.read(), 5) == b""  # closed by us
+    slow = await client_for(srv)
+    await slow.cmd("MAIL FROM:<a@example.org>")
+    await slow.cmd("RCPT TO:<b@example.net>")
+    assert (await slow.cmd("DATA"))[0] == 354
+    slow.writer.write(b"Subject: never finished\r\n")
+    assert await asyncio.wait_for(slow.reader.read(), 5) == b""
+    await asyncio.sleep(0.05)
+    assert capture.messages == [] and srv.ctx.inflight_bytes == 0
+    await idle.close()
+    await slow.close()
+
+
+async def test_upstream_silent_at_greeting_is_4xx(start_triaged: StartTriaged, capture: CaptureServer) -> None:
+    capture.stall_on = "greeting"
+    srv = await start_triaged(upstream={"connect_timeout_s": 0.3})
+    c = await client_for(srv)
+    code, text = await c.cmd("MAIL FROM:<a@example.org>")
+    assert code == 451 and text.startswith("4.4.1")
+    await c.close()
