@@ -131,7 +131,7 @@ def test_serve_with_default_config_shape_delivers_to_maildir(tmp_path: Path) -> 
     try:
         assert notify.recv(64) == b"READY=1"
         assert proc.stderr is not None
-        started = {}
+        started: dict[str, Any] = {}
         while started.get("event") != "started":
             started = json.loads(proc.stderr.readline())
         host, _, port = started["listeners"][0].rpartition(":")
