@@ -217,6 +217,7 @@ _BATCH_BYTES = 256 * 1024  # aiokafka max_batch_size: one batch per partition pe
 _MAX_EVENT_BYTES = 128 * 1024  # an event is ~0.5 KiB; 100 pseudonyms ~4 KiB
 _SPOOL_CHUNK = 1024
 _REPLAY_CHUNK = 1024
+_SPOOL_LINGER_S = 0.2
 _BACKOFF_MIN_S = 0.25
 _BACKOFF_MAX_S = 10.0
 
@@ -383,18 +384,20 @@ class EventShipper:
             # First connection: hold events in memory rather than spool them.
             await asyncio.wait([self._connecting], timeout=0.25)
             return
-        if self._queue and len(self._queue) < _SEND_CHUNK and self._close_deadline is None:
-            # linger_ms: let a round collect events rather than pay a whole
-            # produce round (or a disk write) per message at low rates.
-            wait = self._first_at + self._linger_s - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-                return
         degraded = (
             self._producer is None
             or self._spool.pending > 0
             or len(self._queue) > self._s.high_water
         )
+        if self._queue and len(self._queue) < _SEND_CHUNK and self._close_deadline is None:
+            # Let a round collect events rather than pay a produce round (or
+            # a thread hop to the disk) per message at low rates: linger_ms
+            # for Kafka, longer for the spool (each hop wakes a thread under the GIL).
+            linger = max(self._linger_s, _SPOOL_LINGER_S) if degraded else self._linger_s
+            wait = self._first_at + linger - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                return
         if self._queue and degraded:
             await self._to_spool(self._take(_SPOOL_CHUNK))
         elif self._producer is not None and self._spool.pending > 0:
