@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import structlog
 
-from classifier.types import Classifier
+from classifier.types import Classifier, ClassifierError
 from proxy import logs
 from proxy.metrics import Metrics
 from proxy.pipeline import Pipeline
@@ -99,6 +99,8 @@ class Server:
                 self.addresses.append((str(bound[0]), int(bound[1])))
         except BaseException:
             await self._close_servers()
+            await self.upstream.close()
+            await self.classifier.close()
             raise
         if s.metrics.listen:
             host, port = split_host_port(s.metrics.listen)
@@ -166,7 +168,9 @@ async def _serve(settings: Settings, notify_socket: str | None) -> int:
     server = Server(settings, sinks=[events])
     try:
         await server.start()
-    except (OSError, RuntimeError, ssl.SSLError) as exc:
+    except (OSError, RuntimeError, ssl.SSLError, ClassifierError) as exc:
+        # One line naming the cause (port in use, model unusable, bad cert),
+        # not a traceback; the unit manager decides about restarts.
         log.error("start_failed", error=str(exc))
         await events.close()
         return 1

@@ -155,3 +155,22 @@ def test_serve_with_default_config_shape_delivers_to_maildir(tmp_path: Path) -> 
     # `serve` wires the configured event sink (JSON lines without Kafka).
     events = (tmp_path / "var" / "events" / "events.jsonl").read_text().splitlines()
     assert len(events) == 1
+
+
+def test_serve_reports_a_busy_port_in_one_line(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = tmp_path / "t.toml"
+        config.write_text(
+            f'[[server.listeners]]\naddress = "127.0.0.1:{port}"\n[upstream]\nurl = "maildir:{tmp_path}/md"\n'
+            f'[classifier]\nkind = "rules"\n[logging]\nformat = "json"\n'
+            f'[events]\njsonl_path = "{tmp_path}/e.jsonl"\nspool_dir = "{tmp_path}/spool"\n'
+        )
+        proc = subprocess.run(
+            [*TRIAGED, "serve", "--config", str(config)], capture_output=True, text=True, cwd=REPO, timeout=60
+        )
+    assert proc.returncode == 1
+    [line] = proc.stderr.strip().splitlines()
+    assert json.loads(line)["event"] == "start_failed"
