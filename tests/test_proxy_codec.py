@@ -181,3 +181,8 @@ async def test_fast_session_init_sets_everything_aiosmtpd_does(tmp_path: object)
     assert set(theirs._smtp_methods) - set(ours._smtp_methods) == {"AUTH"}
     for arg in ("<a@example.org>", "<a.b+c@example.org> SIZE=5 BODY=8BITMIME", "<>", '<"q b"@x.org>'):
         assert ours._getaddr(arg) == theirs._getaddr(arg)
+
+
+def test_stamp_values_cannot_inject_fields() -> None:
+    out = stamp(b"From: a@x\r\n\r\n", [("X-Triage-Model", "evil/1\r\nBcc: x@y")], NAMES)
+    assert out.startswith(b"X-Triage-Model: evil/1 Bcc: x@y\r\nFrom: a@x\r\n")

@@ -483,3 +483,27 @@ async def test_upstream_silent_at_greeting_is_4xx(start_triaged: StartTriaged, c
     code, text = await c.cmd("MAIL FROM:<a@example.org>")
     assert code == 451 and text.startswith("4.4.1")
     await c.close()
+
+
+async def test_tricky_bodies_round_trip_byte_identical(
+    start_triaged: StartTriaged, capture: CaptureServer
+) -> None:
+    """Dot lines, bare CR/LF, 8-bit bytes, long lines, an empty body, chunk
+    boundaries: what arrives upstream is exactly what was sent."""
+    import random
+
+    rng = random.Random(20261126)
+    pieces = [b".", b"..", b"...", b".\r\n", b"\r\n.\r\n", b"\r\n..\r\n", b"\n.\n", b"\r", b"\n",
+              b"x" * 999, b"\xff\xfe\x00", "é".encode(), b" ", b"\t", b"--b\r\n", b"\r\n\r\n"]
+    bodies = [b"", b".\r\n", b"..\r\n", b"\r\n", b"x" * 3_000_000 + b"\r\n.\r\n.\r\n"]
+    for _ in range(40):
+        bodies.append(b"".join(rng.choice(pieces) for _ in range(rng.randint(1, 60))) + b"\r\n")
+    srv = await start_triaged()
+    c = await client_for(srv)
+    for i, body in enumerate(bodies):
+        message = b"Subject: %d\r\n\r\n" % i + body
+        assert (await c.send_message("a@example.org", ["b@example.net"], message))[0] == 250
+        got = capture.messages[-1].data
+        assert split_stamped(got, message)[1] == message, i
+    assert srv.ctx.inflight_bytes == 0
+    await c.close()

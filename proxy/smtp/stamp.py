@@ -52,7 +52,10 @@ def stamp(
     subject_tag: str = "",
 ) -> bytes:
     """`raw` with `fields` on top and incoming fields named in `remove` gone."""
-    new = b"".join(f"{name}: {value}\r\n".encode() for name, value in fields)
+    # A CR or LF in a value (a model name, say) must not start a new field.
+    new = b"".join(
+        f"{name}: {' '.join(value.splitlines())}\r\n".encode() for name, value in fields
+    )
     names = frozenset(n.lower().encode() for n in remove)
     end = header_end(raw)
     if end < 0:  # no body separator: the whole message is header
