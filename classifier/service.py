@@ -139,7 +139,20 @@ class OnnxClassifierService:
     # -- internals ---------------------------------------------------------
 
     async def _load(self, path: str) -> ServiceModel:
-        assert self._choice is not None
+        try:
+            return await self._load_on(path)
+        except ProviderError as exc:
+            if self._settings.provider != "auto":
+                raise
+            # "auto": the probe passed but this model's session did not come
+            # up on CUDA (an op without a CUDA kernel, out of memory): use CPU.
+            log.warning("classifier.cuda_fallback", reason=str(exc))
+            self._choice = choose_providers("cpu")
+            return await self._load_on(path)
+
+    async def _load_on(self, path: str) -> ServiceModel:
+        if self._choice is None:
+            raise BatcherClosed("classifier is not running")
         choice, threads = self._choice, self._settings.intra_op_num_threads
 
         def load_and_warm() -> ServiceModel:

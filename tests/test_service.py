@@ -223,3 +223,11 @@ async def test_default_model_through_the_service() -> None:
     # A message gets the same verdict alone as inside a batch.
     assert [r.category for r in alone] == [r.category for r in batched[:8]]
     assert max(stats.batch_sizes) > 1
+
+
+async def test_classify_or_reload_before_start_is_a_classifier_error(tmp_path: Path) -> None:
+    service = OnnxClassifierService(settings(write_model(tmp_path / "m.onnx")), loader=Loads())
+    with pytest.raises(ClassifierError):
+        await service.classify(b"1")
+    with pytest.raises(ClassifierError):
+        await service.reload()
