@@ -507,3 +507,19 @@ async def test_tricky_bodies_round_trip_byte_identical(
         assert split_stamped(got, message)[1] == message, i
     assert srv.ctx.inflight_bytes == 0
     await c.close()
+
+
+async def test_client_vanishing_mid_command_returns_the_pool_slot(
+    start_triaged: StartTriaged, capture: CaptureServer
+) -> None:
+    capture.stall_on = "MAIL"
+    srv = await start_triaged(upstream={"pool_size": 1, "connect_timeout_s": 2.0})
+    gone = await client_for(srv)
+    gone.writer.write(b"MAIL FROM:<a@example.org>\r\n")
+    while "MAIL" not in capture.commands:  # noqa: ASYNC110 - polled, a few ms
+        await asyncio.sleep(0.01)
+    await gone.close()  # hangs up while triaged waits for the next hop
+    capture.stall_on = ""
+    c = await client_for(srv)
+    assert (await c.send_message("a@example.org", ["b@example.net"], MESSAGE))[0] == 250
+    await c.close()

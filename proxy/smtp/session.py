@@ -285,7 +285,11 @@ class TriageSMTP(SMTP):
     async def reset_hop(self) -> None:
         hop, self.hop = self.hop, None
         if hop is not None:
-            self.ctx.upstream.release(hop, clean=await hop.rset())
+            clean = False
+            try:
+                clean = await hop.rset()
+            finally:  # also when the client vanished mid-RSET: the pool slot comes back
+                self.ctx.upstream.release(hop, clean=clean)
 
     # -- XFORWARD (Postfix XFORWARD_README) --------------------------------
 
@@ -522,8 +526,10 @@ class RelayHandler:
                     await hop.xforward(server.xforward)
                 reply = await hop.mail(address, _offered(options, hop.extensions))
                 break
-            except UpstreamError as exc:
-                ctx.upstream.release(hop, clean=False)
+            except BaseException as exc:
+                ctx.upstream.release(hop, clean=False)  # cancelled too: the slot comes back
+                if not isinstance(exc, UpstreamError):
+                    raise
                 if attempt == 1 and hop.reused and not exc.timeout:
                     continue  # a pooled connection the next hop had closed: once more, fresh
                 ctx.metrics.upstream_errors.labels("timeout" if exc.timeout else "failed").inc()
