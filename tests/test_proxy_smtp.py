@@ -523,3 +523,13 @@ async def test_client_vanishing_mid_command_returns_the_pool_slot(
     c = await client_for(srv)
     assert (await c.send_message("a@example.org", ["b@example.net"], MESSAGE))[0] == 250
     await c.close()
+
+
+async def test_xforward_not_sent_when_next_hop_lacks_it(start_triaged: StartTriaged, capture: CaptureServer) -> None:
+    capture.offer_xforward = False
+    srv = await start_triaged()
+    c = await client_for(srv)
+    assert (await c.cmd("XFORWARD ADDR=192.0.2.9"))[0] == 250
+    assert (await c.send_message("a@example.org", ["b@example.net"], MESSAGE))[0] == 250
+    assert "XFORWARD" not in capture.commands and capture.messages[0].xforward == {}
+    await c.close()
