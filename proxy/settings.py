@@ -205,6 +205,15 @@ def validate(s: Settings) -> list[str]:
             ok = False
         if not ok:
             errors.append(f"upstream.url: expected smtp://host:port or maildir:PATH, got {url!r}")
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9.-]+", s.server.hostname):
+        errors.append(f"server.hostname: not a host name: {s.server.hostname!r}")
+    for field in msgspec.structs.fields(StampingSettings):
+        name = getattr(s.stamping, field.name)
+        # RFC 5322 2.2: printable US-ASCII except colon.
+        if not re.fullmatch(r"[!-9;-~]+", name):
+            errors.append(f"stamping.{field.name}: not a header field name: {name!r}")
     if s.metrics.listen:
         try:
             split_host_port(s.metrics.listen)

@@ -56,9 +56,9 @@ def test_shipped_config_is_every_option_at_its_default() -> None:
 
 def test_dump_toml_round_trips() -> None:
     settings = decode_settings(
-        '[server]\nhostname = "mx \\"1\\""\n[[server.listeners]]\naddress = "[::1]:0"\n'
+        '[server]\nhostname = "mx1.example"\n[[server.listeners]]\naddress = "[::1]:0"\n'
         "proxy_protocol = true\n[[server.listeners]]\naddress = \"127.0.0.1:0\"\n"
-        '[policy]\ncategory_actions = { spam = "reject", "odd key" = "tag" }\n'
+        '[policy]\ncategory_actions = { spam = "reject", "odd key" = "tag" }\nsubject_tag = "[\\"{category}\\" ü]"\n'
     )
     assert decode_settings(dump_toml(settings)) == settings
     assert decode_settings(dump_toml(Settings())) == Settings()
@@ -79,6 +79,8 @@ def test_dump_toml_round_trips() -> None:
         ("[server]\nmax_connections = 0", "server.max_connections"),
         ('[server]\nbogus = 1', "server"),
         ('[upstream]\nstarttls = "maybe"', "upstream.starttls"),
+        ('[stamping]\ncategory_header = "X Triage: Category"', "stamping.category_header"),
+        ('[server]\nhostname = "mx example"', "server.hostname"),
     ],
 )
 def test_bad_config_names_the_key(toml: str, key: str) -> None:
