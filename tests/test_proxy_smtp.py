@@ -533,3 +533,21 @@ async def test_xforward_not_sent_when_next_hop_lacks_it(start_triaged: StartTria
     assert (await c.send_message("a@example.org", ["b@example.net"], MESSAGE))[0] == 250
     assert "XFORWARD" not in capture.commands and capture.messages[0].xforward == {}
     await c.close()
+
+
+async def test_client_vanishing_mid_data_returns_the_reserved_bytes(
+    start_triaged: StartTriaged, capture: CaptureServer
+) -> None:
+    srv = await start_triaged()
+    c = await client_for(srv)
+    await c.cmd("MAIL FROM:<a@example.org>")
+    await c.cmd("RCPT TO:<b@example.net>")
+    assert (await c.cmd("DATA"))[0] == 354
+    c.writer.write(b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 3000)  # 3 MB, no end
+    await c.writer.drain()
+    while srv.ctx.inflight_bytes < 2_000_000:  # noqa: ASYNC110 - polled, a few ms
+        await asyncio.sleep(0.01)
+    await c.close()
+    while srv.ctx.connections:  # noqa: ASYNC110 - polled, a few ms
+        await asyncio.sleep(0.01)
+    assert srv.ctx.inflight_bytes == 0 and capture.messages == []

@@ -152,6 +152,7 @@ class TriageSMTP(SMTP):
         self.peer_host = ""
         self.client_address = ""
         self.in_data = False
+        self.reserved = 0  # bytes of this session's DATA counted in ctx.inflight_bytes
         self._in_ehlo = False
         self._rejected = False
 
@@ -338,12 +339,11 @@ class TriageSMTP(SMTP):
             await self.push(V.INSUFFICIENT_MEMORY)
             return
         started = time.perf_counter()
-        reserved = 0
         self.in_data = True
         self._reset_timeout(ctx.settings.server.data_timeout_s)
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
-            content, refusal, reserved = await self._read_data()
+            content, refusal = await self._read_data()
             self._reset_timeout()
             if refusal is not None:
                 await self.reset_hop()
@@ -354,7 +354,9 @@ class TriageSMTP(SMTP):
             await self.push(reply)
         finally:
             self.in_data = False
-            ctx.unreserve(reserved)
+            # Also on a client hanging up mid-DATA: what was reserved comes back.
+            ctx.unreserve(self.reserved)
+            self.reserved = 0
             ctx.metrics.inflight_bytes.set(ctx.inflight_bytes)
             self.abort_hop()  # no-op when the transaction ended cleanly
             self.xforward = {}
@@ -362,8 +364,8 @@ class TriageSMTP(SMTP):
             if ctx.draining:
                 self.shutdown()
 
-    async def _read_data(self) -> tuple[bytes | None, str | None, int]:
-        """The unstuffed message, or a refusal; plus bytes reserved.
+    async def _read_data(self) -> tuple[bytes | None, str | None]:
+        """The unstuffed message, or a refusal. Bytes held are in self.reserved.
 
         A CRLF is put in front of the buffered data so the end marker is
         always CRLF "." CRLF, even for an empty message, and dot-unstuffing
@@ -378,7 +380,6 @@ class TriageSMTP(SMTP):
         reader._limit = _DATA_CHUNK  # type: ignore[attr-defined]
         parts: list[bytes] = []
         size = 0
-        reserved = 0
         refusal: str | None = None
         try:
             while True:
@@ -395,23 +396,23 @@ class TriageSMTP(SMTP):
                     elif not ctx.reserve(len(chunk)):
                         refusal = V.INSUFFICIENT_MEMORY
                     else:
-                        reserved += len(chunk)
+                        self.reserved += len(chunk)
                         parts.append(chunk)
                     if refusal is not None:  # keep reading, hold nothing
                         parts.clear()
-                        ctx.unreserve(reserved)
-                        reserved = 0
+                        ctx.unreserve(self.reserved)
+                        self.reserved = 0
                 if last:
                     break
         finally:
             reader._limit = old_limit  # type: ignore[attr-defined]
         if refusal is not None:
-            return None, refusal, reserved
+            return None, refusal
         ctx.metrics.inflight_bytes.set(ctx.inflight_bytes)
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         if b"\r\n.." in data:
             data = data.replace(b"\r\n..", b"\r\n.")
-        return data[2:-3], None, reserved
+        return data[2:-3], None
 
     async def _relay(self, content: bytes, started: float) -> str:
         ctx = self.ctx
