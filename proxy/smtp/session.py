@@ -177,6 +177,7 @@ class TriageSMTP(SMTP):
             ctx.metrics.connections.labels("denied").inc()
         if refusal is not None:
             # Answer at once without starting a session (RFC 5321 3.1).
+            log.info("connection_refused", peer=self.peer_host, reply=refusal[:9])
             self._rejected = True
             assert isinstance(transport, asyncio.WriteTransport)
             transport.write(refusal.encode() + b"\r\n")
