@@ -320,7 +320,7 @@ def write_markdown(path: Path, report: dict[str, object]) -> None:
     assert isinstance(rc, dict)
     names = {
         "off": "no event sink",
-        "kafka": "Kafka shipping on (Tansu, acks=all, gzip, linger 20 ms)",
+        "kafka": "Kafka shipping on (Tansu, acks=all, gzip, default linger_ms)",
         "kafka-down": "Kafka down: every event to the disk spool (fsync interval)",
         "jsonl": "JSON-lines file (embedded default)",
     }
