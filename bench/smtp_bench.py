@@ -178,6 +178,13 @@ def one_run(target: str, rnd: int, args: argparse.Namespace, workdir: Path) -> R
     )
 
 
+def _git_commit() -> str:
+    """The commit measured; "-dirty" when the working tree differs from it."""
+    result = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO,
+                            capture_output=True, text=True)
+    return result.stdout.strip() or "unknown"
+
+
 def machine() -> dict[str, object]:
     cpu = "unknown"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -235,7 +242,7 @@ def write_markdown(path: Path, report: dict[str, object]) -> None:
     lines = [
         "# SMTP relay benchmark (issue 2)",
         "",
-        f"Recorded {report['when']} by `{report['command']}`.",
+        f"Recorded {report['when']} by `{report['command']}` at commit `{report.get('commit', '?')}`.",
         "",
         f"Machine: `{m['hostname']}`, {m['cpu']}, {m['cpus']} CPUs (shared by smtp-source, "
         f"the relay, smtp-sink and other work), Linux {m['kernel']}, Python {m['python']}, "
@@ -260,6 +267,12 @@ def write_markdown(path: Path, report: dict[str, object]) -> None:
         lines += ["", f"triaged / naive relay: **{t['vs_naive']:.2f}x** (target >= 1.0x)."]
     if "vs_pooled" in t:
         lines.append(f"triaged / pooled naive relay: {t['vs_pooled']:.2f}x.")
+    naive_cpu = s.get("naive", {}).get("relay_cpu_ms_per_msg_median")
+    if t.get("relay_cpu_ms_per_msg_median") and naive_cpu:
+        lines.append(
+            f"triaged spends {t['relay_cpu_ms_per_msg_median'] / naive_cpu:.2f}x the naive relay's "
+            "CPU per message."
+        )
     lines += [
         "",
         "CPU ms/msg is utime+stime of the relay process tree from /proc/PID/stat over the run, "
@@ -288,7 +301,8 @@ def main() -> int:
 
     report: dict[str, object] = {
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": "bench/smtp_bench.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["bench/smtp_bench.py", *sys.argv[1:]]),
+        "commit": _git_commit(),
         "machine": machine(),
         "args": {"messages": args.messages, "sessions": args.sessions,
                  "length": args.length, "rounds": args.rounds},
