@@ -32,7 +32,10 @@ class BatcherMetrics(Protocol):
         """One request waited this long between submit and its batch starting."""
 
     def inference(self, seconds: float, size: int) -> None:
-        """The worker spent this long running one batch (features + model)."""
+        """The worker spent this long running one batch (the model call)."""
+
+    def features(self, seconds: float) -> None:
+        """Feature extraction of one message took this long on the event loop."""
 
     def queue_depth(self, depth: int) -> None:
         """Requests waiting after a submit or a batch was taken."""
@@ -57,6 +60,9 @@ class NullMetrics:
         pass
 
     def inference(self, seconds: float, size: int) -> None:
+        pass
+
+    def features(self, seconds: float) -> None:
         pass
 
     def queue_depth(self, depth: int) -> None:
@@ -84,6 +90,9 @@ class BatchStats:
     close_reasons: Counter[str] = field(default_factory=Counter)
     queue_waits_s: deque[float] = field(default_factory=_samples)
     inference_s: deque[float] = field(default_factory=_samples)
+    features_s: deque[float] = field(default_factory=_samples)
+    features_total_s: float = 0.0  # all feature extraction on the loop
+    inference_total_s: float = 0.0  # all batch runs in the worker
     max_queue_depth: int = 0
     timeouts: int = 0
     overloads: int = 0
@@ -101,6 +110,11 @@ class BatchStats:
     def inference(self, seconds: float, size: int) -> None:
         del size
         self.inference_s.append(seconds)
+        self.inference_total_s += seconds
+
+    def features(self, seconds: float) -> None:
+        self.features_s.append(seconds)
+        self.features_total_s += seconds
 
     def queue_depth(self, depth: int) -> None:
         self.max_queue_depth = max(self.max_queue_depth, depth)

@@ -109,13 +109,9 @@ class Batcher(Generic[In, Out]):
             raise BatcherClosed("batcher not started")
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
-    async def submit(self, item: In, *, timeout_ms: float | None = None) -> Out:
-        """Queue `item` and wait for its result.
-
-        Raises Overloaded at once when the queue is full, DeadlineExceeded when
-        the deadline (timeout_ms, else the batcher's) passes first, and
-        ClassifierError when its batch failed.
-        """
+    def check_room(self) -> None:
+        """Raise BatcherClosed or Overloaded now if a submit would; callers
+        that prepare an item (features) check first so a refusal costs nothing."""
         if self._closing or self._collector is None:
             raise BatcherClosed("classifier is not running")
         if len(self._queue) >= self._settings.queue_size:
@@ -123,6 +119,15 @@ class Batcher(Generic[In, Out]):
             if len(self._queue) >= self._settings.queue_size:
                 self._metrics.overload()
                 raise Overloaded("classifier queue full")
+
+    async def submit(self, item: In, *, timeout_ms: float | None = None) -> Out:
+        """Queue `item` and wait for its result.
+
+        Raises Overloaded at once when the queue is full, DeadlineExceeded when
+        the deadline (timeout_ms, else the batcher's) passes first, and
+        ClassifierError when its batch failed.
+        """
+        self.check_room()
         loop = asyncio.get_running_loop()
         now = loop.time()
         timeout_s = self._timeout_s if timeout_ms is None else timeout_ms / 1000.0

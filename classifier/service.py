@@ -6,25 +6,38 @@
     await service.reload()           # hot swap (SIGHUP), off the loop
     await service.close()            # drains the queue
 
-Every message goes through one micro-batcher: features and inference both run
-in its single worker thread, so the event loop only moves bytes. The model is
-read once per batch, so a hot swap lands between batches: a batch never mixes
-models and never sees one that is still loading.
+Features are extracted on the event loop as each message arrives, and only
+the model call is batched into the worker thread. Both are CPU work; the
+split is about the GIL: onnxruntime releases it during session.run, while
+feature extraction is Python and holds it. Extracting in the worker made that
+thread and the SMTP loop fight over the GIL (in-server throughput per busy
+second fell to 46% of offline, bench/results/batching_cpu.md); on the loop it
+runs between socket events and the worker never blocks the loop. Messages
+over LOOP_FEATURES_MAX_BYTES are still featurized in the worker, so one huge
+message cannot stall every connection.
+
+Each request carries the model that featurized it (a hot swap may change the
+feature parameters), and the worker runs each model's requests with that
+model: a batch never mixes models, a request is never answered by a model
+that is still loading, and nothing is lost across a swap.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy.typing as npt
 import structlog
 
-from classifier.batch_metrics import BatcherMetrics
+from classifier.batch_metrics import BatcherMetrics, NullMetrics
 from classifier.batcher import Batcher, BatcherClosed
 from classifier.config import ClassifierSettings
+from classifier.overrides import apply_override, sure_category
 from classifier.providers import ProviderChoice, ProviderError, choose_providers, log_choice
 from classifier.types import Classification, ClassifierError
 
@@ -32,6 +45,10 @@ log = structlog.get_logger("triaged.classifier")
 
 # Warms a fresh session (first-run allocations) before it takes real traffic.
 _WARMUP = b"From: warm@up.invalid\r\nSubject: warm-up\r\n\r\nwarm-up\r\n"
+
+# Larger messages are featurized in the worker thread instead of on the loop:
+# parsing one takes milliseconds that every other connection would wait out.
+LOOP_FEATURES_MAX_BYTES = 256 * 1024
 
 
 class ServiceModel(Protocol):
@@ -65,6 +82,26 @@ def load_onnx_model(path: str, choice: ProviderChoice, threads: int) -> ServiceM
     return loaded
 
 
+def _labels_of(model: ServiceModel) -> frozenset[str] | None:
+    labels = getattr(getattr(model, "manifest", None), "labels", None)
+    return frozenset(labels) if isinstance(labels, list | tuple) else None
+
+
+@dataclass(frozen=True, slots=True)
+class _Current:
+    model: ServiceModel
+    labels: frozenset[str] | None  # the category head's classes, for overrides
+
+
+@dataclass(slots=True)
+class _Item:
+    """One request in a batch: features made on the loop, or the raw message."""
+
+    model: ServiceModel
+    features: npt.NDArray[Any] | None
+    raw: bytes | None
+
+
 class OnnxClassifierService:
     def __init__(
         self,
@@ -74,12 +111,13 @@ class OnnxClassifierService:
         loader: ModelLoader | None = None,
     ) -> None:
         self._settings = settings
-        self._metrics = metrics
+        self._metrics: BatcherMetrics = metrics if metrics is not None else NullMetrics()
+        self._overrides = settings.rule_overrides
         self._loader: ModelLoader = loader if loader is not None else load_onnx_model
         self._path = settings.model_path
-        self._model: ServiceModel | None = None
+        self._current: _Current | None = None
         self._choice: ProviderChoice | None = None
-        self._batcher: Batcher[bytes, Classification] | None = None
+        self._batcher: Batcher[_Item, Classification] | None = None
         self._reload_lock = asyncio.Lock()
 
     # -- lifecycle ---------------------------------------------------------
@@ -89,12 +127,13 @@ class OnnxClassifierService:
             return
         s = self._settings
         self._choice = await asyncio.to_thread(choose_providers, s.provider, s.device_id)
-        self._model = await self._load(self._path)
+        model = await self._load(self._path)
+        self._current = _Current(model, _labels_of(model))
         self._batcher = Batcher(
             self._run_batch, s.batcher, timeout_ms=s.timeout_ms, metrics=self._metrics
         )
         await self._batcher.start()
-        log_choice(self._choice, self._model.name_version)
+        log_choice(self._choice, model.name_version)
 
     async def close(self) -> None:
         batcher, self._batcher = self._batcher, None
@@ -102,10 +141,25 @@ class OnnxClassifierService:
             await batcher.close(drain=True)
 
     async def classify(self, raw: bytes) -> Classification:
-        batcher = self._batcher
-        if batcher is None:
+        batcher, current = self._batcher, self._current
+        if batcher is None or current is None:
             raise BatcherClosed("classifier is not running")
-        return await batcher.submit(raw)
+        batcher.check_room()  # a full queue answers before any work is spent
+        model = current.model
+        if len(raw) > LOOP_FEATURES_MAX_BYTES:
+            item = _Item(model, None, raw)
+        else:
+            t0 = time.perf_counter()
+            try:
+                features = model.featurize(raw)
+            except Exception as exc:  # the extractor should never raise; if it does, alone
+                raise ClassifierError(f"features failed: {type(exc).__name__}") from None
+            self._metrics.features(time.perf_counter() - t0)
+            item = _Item(model, features, None)
+        result = await batcher.submit(item)
+        if self._overrides:
+            result = apply_override(result, sure_category(raw), current.labels)
+        return result
 
     async def reload(self, path: str | None = None) -> str:
         """Load `path` (default: the current model file) and swap it in.
@@ -116,9 +170,9 @@ class OnnxClassifierService:
         async with self._reload_lock:
             target = path if path is not None else self._path
             new = await self._load(target)
-            # Plain assignment on the loop thread; the worker reads the
-            # reference once at the start of each batch.
-            self._model, self._path = new, target
+            # Plain assignment on the loop thread: requests featurized from
+            # now on carry the new model; queued ones finish on the old.
+            self._current, self._path = _Current(new, _labels_of(new)), target
             log.info("classifier.reloaded", model=new.name_version)
             return new.name_version
 
@@ -126,7 +180,7 @@ class OnnxClassifierService:
 
     @property
     def model_name(self) -> str | None:
-        return self._model.name_version if self._model is not None else None
+        return self._current.model.name_version if self._current is not None else None
 
     @property
     def provider(self) -> str | None:
@@ -169,20 +223,30 @@ class OnnxClassifierService:
         except Exception as exc:
             raise ClassifierError(f"cannot load model {path!r}: {type(exc).__name__}: {exc}") from exc
 
-    def _run_batch(self, raws: list[bytes]) -> list[Classification | Exception]:
-        # Runs in the worker thread. One model reference for the whole batch.
-        model = self._model
-        assert model is not None
-        results: list[Classification | Exception | None] = [None] * len(raws)
-        features: list[npt.NDArray[Any]] = []
-        slots: list[int] = []
-        for i, raw in enumerate(raws):
-            try:
-                features.append(model.featurize(raw))
-                slots.append(i)
-            except Exception as exc:  # one bad message fails alone
-                results[i] = ClassifierError(f"features failed: {type(exc).__name__}")
-        if features:
+    def _run_batch(self, items: list[_Item]) -> list[Classification | Exception]:
+        # Runs in the worker thread. Requests are grouped by the model that
+        # featurized them: one group, except across a hot swap.
+        results: list[Classification | Exception | None] = [None] * len(items)
+        groups: dict[int, tuple[ServiceModel, list[int]]] = {}
+        for i, item in enumerate(items):
+            groups.setdefault(id(item.model), (item.model, []))[1].append(i)
+        for model, indexes in groups.values():
+            features: list[npt.NDArray[Any]] = []
+            slots: list[int] = []
+            for i in indexes:
+                item = items[i]
+                if item.features is not None:
+                    features.append(item.features)
+                    slots.append(i)
+                    continue
+                assert item.raw is not None
+                try:  # a large message, featurized here rather than on the loop
+                    features.append(model.featurize(item.raw))
+                    slots.append(i)
+                except Exception as exc:  # one bad message fails alone
+                    results[i] = ClassifierError(f"features failed: {type(exc).__name__}")
+            if not features:
+                continue
             predictions = model.predict(features)
             if len(predictions) != len(features):
                 raise ClassifierError(
