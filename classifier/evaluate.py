@@ -13,7 +13,6 @@ import msgspec
 import numpy as np
 
 from classifier.corpus import Message
-from classifier.features import IdArray
 from classifier.model import LoadedModel
 
 
@@ -136,11 +135,11 @@ def predict_messages(
     scores: list[float] = []
     spams: list[bool] = []
     spam_scores: list[float] = []
-    pending: list[IdArray] = []
+    pending: list[bytes] = []
     elapsed = 0.0
 
     def flush() -> None:
-        for c in model.predict(pending):
+        for c in model.predict(model.featurize_many(pending)):
             cats.append(c.category)
             scores.append(c.score)
             spams.append(bool(c.spam))
@@ -148,11 +147,11 @@ def predict_messages(
         pending.clear()
 
     for raw in raws:
-        t = time.perf_counter()
-        pending.append(model.featurize(raw))
+        pending.append(raw)
         if len(pending) >= batch_size:
+            t = time.perf_counter()
             flush()
-        elapsed += time.perf_counter() - t
+            elapsed += time.perf_counter() - t
     t = time.perf_counter()
     flush()
     elapsed += time.perf_counter() - t

@@ -22,7 +22,7 @@ import numpy.typing as npt
 
 from classifier.corpus import Message, load_dir
 from classifier.evaluate import Report, compute_report, format_report, report_dict
-from classifier.features import FeatureParams, IdArray, extract
+from classifier.features import FeatureParams, IdArray, extract_many
 from classifier.model import MANIFEST_KEY, Manifest, encode_manifest
 
 F32 = npt.NDArray[np.float32]
@@ -31,9 +31,11 @@ F32 = npt.NDArray[np.float32]
 class TrainConfig(msgspec.Struct, frozen=True):
     dim: int = 32
     epochs: int = 10
+    min_steps: int = 400  # small site folders get more passes, not an untrained head
     batch_size: int = 32
     lr: float = 0.01
     seed: int = 1
+    hidden: int = 0  # a ReLU layer between the means and the heads (0: linear, fastText)
     token_dropout: float = 0.1  # drop tokens at random while training: less reliance on any one
     val_fraction: float = 0.1  # by message hash, for the report and the spam threshold
     opset: int = 17
@@ -41,6 +43,8 @@ class TrainConfig(msgspec.Struct, frozen=True):
 
 class Weights(msgspec.Struct):
     emb: F32  # [buckets, dim], row 0 (padding) is zero
+    w_hid: F32 | None  # [2*dim, H] or None
+    b_hid: F32 | None
     w_cat: F32  # [dim, C]
     b_cat: F32  # [C]
     w_spam: F32  # [dim, 1]
@@ -52,15 +56,20 @@ def featurize(
 ) -> list[IdArray]:
     from tqdm import tqdm
 
-    it = tqdm(
-        messages,
+    out: list[IdArray] = []
+    with tqdm(
+        total=len(messages),
         desc="features",
         unit="msg",
         disable=not progress,
         file=sys.stderr,
         mininterval=1.0,
-    )
-    return [extract(m.raw, params) for m in it]
+    ) as bar:
+        for i in range(0, len(messages), 256):
+            chunk = messages[i : i + 256]
+            out.extend(extract_many([m.raw for m in chunk], params))
+            bar.update(len(chunk))
+    return out
 
 
 def fit(
@@ -84,9 +93,13 @@ def fit(
 
     emb = nn.EmbeddingBag(params.buckets, cfg.dim, mode="mean")
     nn.init.uniform_(emb.weight, -1.0 / cfg.dim, 1.0 / cfg.dim)
-    head_cat = nn.Linear(cfg.dim, max(n_classes, 1))
-    head_spam = nn.Linear(cfg.dim, 1)
-    model = nn.ModuleList([emb, head_cat, head_spam])
+    # Heads see [mean of structure tokens, mean of text tokens].
+    width = cfg.hidden or 2 * cfg.dim
+    lin = nn.Linear(2 * cfg.dim, cfg.hidden) if cfg.hidden else None
+    hid: Any = nn.Sequential(lin, nn.ReLU()) if lin is not None else nn.Identity()
+    head_cat = nn.Linear(width, max(n_classes, 1))
+    head_spam = nn.Linear(width, 1)
+    model = nn.ModuleList([emb, hid, head_cat, head_spam])
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
 
     # Class weights ~ 1/sqrt(frequency): the small classes count for macro-F1.
@@ -97,8 +110,19 @@ def fit(
     ce = nn.CrossEntropyLoss(weight=torch.tensor(cw, dtype=torch.float32), reduction="sum")
     bce = nn.BCEWithLogitsLoss(reduction="mean")
 
+    slots = params.struct_slots
+    structs = [a[:slots][a[:slots] > 0] for a in ids]
+    texts = [a[slots:] for a in ids]
+
+    def bag(arrays: list[IdArray]) -> Any:
+        lengths = np.fromiter((x.shape[0] for x in arrays), dtype=np.int64, count=len(arrays))
+        offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64))
+        return emb(torch.from_numpy(np.concatenate(arrays).astype(np.int64)), offsets)
+
     n = len(ids)
-    steps = cfg.epochs * ((n + cfg.batch_size - 1) // cfg.batch_size)
+    per_epoch = (n + cfg.batch_size - 1) // cfg.batch_size
+    epochs = max(cfg.epochs, -(-cfg.min_steps // max(per_epoch, 1)))
+    steps = epochs * per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.05, 1.0 - s / max(steps, 1)))
     bar = tqdm(
         total=steps,
@@ -108,20 +132,17 @@ def fit(
         file=sys.stderr,
         mininterval=1.0,
     )
-    for _epoch in range(cfg.epochs):
+    for _epoch in range(epochs):
         order = rng.permutation(n)
         for start in range(0, n, cfg.batch_size):
             idx = order[start : start + cfg.batch_size]
-            bags = []
+            text_bags = []
             for i in idx:
-                a = ids[i]
+                a = texts[i]
                 if cfg.token_dropout > 0 and a.shape[0] > 4:
                     a = a[rng.random(a.shape[0]) >= cfg.token_dropout]
-                bags.append(a if a.shape[0] else ids[i][:1])
-            lengths = np.fromiter((b.shape[0] for b in bags), dtype=np.int64, count=len(bags))
-            offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)[:-1]]))
-            flat = torch.from_numpy(np.concatenate(bags))
-            h = emb(flat, offsets)
+                text_bags.append(a)
+            h = hid(torch.cat([bag([structs[i] for i in idx]), bag(text_bags)], dim=1))
             y_spam = torch.from_numpy(spam[idx])
             loss = bce(head_spam(h).squeeze(1), y_spam)
             c = cat[idx]
@@ -140,6 +161,10 @@ def fit(
         e[0] = 0.0  # padding row: contributes nothing to the sum
         return Weights(
             emb=e,
+            w_hid=lin.weight.detach().numpy().T.astype(np.float32).copy()
+            if lin is not None
+            else None,
+            b_hid=lin.bias.detach().numpy().astype(np.float32).copy() if lin is not None else None,
             w_cat=head_cat.weight.detach().numpy().T.astype(np.float32).copy(),
             b_cat=head_cat.bias.detach().numpy().astype(np.float32).copy(),
             w_spam=head_spam.weight.detach().numpy().T.astype(np.float32).copy(),
@@ -147,11 +172,21 @@ def fit(
         )
 
 
-def forward(w: Weights, ids: Sequence[IdArray]) -> tuple[F32, F32]:
+def _mean_rows(emb: F32, a: IdArray) -> F32:
+    a = a[a > 0]
+    if a.shape[0] == 0:
+        return np.zeros(emb.shape[1], dtype=np.float32)
+    out: F32 = emb[a].mean(axis=0)
+    return out
+
+
+def forward(w: Weights, ids: Sequence[IdArray], slots: int) -> tuple[F32, F32]:
     """The exported graph's math in numpy (for reports during training)."""
     h = np.stack(
-        [w.emb[a].mean(axis=0) if a.shape[0] else np.zeros(w.emb.shape[1], np.float32) for a in ids]
+        [np.concatenate([_mean_rows(w.emb, a[:slots]), _mean_rows(w.emb, a[slots:])]) for a in ids]
     )
+    if w.w_hid is not None and w.b_hid is not None:
+        h = np.maximum(h @ w.w_hid + w.b_hid, 0.0)
     logits = h @ w.w_cat + w.b_cat
     logits -= logits.max(axis=1, keepdims=True)
     p = np.exp(logits)
@@ -165,7 +200,7 @@ def best_threshold(scores: F32, truth: npt.NDArray[np.bool_]) -> float:
     if not truth.any() or truth.all():
         return 0.5
     best, best_f1 = 0.5, -1.0
-    for t in np.arange(0.2, 0.951, 0.025):
+    for t in np.arange(0.05, 0.951, 0.025):
         pred = scores >= t
         tp = int((pred & truth).sum())
         fp = int((pred & ~truth).sum())
@@ -177,11 +212,12 @@ def best_threshold(scores: F32, truth: npt.NDArray[np.bool_]) -> float:
 
 
 def build_onnx(w: Weights, manifest: Manifest, opset: int = 17) -> Any:
-    """ids [N, L] -> Gather -> ReduceSum / count of non-padding -> two Gemm heads."""
+    """ids [N, L] -> two bags (structure slots, text) -> masked means -> two Gemm heads."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     c = w.w_cat.shape[1]
+    slots = manifest.features.struct_slots
     inits = [
         numpy_helper.from_array(w.emb, "emb"),
         numpy_helper.from_array(w.w_cat, "w_cat"),
@@ -189,17 +225,44 @@ def build_onnx(w: Weights, manifest: Manifest, opset: int = 17) -> Any:
         numpy_helper.from_array(w.w_spam, "w_spam"),
         numpy_helper.from_array(w.b_spam, "b_spam"),
         numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"),
+        numpy_helper.from_array(np.array([0], dtype=np.int64), "start0"),
+        numpy_helper.from_array(np.array([slots], dtype=np.int64), "slots"),
+        numpy_helper.from_array(np.array([2**62], dtype=np.int64), "end"),
         numpy_helper.from_array(np.array(0, dtype=np.int64), "zero"),
         numpy_helper.from_array(np.array(1.0, dtype=np.float32), "one"),
     ]
+
+    def mean_of(name: str, start: str, end: str) -> list[Any]:
+        # Padding id 0 has a zero row: the sum ignores it; the count skips it.
+        return [
+            helper.make_node("Slice", ["ids", start, end, "axis1"], [f"{name}_ids"]),
+            helper.make_node("Gather", ["emb", f"{name}_ids"], [f"{name}_vecs"], axis=0),
+            helper.make_node("ReduceSum", [f"{name}_vecs", "axis1"], [f"{name}_sum"], keepdims=0),
+            helper.make_node("Greater", [f"{name}_ids", "zero"], [f"{name}_real"]),
+            helper.make_node("Cast", [f"{name}_real"], [f"{name}_realf"], to=TensorProto.FLOAT),
+            helper.make_node(
+                "ReduceSum", [f"{name}_realf", "axis1"], [f"{name}_count"], keepdims=1
+            ),
+            helper.make_node("Max", [f"{name}_count", "one"], [f"{name}_count1"]),
+            helper.make_node("Div", [f"{name}_sum", f"{name}_count1"], [f"{name}_mean"]),
+        ]
+
+    if w.w_hid is not None and w.b_hid is not None:
+        inits += [
+            numpy_helper.from_array(w.w_hid, "w_hid"),
+            numpy_helper.from_array(w.b_hid, "b_hid"),
+        ]
+        top = [
+            helper.make_node("Gemm", ["means", "w_hid", "b_hid"], ["hidden"]),
+            helper.make_node("Relu", ["hidden"], ["mean"]),
+        ]
+    else:
+        top = [helper.make_node("Identity", ["means"], ["mean"])]
     nodes = [
-        helper.make_node("Gather", ["emb", "ids"], ["vecs"], axis=0),  # [N, L, D]
-        helper.make_node("ReduceSum", ["vecs", "axis1"], ["sums"], keepdims=0),  # [N, D]
-        helper.make_node("Greater", ["ids", "zero"], ["real"]),
-        helper.make_node("Cast", ["real"], ["realf"], to=TensorProto.FLOAT),
-        helper.make_node("ReduceSum", ["realf", "axis1"], ["count"], keepdims=1),  # [N, 1]
-        helper.make_node("Max", ["count", "one"], ["count1"]),
-        helper.make_node("Div", ["sums", "count1"], ["mean"]),
+        *mean_of("struct", "start0", "slots"),
+        *mean_of("text", "slots", "end"),
+        helper.make_node("Concat", ["struct_mean", "text_mean"], ["means"], axis=1),
+        *top,
         helper.make_node("Gemm", ["mean", "w_cat", "b_cat"], ["cat_logits"]),
         helper.make_node("Softmax", ["cat_logits"], ["category_probs"], axis=1),
         helper.make_node("Gemm", ["mean", "w_spam", "b_spam"], ["spam_logit"]),
@@ -280,7 +343,7 @@ def train_messages(
     threshold = 0.5
     if val:
         xv = featurize(val, params, progress=False)
-        probs, sp = forward(w, xv)
+        probs, sp = forward(w, xv, params.struct_slots)
         truth = np.array([m.spam for m in val])
         threshold = best_threshold(sp, truth)
         report = compute_report(

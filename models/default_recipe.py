@@ -47,7 +47,10 @@ UNPACKED = ROOT / "data-cache/shared"
 MODEL = ROOT / "models/default.onnx"
 METRICS = ROOT / "models/default-metrics.json"
 NAME, VERSION = "triaged-default", "1"
-CFG = TrainConfig()
+CFG = TrainConfig(token_dropout=0.5)
+# Modern training mail is seen 3 times per epoch: it is scarce (1,800 vs 6,200
+# messages from 2001-2002) and it is what the model meets in production.
+MODERN_REPEAT = 3
 PARAMS = FeatureParams()
 HELD_OUT_LISTS = {"linux-oxnas.groups.io.0.mbox"}
 
@@ -110,7 +113,7 @@ def _evaluate(model_path: Path, sets: dict[str, list[Message]]) -> dict[str, Rep
 def source_split(sets: dict[str, list[Message]]) -> Report:
     """Train without hard-ham-1 and spam-2, test on them (a shift in source and time)."""
     held = {"sa/hard-ham-1", "sa/spam-2"}
-    everything = sets["classic_train"] + sets["classic_test"] + sets["modern_train"]
+    everything = sets["classic_train"] + sets["classic_test"] + sets["modern_train"] * MODERN_REPEAT
     train = [m for m in everything if m.source not in held]
     test = [m for m in everything if m.source in held]
     result = _train(train, progress=False)
@@ -144,7 +147,7 @@ def build() -> int:
         print(
             f"{k}: {len(v)} messages, {dict(Counter(m.category or ('spam' if m.spam else '?') for m in v))}"
         )
-    result = _train(sets["classic_train"] + sets["modern_train"])
+    result = _train(sets["classic_train"] + sets["modern_train"] * MODERN_REPEAT)
     manifest = make_manifest(result, PARAMS, NAME, VERSION)
     export(result, manifest, MODEL)
     reports = _evaluate(MODEL, sets)

@@ -1,0 +1,117 @@
+"""Classifier speed on ONE core: features, inference, and `triaged evaluate` end to end.
+
+  .venv/bin/python bench/classifier_speed.py [--repeat 3] [--out bench/results]
+
+Pins itself to one CPU (sched_setaffinity) with onnxruntime at one thread, reads
+the whole SpamAssassin corpus into memory first (disk is not what is measured),
+then reports medians of --repeat runs for:
+- features, one message per call (`extract`, the service's path);
+- features, batched (`extract_many`, the evaluate path);
+- inference only, fp32 and int8, batches of 256;
+- end to end as `triaged evaluate` does it (features + batched inference), fp32 and int8,
+  with the spam F1 and category macro-F1 of each (int8 vs fp32 accuracy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from classifier.corpus import iter_path  # noqa: E402
+from classifier.evaluate import compute_report, predict_messages  # noqa: E402
+from classifier.features import extract, extract_many  # noqa: E402
+from classifier.labels import SA_SPAM_GROUPS  # noqa: E402
+from classifier.model import load_model  # noqa: E402
+
+CORPUS = ROOT / "data-cache/spamassassin/package/data"
+
+
+def _median_rate(n: int, fn: object, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()  # type: ignore[operator]
+        times.append(time.perf_counter() - t)
+    return n / statistics.median(times)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--cpu", type=int, default=0)
+    ap.add_argument("--out", default=str(ROOT / "bench/results"))
+    ap.add_argument("--label", default="", help="where it ran, for the record")
+    args = ap.parse_args()
+    os.sched_setaffinity(0, {args.cpu})
+
+    msgs = [(Path(i).parent.name, raw) for i, raw in iter_path(CORPUS) if i.endswith(".txt")]
+    raws = [r for _, r in msgs]
+    n = len(raws)
+    fp32 = load_model(str(ROOT / "models/default.onnx"), intra_op_num_threads=1)
+    int8 = load_model(str(ROOT / "models/default-int8.onnx"), intra_op_num_threads=1)
+    params = fp32.manifest.features
+    res: dict[str, object] = {
+        "messages": n,
+        "cpu": platform.processor() or platform.machine(),
+        "where": args.label,
+        "cores_used": 1,
+        "repeat": args.repeat,
+        "model": fp32.name_version,
+    }
+    res["features_single_msg_per_s"] = round(_median_rate(n, lambda: [extract(r, params) for r in raws], args.repeat))
+    res["features_batched_msg_per_s"] = round(
+        _median_rate(n, lambda: [extract_many(raws[i : i + 256], params) for i in range(0, n, 256)], args.repeat)
+    )
+    feats = [a for i in range(0, n, 256) for a in extract_many(raws[i : i + 256], params)]
+    for name, model in (("fp32", fp32), ("int8", int8)):
+        res[f"inference_{name}_msg_per_s"] = round(
+            _median_rate(n, lambda m=model: [m.run(feats[i : i + 256]) for i in range(0, n, 256)], args.repeat)  # type: ignore[misc]
+        )
+        rates = []
+        for _ in range(args.repeat):
+            cats, _, spams, _, elapsed = predict_messages(model, raws, 256)
+            rates.append(n / elapsed)
+        truth = [g in SA_SPAM_GROUPS for g, _ in msgs]
+        rep = compute_report(model.manifest.labels, [None] * n, cats, truth, spams)
+        res[f"evaluate_{name}_msg_per_s"] = round(statistics.median(rates))
+        res[f"evaluate_{name}_spam_f1_whole_corpus"] = rep.spam_f1
+    agree = sum(a.category == b.category for a, b in zip(fp32.predict(feats[:2000]), int8.predict(feats[:2000]), strict=True))
+    res["int8_fp32_category_agreement_first_2000"] = round(agree / min(n, 2000), 4)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "classifier_speed.json").write_text(json.dumps(res, indent=1) + "\n")
+    lines = [
+        "# Classifier speed (one core)",
+        "",
+        f"`{' '.join(sys.argv)}` — {res['where'] or 'this machine'}, {n} SpamAssassin messages held in memory, "
+        f"one CPU (sched_setaffinity), onnxruntime intra-op threads 1, median of {args.repeat}.",
+        "",
+        "| what | messages/s |",
+        "|---|---|",
+    ]
+    for k, v in res.items():
+        if k.endswith("_msg_per_s"):
+            lines.append(f"| {k.removesuffix('_msg_per_s').replace('_', ' ')} | {v:,} |")
+    lines += [
+        "",
+        f"Spam F1 over the whole corpus (training data included, so not a quality figure; it shows int8 = fp32): "
+        f"fp32 {res['evaluate_fp32_spam_f1_whole_corpus']}, int8 {res['evaluate_int8_spam_f1_whole_corpus']}; "
+        f"category agreement int8 vs fp32: {res['int8_fp32_category_agreement_first_2000']}.",
+    ]
+    (out / "classifier_speed.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

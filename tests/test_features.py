@@ -1,0 +1,190 @@
+"""Feature extraction: deterministic, well-formed ids, never raises on nasty input.
+
+The corpus-wide and 10,000-mutation fuzz lives with the robustness work; this
+is a quick sample of the shapes that break parsers.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from classifier.features import FEATURE_VERSION, FeatureParams, extract
+from classifier.labels import strip_leaks
+
+P = FeatureParams()
+SA = Path(__file__).resolve().parent.parent / "data-cache/spamassassin/package/data"
+
+PLAIN = (
+    b"From: Alice Example <alice@example.org>\r\n"
+    b"To: bob@example.net\r\n"
+    b"Subject: Lunch on Friday?\r\n"
+    b"Message-ID: <1@example.org>\r\n"
+    b"Date: Tue, 1 Oct 2024 10:00:00 +0000\r\n"
+    b"\r\n"
+    b"Hi Bob, shall we have lunch on Friday at noon? Alice\r\n"
+)
+
+LIST = (
+    b"From: Carol <carol@lists.example.org>\n"
+    b"Subject: [dev] Re: build breaks on arm64\n"
+    b"List-Id: <dev.lists.example.org>\n"
+    b"List-Post: <mailto:dev@lists.example.org>\n"
+    b"List-Unsubscribe: <mailto:dev-leave@lists.example.org>\n"
+    b"Precedence: list\n"
+    b'Content-Type: multipart/alternative; boundary="b1"\n'
+    b"\n"
+    b"--b1\nContent-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: quoted-printable\n\n"
+    b"The build=20breaks on arm64 since the last commit.\n"
+    b"--b1\nContent-Type: text/html\n\n<p>The build <b>breaks</b> on arm64</p><img src=x>\n"
+    b"--b1--\n"
+)
+
+
+def _check(ids: np.ndarray, p: FeatureParams = P) -> None:
+    assert ids.dtype == np.int64 and ids.ndim == 1
+    assert ids.shape[0] >= p.struct_slots
+    assert ids.min() >= 0 and ids.max() < p.buckets
+    assert (ids[p.struct_slots :] > 0).all()  # text part is never padded
+
+
+def test_deterministic_and_well_formed() -> None:
+    a, b = extract(PLAIN, P), extract(PLAIN, P)
+    _check(a)
+    assert np.array_equal(a, b)
+    assert (a[: P.struct_slots] > 0).sum() >= 5  # structure tokens present
+
+
+def test_list_headers_and_mime_change_structure_tokens() -> None:
+    plain = set(extract(PLAIN, P)[: P.struct_slots].tolist()) - {0}
+    lst = set(extract(LIST, P)[: P.struct_slots].tolist()) - {0}
+    assert len(lst - plain) >= 5
+    # quoted-printable decoded: "build breaks" are words, not "build=20breaks"
+    words = extract(b"Subject: x\n\nbuild breaks", P)[P.struct_slots :]
+    assert set(words.tolist()) <= set(extract(LIST, P)[P.struct_slots :].tolist())
+
+
+def test_case_and_digits_fold() -> None:
+    a = extract(b"Subject: s\n\nInvoice 12345 READY", P)[P.struct_slots :]
+    b = extract(b"Subject: s\n\ninvoice 99999 ready", P)[P.struct_slots :]
+    assert np.array_equal(a, b)
+
+
+def test_hash_params_change_ids() -> None:
+    other = FeatureParams(seed=7)
+    assert not np.array_equal(extract(PLAIN, P), extract(PLAIN, other))
+    small = FeatureParams(buckets=1024)
+    _check(extract(PLAIN, small), small)
+
+
+def test_text_cap_bounds_tokens() -> None:
+    body = b" ".join(b"word%d" % i for i in range(200_000))
+    ids = extract(b"Subject: big\n\n" + body, P)
+    assert ids.shape[0] <= P.struct_slots + 64 + 16 + 2 * P.max_body_tokens
+
+
+def test_leak_headers_do_not_change_features() -> None:
+    leaky = (
+        b"X-Keywords: spam\nX-Status: RO\nX-Folder: \\inbox\n"
+        b"Received: from x by spamassassin.taint.org with fetchmail\n" + PLAIN
+    )
+    assert np.array_equal(extract(leaky, P), extract(PLAIN, P))
+    assert b"X-Keywords" not in strip_leaks(leaky) and b"taint.org" not in strip_leaks(leaky)
+
+
+NASTY = [
+    b"",
+    b"\n",
+    b"\r\n\r\n",
+    b"no header at all, just text",
+    b"\x00\xff" * 5000,
+    b"Subject: =?utf-8?B?!!!notbase64?=\n\nx",
+    b"Subject: =?x-unknown-charset?Q?caf=E9?=\nFrom: =?utf-8?q?=ZZ?= <a@b>\n\nx",
+    b"Content-Type: text/plain; charset=no-such-charset\n\n\xe9\xe8 text",
+    b'Content-Type: text/plain; charset="' + b"x" * 5000 + b'"\n\nbody',
+    b"Content-Transfer-Encoding: base64\n\n!!!!====@@@@",
+    b"Content-Transfer-Encoding: base64\n\nYWJj\nZGVm\nZ",
+    b"Content-Transfer-Encoding: quoted-printable\n\n=\n=ZZ=4",
+    b'Content-Type: multipart/mixed; boundary=""\n\n--\n--',
+    b"Content-Type: multipart/mixed\n\nno boundary parameter",
+    b"Content-Type: multipart/mixed; boundary=x\n\n--x\n\n--x--",
+    b"Content-Type: multipart/mixed; boundary=x\n\n"
+    + b"--x\nContent-Type: multipart/mixed; boundary=x\n\n" * 500,
+    b"Content-Type: message/rfc822\n\n" * 200,
+    b"Content-Type: text/html\n\n<html>" + b"<div>" * 20000 + b"<script>x</script>",
+    b"Content-Type: text/html\n\n</p></html><<<>>>&#xffffffff;&nosuch;",
+    b"From: " + b"<" * 10000 + b"\n\n",
+    b"Subject: " + b"a" * 1_000_000 + b"\n\n",
+    b"X" * (10 * 1024 * 1024),  # a 10 MB single line
+    b"From:\n\tcontinued\n \n\nbody",
+    b"From: a@b\r\nSubject: \xf0\x9f\x92\xb0 \xc3\xa9t\xc3\xa9\r\n\r\n\xff\xfe\xfd",
+]
+
+
+@pytest.mark.parametrize("raw", NASTY, ids=range(len(NASTY)))
+def test_nasty_inputs_never_raise(raw: bytes) -> None:
+    _check(extract(raw, P))
+
+
+def test_random_mutations_of_real_mail_never_raise() -> None:
+    rng = random.Random(3)
+    base = [PLAIN, LIST]
+    files = sorted(SA.glob("spam-2/*.txt"))[:20] if SA.is_dir() else []
+    base += [f.read_bytes() for f in files]
+    for i in range(400):
+        raw = bytearray(rng.choice(base))
+        op = i % 4
+        if op == 0:
+            raw = raw[: rng.randrange(len(raw) + 1)]
+        elif op == 1:
+            for _ in range(20):
+                raw[rng.randrange(len(raw))] = rng.randrange(256)
+        elif op == 2:
+            raw = raw.replace(b"boundary", b"boundry").replace(b"--", b"-")
+        else:
+            raw = raw.replace(b"charset=", b"charset=x-bogus-")
+        _check(extract(bytes(raw), P))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=4096))
+def test_hypothesis_bytes(raw: bytes) -> None:
+    _check(extract(raw, P))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                b"Subject: ",
+                b"From: ",
+                b"Content-Type: ",
+                b"multipart/mixed; boundary=b",
+                b"\n",
+                b"\r\n",
+                b"--b",
+                b"=?utf-8?b?",
+                b"?=",
+                b"text/html",
+                b"<a href=http://x>",
+                b"base64",
+                b"Content-Transfer-Encoding: ",
+                b"\xff",
+                b" ",
+            ]
+        ),
+        max_size=60,
+    )
+)
+def test_hypothesis_structured(parts: list[bytes]) -> None:
+    _check(extract(b"".join(parts), P))
+
+
+def test_feature_version_is_positive_int() -> None:
+    assert isinstance(FEATURE_VERSION, int) and FEATURE_VERSION >= 1
