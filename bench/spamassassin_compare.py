@@ -22,6 +22,7 @@ Writes bench/results/spamassassin_vs_triaged.{json,md}. A benchmark, not a test.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import re
@@ -164,6 +165,20 @@ def best_threshold(truth: list[bool], scores: list[float]) -> tuple[float, dict[
     return best
 
 
+def git_describe() -> str:
+    """HEAD, and whether the model or classifier had uncommitted edits when measured."""
+
+    def git(*a: str) -> str:
+        return subprocess.run(
+            ["git", *a], cwd=ROOT, capture_output=True, text=True, check=False
+        ).stdout.strip()
+
+    dirty = git("status", "--porcelain", "--", "models", "classifier")
+    return git("rev-parse", "--short", "HEAD") + (
+        " + uncommitted models/classifier" if dirty else ""
+    )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=2)
@@ -226,6 +241,9 @@ def main() -> int:
         },
         "triaged": {
             "model": model.name_version,
+            "model_file": {"path": str(Path(args.model).resolve().relative_to(ROOT)),
+                           "sha256": hashlib.sha256(Path(args.model).read_bytes()).hexdigest()[:16],
+                           "created": model.manifest.created},
             "threshold": model.manifest.spam_threshold,
             **prf(truth, t_spam),
             "called_spam_by_source": by_source(msgs, t_spam),
@@ -239,6 +257,7 @@ def main() -> int:
             "sa_only_right": sum(a == t != b for a, b, t in zip(sa_spam, t_spam, truth, strict=True)),
             "triaged_only_right": sum(b == t != a for a, b, t in zip(sa_spam, t_spam, truth, strict=True)),
         },
+        "commit": git_describe(),
         "machine": f"{platform.machine()}, {platform.python_version()}, shared 2-core VM",
     }  # fmt: skip
     if not args.limit:
@@ -275,7 +294,8 @@ def markdown(r: dict[str, Any]) -> str:
     rules = ", ".join(f"{k} {v}" for k, v in list(sa["top_rules_on_spam"].items())[:10])
     return f"""# SpamAssassin vs triaged spam head, same held-out messages
 
-Created {r["created"]} by
+Created {r["created"]} (commit {r["commit"]}; model {tr["model_file"]["path"]}
+sha256 {tr["model_file"]["sha256"]}..., built {tr["model_file"]["created"]}) by
 
     {r["command"]}
 
