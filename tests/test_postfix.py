@@ -89,7 +89,7 @@ def _main_cf(text: str) -> dict[str, str]:
 class Setup:
     """Ports of one set-up; `front` is where a client sends mail."""
 
-    def __init__(self, kind: str, sink: SmtpSink) -> None:
+    def __init__(self, kind: str, sink: SmtpSink, triaged_toml: str = "") -> None:
         self.kind = kind
         self.front, self.triaged_port, self.reinject = free_port(), free_port(), free_port()
         ports = {"front": f"127.0.0.1:{self.front}", "triaged": self.triaged_port,
@@ -100,7 +100,7 @@ class Setup:
         main["smtpd_client_port_logging"] = "yes"
         self.postfix = PostfixInstance(sink.port, master_cf=[master.format(**ports)], main_cf=main)
         self.triaged = TriagedProcess(
-            f"smtp://127.0.0.1:{self.reinject}", port=self.triaged_port
+            f"smtp://127.0.0.1:{self.reinject}", port=self.triaged_port, extra_toml=triaged_toml
         )
 
     def close(self) -> None:
@@ -118,8 +118,10 @@ def sink() -> Iterator[SmtpSink]:
         yield s
 
 
-def _setup(kind: str, sink: SmtpSink, start_triaged: bool) -> Iterator[Setup]:
-    setup = Setup(kind, sink)
+def _setup(
+    kind: str, sink: SmtpSink, start_triaged: bool, triaged_toml: str = ""
+) -> Iterator[Setup]:
+    setup = Setup(kind, sink, triaged_toml)
     try:
         if start_triaged:
             setup.triaged.start()
@@ -147,6 +149,12 @@ def after_queue_down(sink: SmtpSink) -> Iterator[Setup]:
 @pytest.fixture
 def before_queue_down(sink: SmtpSink) -> Iterator[Setup]:
     yield from _setup("before", sink, start_triaged=False)
+
+
+@pytest.fixture
+def before_queue_rejecting_forums(sink: SmtpSink) -> Iterator[Setup]:
+    policy = '[policy]\ncategory_actions = { forums = "reject" }\n'
+    yield from _setup("before", sink, start_triaged=True, triaged_toml=policy)
 
 
 def _message(tag: str, i: int) -> bytes:
@@ -289,6 +297,27 @@ def test_before_queue_tempfails_while_triaged_is_down_then_delivers(
     sink.wait_for(len(sent), timeout=60)
     setup.postfix.wait_queue_empty(timeout=60)
     _assert_stamped_and_intact(sent, sink.deliveries)
+
+
+@needs_postfix
+@pytest.mark.timeout(120)
+def test_before_queue_passes_triaged_reject_to_the_sending_client(
+    before_queue_rejecting_forums: Setup, sink: SmtpSink
+) -> None:
+    """Before the queue, triaged's verdict is the sender's answer: a policy
+    reject is a 5xx to the client and nothing is queued or delivered."""
+    setup = before_queue_rejecting_forums
+    with pytest.raises(smtplib.SMTPDataError) as info:
+        _send(setup.front, [_message("rejected", 0)])  # List-Id: a forums message
+    assert info.value.smtp_code == 550, info.value
+    text = info.value.smtp_error
+    assert (text.decode() if isinstance(text, bytes) else text).startswith("5.7.1"), info.value
+
+    personal = _message("accepted", 0).replace(b"List-Id: <tests.example.test>\r\n", b"")
+    _send(setup.front, [personal])
+    sink.wait_for(1, timeout=60)
+    setup.postfix.wait_queue_empty()
+    _assert_stamped_and_intact([personal], sink.deliveries)
 
 
 def test_readme_shows_the_tested_postfix_lines() -> None:
