@@ -7,9 +7,69 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from classifier.batch_metrics import CloseReason
 from proxy.transaction import TransactionRecord
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+
+
+class BatcherPrometheus:
+    """classifier.batch_metrics.BatcherMetrics on prometheus_client.
+
+    Called on the event loop only (the batcher's contract), like the rest.
+    """
+
+    def __init__(self, r: CollectorRegistry) -> None:
+        self.batch_size = Histogram(
+            "triaged_classifier_batch_size", "Requests per model call", buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.batches = Counter(
+            "triaged_classifier_batches", "Model calls by why the batch closed", ["reason"], registry=r
+        )
+        self.queue_wait_seconds = Histogram(
+            "triaged_classifier_queue_wait_seconds", "Submit to batch start", buckets=_FAST_BUCKETS, registry=r
+        )
+        self.inference_seconds = Histogram(
+            "triaged_classifier_inference_seconds", "One batch's model call", buckets=_FAST_BUCKETS, registry=r
+        )
+        self.features_seconds = Histogram(
+            "triaged_classifier_features_seconds", "Feature extraction of one message", buckets=_FAST_BUCKETS,
+            registry=r,
+        )
+        self.depth = Gauge("triaged_classifier_queue_depth", "Requests waiting for a batch", registry=r)
+        self.timeouts = Counter("triaged_classifier_timeouts", "Requests past their deadline", registry=r)
+        self.overloads = Counter("triaged_classifier_overloads", "Requests refused on a full queue", registry=r)
+        self.batch_errors = Counter(
+            "triaged_classifier_batch_errors", "Requests in batches that failed", registry=r
+        )
+
+    def batch(self, size: int, reason: CloseReason) -> None:
+        self.batch_size.observe(size)
+        self.batches.labels(reason).inc()
+
+    def queue_wait(self, seconds: float) -> None:
+        self.queue_wait_seconds.observe(seconds)
+
+    def inference(self, seconds: float, size: int) -> None:
+        del size
+        self.inference_seconds.observe(seconds)
+
+    def features(self, seconds: float) -> None:
+        self.features_seconds.observe(seconds)
+
+    def queue_depth(self, depth: int) -> None:
+        self.depth.set(depth)
+
+    def timeout(self) -> None:
+        self.timeouts.inc()
+
+    def overload(self) -> None:
+        self.overloads.inc()
+
+    def error(self, size: int) -> None:
+        self.batch_errors.inc(size)
 
 
 class Metrics:
@@ -39,6 +99,10 @@ class Metrics:
         )
         self.classifier_errors = Counter(
             "triaged_classifier_errors", "Classifier failures and timeouts", registry=r
+        )
+        self.batcher = BatcherPrometheus(r)
+        self.classifier_reloads = Counter(
+            "triaged_classifier_reloads", "Model reloads (SIGHUP) by result", ["result"], registry=r
         )
         self._server: Any = None
 

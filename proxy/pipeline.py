@@ -14,7 +14,7 @@ from typing import Literal
 
 import structlog
 
-from classifier.types import Classification, Classifier, ClassifierError
+from classifier.types import Classification, Classifier, ClassifierError, Overloaded
 from proxy.settings import Action, Settings
 from proxy.transaction import TransactionRecord, TransactionSink
 from proxy.verdict import Verdict
@@ -52,7 +52,7 @@ class Pipeline:
             async with asyncio.timeout(self._timeout_s):
                 result = await self.classifier.classify(raw)
         except (TimeoutError, ClassifierError) as exc:
-            return self._on_error(type(exc).__name__, started)
+            return self._on_error(type(exc).__name__, started, busy=isinstance(exc, Overloaded))
         except Exception as exc:  # a classifier bug must not lose mail
             log.exception("classifier_crashed", error=type(exc).__name__)
             return self._on_error(type(exc).__name__, started)
@@ -65,7 +65,7 @@ class Pipeline:
             classifier_latency_ms=latency_ms,
         )
 
-    def _on_error(self, reason: str, started: float) -> Verdict:
+    def _on_error(self, reason: str, started: float, *, busy: bool = False) -> Verdict:
         self.classifier_errors += 1
         policy = self.settings.policy.on_classifier_error
         log.warning("classifier_error", reason=reason, policy=policy)
@@ -73,6 +73,7 @@ class Pipeline:
             action="accept" if policy == "accept" else "error",
             classification=None,
             classifier_latency_ms=(time.perf_counter() - started) * 1000.0,
+            busy=busy,
         )
 
     def _policy(self, c: Classification) -> tuple[Literal["accept", "tag", "reject", "tempfail"], str]:

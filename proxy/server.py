@@ -4,6 +4,8 @@ same thing as an importable async API (tests start it on port 0).
 Graceful stop on SIGTERM/SIGINT: stop accepting, close idle sessions with
 421, let open transactions finish for drain_timeout_s, then close the rest.
 Readiness goes to systemd via sd_notify (Type=notify) when NOTIFY_SOCKET is set.
+SIGHUP re-reads the model file (classifier.model_path) and swaps it in between
+batches; a model that fails to load is logged and the old one keeps serving.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from proxy.transaction import TransactionSink
 log = structlog.get_logger("triaged")
 
 
-def build_classifier(settings: Settings) -> Classifier:
+def build_classifier(settings: Settings, metrics: Metrics | None = None) -> Classifier:
     from classifier.rules import RulesClassifier
 
     if settings.classifier.kind == "onnx":
@@ -38,8 +40,27 @@ def build_classifier(settings: Settings) -> Classifier:
         except ImportError as exc:
             log.warning("onnx_unavailable_using_rules", error=str(exc))
         else:
-            return OnnxClassifierService(settings.classifier)
+            return OnnxClassifierService(
+                settings.classifier, metrics=metrics.batcher if metrics is not None else None
+            )
     return RulesClassifier()
+
+
+async def reload_classifier(classifier: Classifier, metrics: Metrics) -> bool:
+    """SIGHUP: re-read the model file. A failed reload keeps the old model."""
+    reload = getattr(classifier, "reload", None)
+    if reload is None:
+        log.info("classifier_reload_skipped", reason="classifier has no model file")
+        return False
+    try:
+        model = await reload()
+    except Exception as exc:
+        metrics.classifier_reloads.labels("failed").inc()
+        log.error("classifier_reload_failed", error=str(exc))
+        return False
+    metrics.classifier_reloads.labels("ok").inc()
+    log.info("classifier_reloaded", model=model)
+    return True
 
 
 def _server_tls(settings: Settings) -> ssl.SSLContext | None:
@@ -67,8 +88,8 @@ class Server:
         upstream: Upstream | None = None,
     ) -> None:
         self.settings = settings
-        self.classifier = classifier if classifier is not None else build_classifier(settings)
         self.metrics = Metrics()
+        self.classifier = classifier if classifier is not None else build_classifier(settings, self.metrics)
         self.pipeline = Pipeline(settings, self.classifier, [self.metrics, *sinks])
         self.upstream = upstream or build_upstream(settings.upstream, settings.server.hostname)
         self._servers: list[asyncio.Server] = []
@@ -178,8 +199,17 @@ async def _serve(settings: Settings, notify_socket: str | None) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[bool]] = set()  # held so they are not collected mid-run
+
+    def on_hup() -> None:
+        task = loop.create_task(reload_classifier(server.classifier, server.metrics))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     sd_notify("READY=1", notify_socket)
     await stop.wait()
+    loop.remove_signal_handler(signal.SIGHUP)
     sd_notify("STOPPING=1", notify_socket)
     log.info("draining", connections=len(server.ctx.connections) if server.ctx else 0)
     await server.stop()

@@ -24,6 +24,7 @@ class Verdict(msgspec.Struct, frozen=True):
     classification: Classification | None  # None: unclassified (classifier error)
     subject_tag: str = ""  # prefix for Subject when action == "tag"
     classifier_latency_ms: float = 0.0
+    busy: bool = False  # classifier refused at once on a full queue (Overloaded)
 
 
 # Replies we originate. Keep texts short and free of internals.
@@ -44,6 +45,8 @@ SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 POLICY_REJECT = "550 5.7.1 Message rejected by policy"
 POLICY_TEMPFAIL = "451 4.7.1 Message deferred by policy, try again later"
 CLASSIFIER_TEMPFAIL = "451 4.7.1 Message could not be classified, try again later"
+# DESIGN.md 4: a full queue answers at once with 4.3.2 (system not accepting).
+CLASSIFIER_BUSY = "451 4.3.2 Classifier busy, try again later"
 
 _HAS_ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}(?: |$)")
 _CODE_LINE = re.compile(r"^([2-5]\d\d)([ -])(.*)$", re.S)
@@ -111,7 +114,7 @@ def reply_for_verdict(verdict: Verdict) -> str | None:
     if verdict.action == "tempfail":
         return POLICY_TEMPFAIL
     if verdict.action == "error":
-        return CLASSIFIER_TEMPFAIL
+        return CLASSIFIER_BUSY if verdict.busy else CLASSIFIER_TEMPFAIL
     return None
 
 
