@@ -233,6 +233,59 @@ def shipper_alone(broker: KafkaBroker, root: Path, n: int = 20000) -> dict[str, 
             "spooled": spooled}
 
 
+def _record(i: int) -> object:
+    from proxy.transaction import TransactionRecord
+
+    return TransactionRecord(
+        time=time.time(), front_end="smtp", queue_id=f"Q{i}", message_id=f"<{i}@b>",
+        client_address="127.0.0.1", sender="a@b.example", recipients=("c@d.example",),
+        size_bytes=4096, category="forums", score=0.9, spam=None, spam_score=None,
+        model="rules/1", classifier_latency_ms=0.1, total_latency_ms=1.0, verdict="accept",
+        reply_code=250,
+    )
+
+
+def shipper_trickle(broker: KafkaBroker, root: Path, linger_ms: float, n: int = 6000) -> float:
+    """CPU us per event at about 700 events/s arriving 8 at a time (as mail
+    does), minus the same loop without a shipper: the per-round cost shows."""
+    import msgspec
+
+    from proxy.events import EventShipper
+    from proxy.settings import EventsSettings
+
+    broker.topic = "bench.trickle"
+    broker.create_topic()
+    s = msgspec.convert(
+        {"bootstrap_servers": [broker.bootstrap], "topic": "bench.trickle", "linger_ms": linger_ms,
+         "spool_dir": str(root / f"trickle-{linger_ms}")},
+        EventsSettings,
+    )
+
+    async def run(ship: bool) -> float:
+        shipper = EventShipper(s)
+        if ship:
+            await shipper.start()
+            while not shipper.kafka_up:  # noqa: ASYNC110 - polled, bench only
+                await asyncio.sleep(0.01)
+        sent0 = shipper.sent
+        cpu0 = time.process_time()
+        for i in range(n):
+            rec = _record(i)
+            if ship:
+                shipper.record(rec)  # type: ignore[arg-type]
+            if i % 8 == 7:
+                await asyncio.sleep(0.01)
+        while ship and shipper.sent - sent0 < n:  # noqa: ASYNC110 - polled, bench only
+            await asyncio.sleep(0.005)
+        cpu = time.process_time() - cpu0
+        if ship:
+            await shipper.close()
+        return cpu
+
+    with_shipper, baseline = asyncio.run(run(True)), asyncio.run(run(False))
+    return round((with_shipper - baseline) * 1e6 / n, 1)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
@@ -268,6 +321,10 @@ def main() -> int:
             broker.start()
             report["shipper_alone"] = shipper_alone(broker, root)
             print("shipper alone:", report["shipper_alone"], flush=True)
+            report["trickle_cpu_us_per_event"] = {
+                str(lg): shipper_trickle(broker, root, lg) for lg in (20.0, 100.0)
+            }
+            print("trickle:", report["trickle_cpu_us_per_event"], flush=True)
         try:
             for rnd in range(1, args.rounds + 1):
                 # Rotate the order each round: no variant always runs first
@@ -350,10 +407,12 @@ def write_markdown(path: Path, report: dict[str, object]) -> None:
             f"{row.get('cpu_vs_off', 1.0):.3f} |"
         )
     if "kafka" in s and "off" in s:
-        loss = (1 - s["kafka"]["vs_off"]) * 100
+        change = (s["kafka"]["vs_off"] - 1) * 100
         cpu = (s["kafka"]["cpu_vs_off"] - 1) * 100
-        lines += ["", f"Kafka shipping on vs off, paired by round: throughput **{loss:+.1f}% loss**, "
-                  f"triaged CPU per message {cpu:+.1f}% (target: <= 5% throughput loss)."]
+        lines += ["", f"Kafka shipping on vs off, paired by round: throughput **{change:+.1f}%**, "
+                  f"triaged CPU per message {cpu:+.1f}% (target: no worse than -5% throughput). "
+                  "On this shared machine run-to-run noise is larger than the effect; the "
+                  "in-process figures below bound the cost."]
     lines += [
         "",
         f"Mail-path cost of `EventShipper.record()` (append to the bounded queue): "
@@ -365,6 +424,16 @@ def write_markdown(path: Path, report: dict[str, object]) -> None:
             f"The shipper alone (in-process, Tansu on loopback): {alone['events']} events at "
             f"{alone['events_per_s']} events/s, {alone['cpu_us_per_event']} us of triaged's CPU per event "
             "(encode + aiokafka produce, gzip).",
+            "",
+        ]
+    trickle = report.get("trickle_cpu_us_per_event")
+    if isinstance(trickle, dict):
+        lines += [
+            "Shipper CPU per event when mail trickles in (about 700 events/s, 8 at a time; "
+            "the same loop without a shipper subtracted): "
+            + ", ".join(f"linger_ms {k}: {v} us" for k, v in trickle.items())
+            + ". A produce round costs about 1 ms of CPU in aiokafka whatever its size, hence "
+            "the default linger_ms of 100 (at 1 ms per message of triaged CPU, 20 us is 2%).",
             "",
         ]
     lines += [
