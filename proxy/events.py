@@ -467,6 +467,7 @@ class EventShipper:
     async def _to_spool(self, items: list[Pending]) -> None:
         if not items:
             return
+        errors = self._spool.write_errors
         try:
             stored = await self._in_io(self._spool.append, items)
         except Exception as exc:  # append() handles OSError; anything else is a bug
@@ -476,7 +477,8 @@ class EventShipper:
         EVENTS_SPOOLED.inc(stored)
         EVENTS_SPOOL_BYTES.set(self._spool.bytes)
         if stored < len(items):
-            self._drop(len(items) - stored, "spool_full")
+            full = self._spool.write_errors == errors
+            self._drop(len(items) - stored, "spool_full" if full else "spool_write_error")
 
     async def _ship(self, items: list[Pending]) -> None:
         ok = await self._produce(items)

@@ -20,6 +20,7 @@ unreadable and counted in `corrupt_frames`).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import struct
 import time
@@ -35,6 +36,10 @@ _MAX_FRAME = 64 * 1024 * 1024  # larger lengths are garbage, not records
 _CURSOR = "cursor"
 
 FsyncPolicy = Literal["always", "interval", "never"]
+
+
+class SpoolLocked(OSError):
+    """Another process owns this spool directory (give each worker its own)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +80,7 @@ class Spool:
         self._fsync_interval_s = fsync_interval_s
         self._segments: list[_Segment] = []  # oldest first; the last is written to
         self._fd: int | None = None  # the newest segment, open for append
+        self._lock_fd: int | None = None
         self._cursor = (0, 0)  # (segment number, offset) of the first unacked frame
         self._next_number = 1
         self._last_sync = time.monotonic()
@@ -88,6 +94,15 @@ class Spool:
 
     def open(self) -> None:
         self._dir.mkdir(parents=True, exist_ok=True)
+        # One owner per directory: two processes appending to one segment
+        # would interleave frames. The lock dies with the process.
+        self._lock_fd = os.open(self._dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise SpoolLocked(f"{self._dir}: spool in use by another process") from None
         numbers = sorted(
             int(p.name[:-4]) for p in self._dir.glob("*.seg") if p.name[:-4].isdigit()
         )
@@ -115,6 +130,12 @@ class Spool:
         self._drop_if_drained()
 
     def close(self) -> None:
+        self._close_segment()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    def _close_segment(self) -> None:
         if self._fd is not None:
             if self._dirty and self._fsync != "never":
                 os.fsync(self._fd)
@@ -264,7 +285,7 @@ class Spool:
         """Everything acked: delete all segments and the cursor, start afresh."""
         if self.pending > 0:
             return False
-        self.close()
+        self._close_segment()
         for seg in self._segments:
             self._path(seg.number).unlink(missing_ok=True)
         self._segments.clear()

@@ -6,10 +6,11 @@ import os
 from collections import deque
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.spool import Spool, frame_size
+from proxy.spool import Spool, SpoolLocked, frame_size
 
 
 def rec(i: int, size: int = 40) -> tuple[bytes, bytes, int]:
@@ -130,6 +131,14 @@ def test_fsync_always_and_interval_write_the_same_bytes(tmp_path: Path) -> None:
     a = b"".join((tmp_path / "always" / n).read_bytes() for n in segments(tmp_path / "always"))
     b = b"".join((tmp_path / "interval" / n).read_bytes() for n in segments(tmp_path / "interval"))
     assert a == b and len(a) > 0
+
+
+def test_one_owner_per_directory(tmp_path: Path) -> None:
+    s = open_spool(tmp_path)
+    with pytest.raises(SpoolLocked):
+        open_spool(tmp_path)
+    s.close()
+    open_spool(tmp_path).close()  # released on close
 
 
 def test_files_are_private(tmp_path: Path) -> None:
