@@ -143,3 +143,50 @@ class EchoModel:
 def write_model(path: Path, **kwargs: object) -> Path:
     path.write_bytes(build_echo_model(**kwargs))  # type: ignore[arg-type]
     return path
+
+
+# -- a real triaged model, trained in seconds -----------------------------------
+# For end-to-end tests of the proxy with the ONNX classifier: they must not
+# depend on models/default.onnx (its owner may be mid-retrain), so they train
+# their own tiny model through the real `triaged train`.
+
+_WORDS = {
+    "primary": "dinner weekend kids birthday visit photos holiday lunch call tomorrow".split(),
+    "updates": "order shipped tracking receipt password reset account statement invoice".split(),
+    "forums": "patch thread kernel release proposal vote review mailing discussion".split(),
+    "spam": "winner prize claim free money viagra urgent bank transfer lottery".split(),
+}
+_FROM = {
+    "primary": "Mum <mum@home.example>",
+    "updates": "Shop <orders@shop.example>",
+    "forums": "Dev <dev{n}@people.example>",
+    "spam": "WINNER <x{n}@prize.example>",
+}
+
+
+def tiny_message(kind: str, n: int, seed: int = 0) -> bytes:
+    import random
+
+    rng = random.Random(f"{kind}{n}{seed}")
+    body = " ".join(rng.choice(_WORDS[kind]) for _ in range(40))
+    return (
+        f"From: {_FROM[kind].format(n=n)}\r\nTo: me@example.org\r\n"
+        f"Subject: {' '.join(rng.choice(_WORDS[kind]) for _ in range(4))}\r\n"
+        f"Message-ID: <{kind}{n}.{seed}@example>\r\n\r\n{body}\r\n"
+    ).encode()
+
+
+def train_tiny_model(workdir: Path, out: Path, *, name: str, version: str = "1") -> Path:
+    """primary / updates / forums categories plus a spam head, via `triaged train`."""
+    from proxy.__main__ import main
+
+    data = workdir / f"data-{name}"
+    for kind in _WORDS:
+        folder = data / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        for n in range(40):
+            (folder / f"{n}.eml").write_bytes(tiny_message(kind, n))
+    rc = main(["train", str(data), "--out", str(out), "--name", name, "--version", version,
+               "--epochs", "8", "--buckets", "4096", "--quiet", "--no-int8"])
+    assert rc == 0 and out.exists(), f"triaged train failed ({rc})"
+    return out
