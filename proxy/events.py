@@ -33,7 +33,7 @@ import msgspec
 import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import BrokerResponseError, KafkaError
-from prometheus_client import Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from proxy.settings import ConfigError, EventsSettings
 from proxy.spool import Spool
@@ -165,29 +165,39 @@ def default_instance_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-# -- metrics (process-wide; the shipper also keeps exact ints for tests) -------
+# -- metrics ------------------------------------------------------------------
 
-EVENTS_SENT = Counter("triaged_events_sent", "Events Kafka acknowledged straight from memory")
-EVENTS_SPOOLED = Counter("triaged_events_spooled", "Events written to the disk spool")
-EVENTS_REPLAYED = Counter("triaged_events_replayed", "Spooled events Kafka acknowledged")
-EVENTS_WRITTEN = Counter("triaged_events_written", "Events written to the JSON-lines file")
-EVENTS_DROPPED = Counter(
-    "triaged_events_dropped", "Events lost (queue full, spool full, after close)", ["reason"]
-)
-EVENTS_PRODUCER_ERRORS = Counter(
-    "triaged_events_producer_errors", "Kafka connect or delivery failures"
-)
-EVENTS_SPOOL_BYTES = Gauge("triaged_events_spool_bytes", "Bytes in the event spool")
-EVENTS_QUEUE_DEPTH = Gauge("triaged_events_queue_depth", "Events waiting in memory")
+
+class EventMetrics:
+    """Prometheus metrics of one event sink, on its own registry (like
+    proxy/metrics.py: tests run several servers in a process). Expose them
+    with `server_registry.register(sink.registry)`. The sinks also keep exact
+    plain-int counters for tests."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry if registry is not None else CollectorRegistry()
+        self.sent = Counter("triaged_events_sent", "Events Kafka acknowledged straight from memory", registry=r)
+        self.spooled = Counter("triaged_events_spooled", "Events written to the disk spool", registry=r)
+        self.replayed = Counter("triaged_events_replayed", "Spooled events Kafka acknowledged", registry=r)
+        self.written = Counter("triaged_events_written", "Events written to the JSON-lines file", registry=r)
+        self.dropped = Counter(
+            "triaged_events_dropped", "Events lost (queue full, spool full, after close)", ["reason"], registry=r
+        )
+        self.producer_errors = Counter(
+            "triaged_events_producer_errors", "Kafka connect or delivery failures", registry=r
+        )
+        self.spool_bytes = Gauge("triaged_events_spool_bytes", "Bytes in the event spool", registry=r)
+        self.queue_depth = Gauge("triaged_events_queue_depth", "Events waiting in memory", registry=r)
 
 
 class DropCounter:
     """Counts drops exactly; logs at most once a minute (a full disk must not
     turn into a log flood)."""
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, metrics: EventMetrics) -> None:
         self.total = 0
         self._what = what
+        self._metric = metrics.dropped
         self._unlogged = 0
         self._last_log = -1e18
 
@@ -199,7 +209,7 @@ class DropCounter:
     def __call__(self, n: int, reason: str) -> None:
         self.total += n
         self._unlogged += n
-        EVENTS_DROPPED.labels(reason).inc(n)
+        self._metric.labels(reason).inc(n)
         now = time.monotonic()
         if now - self._last_log >= 60.0:
             log.warning(f"{self._what}_dropped", count=self._unlogged, reason=reason, total=self.total)
@@ -225,6 +235,8 @@ _BACKOFF_MAX_S = 10.0
 class EventSink(Protocol):
     """A TransactionSink with a lifecycle: what the server constructs."""
 
+    registry: CollectorRegistry  # its Prometheus metrics
+
     def record(self, record: TransactionRecord) -> None: ...
 
     async def start(self) -> None: ...
@@ -233,9 +245,17 @@ class EventSink(Protocol):
 
 
 class EventShipper:
-    def __init__(self, settings: EventsSettings, *, instance_id: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: EventsSettings,
+        *,
+        instance_id: str | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
         self._s = settings
         self._builder = EventBuilder(instance_id or default_instance_id(), settings.pseudonymize_secret)
+        self._m = EventMetrics(registry)
+        self.registry = self._m.registry
         self._queue: deque[TransactionRecord] = deque()
         self._wake = asyncio.Event()
         self._spool = Spool(
@@ -261,7 +281,7 @@ class EventShipper:
         self._discards: set[asyncio.Task[None]] = set()
         self._closed = False  # record() drops from now on
         self._close_deadline: float | None = None
-        self._drop = DropCounter("events")
+        self._drop = DropCounter("events", self._m)
         # Exact counts (the Prometheus counters are process-wide).
         self.sent = 0
         self.spooled = 0
@@ -321,7 +341,7 @@ class EventShipper:
         except KafkaError as exc:
             raise ConfigError(f"events.compression: {exc}") from None
         await self._in_io(self._spool.open)
-        EVENTS_SPOOL_BYTES.set(self._spool.bytes)
+        self._m.spool_bytes.set(self._spool.bytes)
         if self._spool.pending:
             log.info("event_spool_found", events=self._spool.pending, bytes=self._spool.bytes)
         self._task = asyncio.create_task(self._run(), name="event-shipper")
@@ -370,7 +390,7 @@ class EventShipper:
                 await asyncio.sleep(_BACKOFF_MIN_S)
 
     async def _step_once(self, loop: asyncio.AbstractEventLoop) -> None:
-        EVENTS_QUEUE_DEPTH.set(len(self._queue))
+        self._m.queue_depth.set(len(self._queue))
         if self._producer is None and self._connecting is None and loop.time() >= self._retry_at:
             # In its own task: a silent broker holds start() for the whole
             # deadline, and events must keep flowing to the spool meanwhile.
@@ -446,7 +466,7 @@ class EventShipper:
         if self._producer is not None:
             self._discard(self._producer)  # everything it had is acked or spooled
             self._producer = None
-        EVENTS_QUEUE_DEPTH.set(0)
+        self._m.queue_depth.set(0)
 
     def _take(self, n: int) -> list[Pending]:
         out: list[Pending] = []
@@ -474,8 +494,8 @@ class EventShipper:
             log.error("event_spool_error", error=type(exc).__name__)
             stored = 0
         self.spooled += stored
-        EVENTS_SPOOLED.inc(stored)
-        EVENTS_SPOOL_BYTES.set(self._spool.bytes)
+        self._m.spooled.inc(stored)
+        self._m.spool_bytes.set(self._spool.bytes)
         if stored < len(items):
             full = self._spool.write_errors == errors
             self._drop(len(items) - stored, "spool_full" if full else "spool_write_error")
@@ -484,7 +504,7 @@ class EventShipper:
         ok = await self._produce(items)
         good = sum(ok)
         self.sent += good
-        EVENTS_SENT.inc(good)
+        self._m.sent.inc(good)
         if good < len(items):
             self._lose_producer("send", None)
             await self._to_spool([it for it, done in zip(items, ok, strict=True) if not done])
@@ -500,8 +520,8 @@ class EventShipper:
         if n:
             await self._in_io(self._spool.ack, recs[n - 1], n)
             self.replayed += n
-            EVENTS_REPLAYED.inc(n)
-            EVENTS_SPOOL_BYTES.set(self._spool.bytes)
+            self._m.replayed.inc(n)
+            self._m.spool_bytes.set(self._spool.bytes)
         if n < len(recs):
             self._lose_producer("replay", None)
         elif self._spool.pending == 0:
@@ -605,7 +625,7 @@ class EventShipper:
 
     def _lose_producer(self, during: str, exc: BaseException | None) -> None:
         self.producer_errors += 1
-        EVENTS_PRODUCER_ERRORS.inc()
+        self._m.producer_errors.inc()
         if self._producer is not None:
             # Abandon it: its unacked batches are spooled by the caller and
             # must not go out later from this producer (no duplicates).
@@ -651,11 +671,13 @@ async def _abandon(producer: AIOKafkaProducer, timeout_s: float) -> None:
             pass
 
 
-def make_event_sink(settings: EventsSettings, *, instance_id: str | None = None) -> EventSink:
+def make_event_sink(
+    settings: EventsSettings, *, instance_id: str | None = None, registry: CollectorRegistry | None = None
+) -> EventSink:
     """The configured sink: Kafka when bootstrap_servers is set, else the
     JSON-lines file (so `make run` needs no Kafka)."""
     if settings.bootstrap_servers:
-        return EventShipper(settings, instance_id=instance_id)
+        return EventShipper(settings, instance_id=instance_id, registry=registry)
     from proxy.jsonl_sink import JsonlSink
 
-    return JsonlSink(settings, instance_id=instance_id)
+    return JsonlSink(settings, instance_id=instance_id, registry=registry)

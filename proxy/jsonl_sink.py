@@ -19,8 +19,9 @@ from pathlib import Path
 
 import msgspec
 import structlog
+from prometheus_client import CollectorRegistry
 
-from proxy.events import EVENTS_WRITTEN, DropCounter, EventBuilder, default_instance_id
+from proxy.events import DropCounter, EventBuilder, EventMetrics, default_instance_id
 from proxy.settings import EventsSettings
 from proxy.transaction import TransactionRecord
 
@@ -114,8 +115,16 @@ class RotatingFile:
 
 
 class JsonlSink:
-    def __init__(self, settings: EventsSettings, *, instance_id: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: EventsSettings,
+        *,
+        instance_id: str | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
         self._s = settings
+        self._m = EventMetrics(registry)
+        self.registry = self._m.registry
         self._builder = EventBuilder(instance_id or default_instance_id(), settings.pseudonymize_secret)
         self._queue: deque[TransactionRecord] = deque()
         self._wake = asyncio.Event()
@@ -129,7 +138,7 @@ class JsonlSink:
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="triaged-jsonl")
         self._task: asyncio.Task[None] | None = None
         self._closed = False
-        self._drop = DropCounter("events")
+        self._drop = DropCounter("events", self._m)
         self.written = 0
         self.write_errors = 0
         self._first_at = 0.0
@@ -197,7 +206,7 @@ class JsonlSink:
                 log.error("event_file_error", error=exc.strerror)
                 continue
             self.written += len(lines)
-            EVENTS_WRITTEN.inc(len(lines))
+            self._m.written.inc(len(lines))
 
     async def _idle(self, loop: asyncio.AbstractEventLoop) -> None:
         timeout = None

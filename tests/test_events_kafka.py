@@ -16,6 +16,7 @@ from pathlib import Path
 import msgspec
 import pytest
 from kafka_broker import KafkaBroker, SilentServer, free_port, tansu_bin
+from prometheus_client import CollectorRegistry
 from test_events_schema import record
 
 from proxy.events import EventShipper, decode_event
@@ -89,6 +90,10 @@ class Feeder:
         print(f"{label}: record() n={len(us)} median={statistics.median(us):.1f}us max={us[-1]:.1f}us")
 
 
+def segment_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.seg"))
+
+
 def check_topic(records: list[tuple[int, bytes]], expected_ids: list[str]) -> None:
     """Exactly the expected events, each once, decodable, in order per partition."""
     events = [(p, decode_event(v)) for p, v in records]
@@ -111,6 +116,10 @@ async def test_1000_events_arrive_once_and_decode(tmp_path: Path, broker: KafkaB
     await wait_until(lambda: shipper.sent == 1000)
     await shipper.close()
     assert (shipper.spooled, shipper.replayed, shipper.dropped) == (0, 0, 0)
+    # The Prometheus view agrees, also once mounted in the server's registry.
+    server_registry = CollectorRegistry()
+    server_registry.register(shipper.registry)
+    assert server_registry.get_sample_value("triaged_events_sent_total") == 1000
     # Tansu 0.6 refuses aiokafka's InitProducerId: the shipper fell back to
     # acks=all without idempotence (see EventShipper.__init__).
     assert shipper.idempotent is False
@@ -143,8 +152,10 @@ async def test_broker_killed_mid_stream_spools_then_replays(tmp_path: Path, brok
     await shipper.close()
     assert shipper.dropped == 0
     assert shipper.replayed == shipper.spooled >= 400
+    assert shipper.registry.get_sample_value("triaged_events_replayed_total") == shipper.replayed
+    assert shipper.registry.get_sample_value("triaged_events_producer_errors_total") >= 1
     check_topic(await broker.consume(700), down + after)
-    assert not list(Path(tmp_path / "spool").glob("*.seg"))  # acked segments deleted
+    assert segment_files(tmp_path / "spool") == []  # acked segments deleted
 
 
 async def test_silent_kafka_never_delays_record_and_events_spool(tmp_path: Path) -> None:
@@ -182,6 +193,10 @@ async def test_spool_full_drops_are_counted_exactly(tmp_path: Path) -> None:
     await wait_until(lambda: shipper.spooled + shipper.dropped == 200)
     await shipper.close()
     assert 0 < shipper.spooled < 200 and shipper.dropped == 200 - shipper.spooled
+    sample = shipper.registry.get_sample_value
+    assert sample("triaged_events_dropped_total", {"reason": "spool_full"}) == shipper.dropped
+    assert sample("triaged_events_spooled_total") == shipper.spooled
+    assert sample("triaged_events_spool_bytes") == shipper.spool_bytes
     assert shipper.spool_bytes <= 16384
     # What the spool says it holds is what is on disk: the first events, in order.
     spool = Spool(s.spool_dir, max_bytes=s.spool_max_bytes, segment_bytes=s.spool_segment_bytes)
