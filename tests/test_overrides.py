@@ -1,0 +1,127 @@
+"""classifier.rule_overrides: sure header rules override the model's category,
+never its spam verdict. Unit tests on the rules, then the real service with a
+model trained here (tests/batching_models.py), then a large message that is
+featurized in the worker instead of on the loop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from batching_models import tiny_message, train_tiny_model
+
+from classifier.batch_metrics import BatchStats
+from classifier.config import ClassifierSettings
+from classifier.model import load_model
+from classifier.overrides import apply_override, sure_category
+from classifier.service import LOOP_FEATURES_MAX_BYTES, OnnxClassifierService
+from classifier.types import Classification
+
+PLAIN = b"From: Ann <ann@example.org>\r\nSubject: hi\r\n\r\nhello\r\n"
+
+
+def with_headers(raw: bytes, *lines: str) -> bytes:
+    return "".join(f"{line}\r\n" for line in lines).encode() + raw
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        ((), None),
+        (("Return-Path: <>",), "updates"),
+        (("Return-Path: < >",), "updates"),
+        (("Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary=x",), "updates"),
+        (("From: Mail Delivery System <MAILER-DAEMON@mx.example>",), "updates"),
+        (("List-Post: <mailto:dev@lists.example>",), "forums"),
+        (("X-BeenThere: dev@lists.example",), "forums"),
+        (("X-Mailman-Version: 2.1.39",), "forums"),
+        (("Mailing-List: contact dev-help@lists.example",), "forums"),
+        (("Precedence: list",), "forums"),
+        # A newsletter (List-Id + List-Unsubscribe) is not a discussion list.
+        (("List-Id: <news.shop.example>", "List-Unsubscribe: <mailto:u@shop.example>"), None),
+        (("Precedence: bulk",), None),
+        # A bounce of a list post is a bounce.
+        (("Return-Path: <>", "List-Post: <mailto:dev@lists.example>"), "updates"),
+    ],
+)
+def test_sure_category(lines: tuple[str, ...], expected: str | None) -> None:
+    assert sure_category(with_headers(PLAIN, *lines)) == expected
+
+
+def test_only_the_header_block_counts() -> None:
+    body_says = PLAIN + b"List-Post: <mailto:x@y>\r\nReturn-Path: <>\r\n"
+    assert sure_category(body_says) is None
+
+
+def test_apply_override_keeps_spam_and_needs_the_label() -> None:
+    spam = Classification("primary", 0.8, "m/1", spam=True, spam_score=0.97)
+    labels = frozenset({"primary", "forums", "updates"})
+    got = apply_override(spam, "forums", labels)
+    assert (got.category, got.spam, got.spam_score, got.model) == ("forums", True, 0.97, "m/1")
+    assert got.score == 0.9
+    # A site's own label set without "forums": the model's answer stands.
+    assert apply_override(spam, "forums", frozenset({"invoices", "family"})) is spam
+    assert apply_override(spam, "forums", None) is spam
+    assert apply_override(spam, None, labels) is spam
+    # Agreement keeps the model's own confidence.
+    same = Classification("forums", 0.99, "m/1")
+    assert apply_override(same, "forums", labels) is same
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("tiny")
+    return train_tiny_model(work, work / "tiny.onnx", name="tiny")
+
+
+async def classify_all(model: Path, raws: list[bytes], overrides: bool) -> list[Classification]:
+    s = ClassifierSettings(model_path=str(model), provider="cpu", rule_overrides=overrides)
+    service = OnnxClassifierService(s)
+    await service.start()
+    try:
+        return [await service.classify(r) for r in raws]
+    finally:
+        await service.close()
+
+
+async def test_service_overrides_category_not_spam(tiny: Path) -> None:
+    family = tiny_message("primary", 900, seed=3)
+    spam = tiny_message("spam", 901, seed=3)
+    raws = [
+        family,
+        with_headers(family, "List-Post: <mailto:family@lists.example>"),
+        with_headers(family, "Return-Path: <>"),
+        with_headers(spam, "List-Post: <mailto:family@lists.example>"),
+    ]
+    plain = await classify_all(tiny, raws, overrides=False)
+    over = await classify_all(tiny, raws, overrides=True)
+    # Without overrides the model calls all three family messages primary.
+    assert [r.category for r in plain[:3]] == ["primary"] * 3
+    assert [r.category for r in over] == ["primary", "forums", "updates", "forums"]
+    assert over[0] == plain[0]  # no sure rule: the model's verdict untouched
+    # The spam verdict is always the model's.
+    assert [(r.spam, r.spam_score) for r in over] == [(r.spam, r.spam_score) for r in plain]
+    assert over[3].spam is True
+    assert {r.model for r in over} == {"tiny/1"}
+
+
+async def test_large_message_is_featurized_in_the_worker_with_the_same_verdict(tiny: Path) -> None:
+    # Past LOOP_FEATURES_MAX_BYTES features run in the worker thread; the
+    # verdict must not depend on where they ran.
+    small = tiny_message("updates", 902, seed=4)
+    big = small + b"x" * (LOOP_FEATURES_MAX_BYTES + 1)
+    assert len(small) <= LOOP_FEATURES_MAX_BYTES < len(big)
+    offline = load_model(str(tiny))
+    expected = offline.predict([offline.featurize(big)])[0]
+    stats = BatchStats()
+    s = ClassifierSettings(model_path=str(tiny), provider="cpu", rule_overrides=False)
+    service = OnnxClassifierService(s, metrics=stats)
+    await service.start()
+    try:
+        got_big = await service.classify(big)
+        assert len(stats.features_s) == 0  # not on the loop
+        await service.classify(small)
+        assert len(stats.features_s) == 1
+    finally:
+        await service.close()
+    assert got_big == expected
