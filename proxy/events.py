@@ -151,14 +151,27 @@ class EventBuilder:
         )
 
     def encode(self, r: TransactionRecord) -> bytes:
-        return _encoder.encode(self.build(r))
+        return _encode(self.build(r))
 
     def encode_keyed(self, r: TransactionRecord) -> tuple[bytes, bytes]:
         """(Kafka key, JSON): the key is the Message-ID hash, computed once."""
         mid = r.message_id.strip()
         mid_hash = _digest(mid) if mid else ""
         key = mid_hash or _digest(r.queue_id)
-        return key.encode(), _encoder.encode(self.build(r, mid_hash))
+        return key.encode(), _encode(self.build(r, mid_hash))
+
+
+def _encode(ev: Event) -> bytes:
+    try:
+        return _encoder.encode(ev)
+    except UnicodeEncodeError:
+        # A field from the wire (e.g. an XFORWARD IDENT) decoded with
+        # surrogateescape: ship it with "?" rather than lose the event.
+        fixed = {
+            k: v.encode("utf-8", "replace").decode() if isinstance(v, str) else v
+            for k, v in msgspec.structs.asdict(ev).items()
+        }
+        return _encoder.encode(msgspec.structs.replace(ev, **fixed))
 
 
 def default_instance_id() -> str:
