@@ -108,7 +108,7 @@ def test_kafka_key_is_stable_per_message() -> None:
 def test_undecodable_bytes_from_the_wire_do_not_lose_the_event() -> None:
     r = record(queue_id=b"Q\xff1".decode("utf-8", "surrogateescape"), client_address="\udc80")
     ev = decode_event(EventBuilder("i", "").encode(r))
-    assert ev.queue_id == "Q\ufffd1" and ev.client_address == "\ufffd"
+    assert ev.queue_id == "Q?1" and ev.client_address == "?"
 
 
 def test_schema_rejects_a_wrong_type() -> None:
