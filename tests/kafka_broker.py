@@ -11,6 +11,7 @@ by consuming.
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import subprocess
 import time
@@ -77,6 +78,11 @@ class KafkaBroker:
             timeout=30,
             check=False,
         )
+
+    def freeze(self) -> None:
+        """SIGSTOP: connections stay open, nothing is answered (requests in flight)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -158,6 +158,30 @@ async def test_broker_killed_mid_stream_spools_then_replays(tmp_path: Path, brok
     assert segment_files(tmp_path / "spool") == []  # acked segments deleted
 
 
+async def test_broker_killed_with_events_in_flight_loses_none(tmp_path: Path, broker: KafkaBroker) -> None:
+    """The kill lands while a round is in flight (sent, not acknowledged):
+    it is spooled and arrives at the restarted broker, exactly once."""
+    shipper = EventShipper(settings(tmp_path, broker.bootstrap), instance_id="t2b")
+    await shipper.start()
+    feeder = Feeder(shipper)
+    await feeder.feed(300)
+    await wait_until(lambda: shipper.sent == 300)
+    broker.freeze()  # answers nothing from now on
+    in_flight = await feeder.feed(300, pause_every=10_000)
+    await wait_until(lambda: shipper.queue_depth == 0)  # taken: the round is out
+    await asyncio.sleep(0.2)
+    assert shipper.sent == 300 and shipper.spooled == 0  # in flight, unanswered
+    broker.kill()
+    down = await feeder.feed(100)
+    await wait_until(lambda: shipper.spooled == 400)
+    broker.restart()
+    after = await feeder.feed(300)
+    await wait_until(lambda: shipper.sent + shipper.replayed == 1000 and shipper.spool_pending == 0)
+    await shipper.close()
+    assert shipper.dropped == 0 and shipper.replayed == shipper.spooled >= 400
+    check_topic(await broker.consume(700), in_flight + down + after)
+
+
 async def test_silent_kafka_never_delays_record_and_events_spool(tmp_path: Path) -> None:
     silent = SilentServer()
     await silent.start()
