@@ -187,6 +187,7 @@ async def _serve(settings: Settings, notify_socket: str | None) -> int:
     events = make_event_sink(settings.events)
     await events.start()
     server = Server(settings, sinks=[events])
+    server.metrics.registry.register(events.registry)  # event shipping metrics on the same endpoint
     try:
         await server.start()
     except (OSError, RuntimeError, ssl.SSLError, ClassifierError) as exc:
