@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from conftest import CaptureServer, SmtpTestClient, StartTriaged
-from kafka_broker import KafkaBroker, SilentServer, tansu_bin
+from kafka_broker import KafkaBroker, SilentServer, free_port, tansu_bin
 from test_events_kafka import TOPIC, settings, wait_until
 
 from proxy.events import EventShipper, decode_event
@@ -157,3 +157,19 @@ async def test_silent_kafka_does_not_hold_mail(
         report("SMTP transaction, Kafka silent", mailer.latency_ms)
     finally:
         await silent.close()
+
+
+async def test_spool_full_mail_unaffected_drops_counted(
+    tmp_path: Path, start_triaged: StartTriaged, capture: CaptureServer
+) -> None:
+    dead = f"127.0.0.1:{free_port()}"  # Kafka gone, and the spool holds only a few events
+    s = settings(tmp_path, dead, spool_max_bytes=8192, spool_segment_bytes=4096)
+    shipper = EventShipper(s, instance_id="e2e")
+    await shipper.start()
+    srv: Any = await start_triaged(sinks=[shipper])
+    await Mailer(srv.addresses[0][1], clients=4).send(200)  # every one 250
+    assert len(capture.messages) == 200
+    await wait_until(lambda: shipper.spooled + shipper.dropped == 200)
+    await shipper.close()
+    assert 0 < shipper.spooled < 200 and shipper.dropped == 200 - shipper.spooled
+    assert shipper.registry.get_sample_value("triaged_events_dropped_total", {"reason": "spool_full"}) == shipper.dropped
