@@ -129,6 +129,8 @@ def offline(model: Any, messages: list[bytes], batch: int, min_s: float) -> dict
         "predict_only_msg_per_s": done / pred_s,
         "batch_ms": 1000 * wall / (done / batch),
         "cpu_us_per_msg": 1e6 * cpu / done,
+        "features_us_per_msg": 1e6 * feat_s / done,
+        "predict_us_per_msg": 1e6 * pred_s / done,
     }
 
 
@@ -171,7 +173,7 @@ async def inprocess(settings: ClassifierSettings, messages: list[bytes], clients
         await asyncio.gather(*tasks)
     finally:
         await service.close()
-    busy = sum(stats.inference_s)
+    busy = stats.inference_total_s
     return {
         "provider": service.provider,
         "model": service.model_name,
@@ -184,6 +186,8 @@ async def inprocess(settings: ClassifierSettings, messages: list[bytes], clients
         "cpu_us_per_msg": 1e6 * cpu / done if done else 0.0,
         "msg_per_busy_s": done / busy if busy else 0.0,
         "worker_busy_pct": 100 * busy / wall,
+        "features_us_per_msg": 1e6 * stats.features_total_s / done if done else 0.0,
+        "model_us_per_msg": 1e6 * busy / done if done else 0.0,
         "batches": stats.batches,
         "mean_batch": stats.mean_batch_size,
         "close_reasons": dict(stats.close_reasons),
@@ -315,24 +319,47 @@ async def _serve_and_load(kind: str, model_path: Path, sink_port: int,
         # Reset the batcher's stats when the client's warm-up ends.
         await asyncio.sleep(args.warmup)
         stats.reset()
+        lags: list[float] = []
+        probe = asyncio.create_task(_loop_lag(lags))
         out, _ = await proc.communicate()
+        probe.cancel()
         if proc.returncode != 0:
             raise SystemExit(f"SMTP client load failed ({proc.returncode})")
         row: dict[str, Any] = json.loads(out)
     finally:
         await server.stop(drain_timeout_s=5)
+    # How late a 10 ms timer fires on the server's loop: the wait any coroutine
+    # (the batch collector too) sees when the loop is busy with SMTP and features.
+    row["loop_lag_p50_ms"] = 1000 * percentile(lags, 50)
+    row["loop_lag_p99_ms"] = 1000 * percentile(lags, 99)
     if kind == "onnx":
         row["mean_batch"] = stats.mean_batch_size
         row["queue_wait_p50_ms"] = 1000 * percentile(stats.queue_waits_s, 50)
         row["queue_wait_p99_ms"] = 1000 * percentile(stats.queue_waits_s, 99)
+        row["batch_run_p50_ms"] = 1000 * percentile(stats.inference_s, 50)
         row["batch_run_p99_ms"] = 1000 * percentile(stats.inference_s, 99)
-        busy = sum(stats.inference_s)
+        busy = stats.inference_total_s
+        work = busy + stats.features_total_s
         row["classifier_busy_pct"] = 100 * busy / args.smtp_seconds
         row["classified"] = stats.items
+        # The batched model call: verdicts per second the worker was busy.
         row["msg_per_busy_s"] = stats.items / busy if busy else 0.0
+        row["model_us_per_msg"] = 1e6 * busy / stats.items if stats.items else 0.0
+        # Feature extraction, per message, on the event loop as mail arrives.
+        row["features_us_per_msg"] = (1e6 * stats.features_total_s / len(stats.features_s)
+                                      if stats.features_s else 0.0)
+        # The whole classifier: verdicts per second of its own work (both parts).
+        row["msg_per_work_s"] = stats.items / work if work else 0.0
         row["timeouts"] = stats.timeouts
         row["overloads"] = stats.overloads
     return row
+
+
+async def _loop_lag(lags: list[float]) -> None:
+    while True:
+        t = time.perf_counter()
+        await asyncio.sleep(0.01)
+        lags.append(time.perf_counter() - t - 0.01)
 
 
 def run_smtp(model_path: Path, args: argparse.Namespace, model: Any,
@@ -429,10 +456,12 @@ def markdown(report: dict[str, Any]) -> str:
         f"{ref['cpu_us_per_msg']:.0f} us ({100 * ip['cpu_ratio']:.0f}% efficiency) |",
         f"| worker thread busy | {ip['worker_busy_pct']:.0f}% |",
         f"| throughput per busy second | {ip['msg_per_busy_s']:,.0f} msg/s |",
+        f"| features on the loop / model call in the worker, per verdict | "
+        f"{ip['features_us_per_msg']:.0f} / {ip['model_us_per_msg']:.0f} us |",
         f"| mean batch size | {ip['mean_batch']:.1f} |",
         f"| batches closed by | {ip['close_reasons']} |",
         f"| queue wait p50 / p99 | {ip['queue_wait_p50_ms']:.2f} / {ip['queue_wait_p99_ms']:.2f} ms |",
-        f"| batch run (features + model) p50 / p99 | {ip['batch_run_p50_ms']:.2f} / {ip['batch_run_p99_ms']:.2f} ms |",
+        f"| batch run (model call) p50 / p99 | {ip['batch_run_p50_ms']:.2f} / {ip['batch_run_p99_ms']:.2f} ms |",
         f"| **p99 queue wait vs max_wait_ms + p99 batch run** | **{ip['queue_wait_p99_ms']:.2f} vs {wait_bound:.2f} ms** |",
         f"| classify() latency p50 / p99 | {ip['latency_p50_ms']:.2f} / {ip['latency_p99_ms']:.2f} ms |",
         f"| timeouts / overloads / errors | {ip['timeouts']} / {ip['overloads']} / {ip['errors']} |",
@@ -442,25 +471,47 @@ def markdown(report: dict[str, Any]) -> str:
                     f"({100 * x['ratio']:.0f}%; CPU {100 * x['cpu_ratio']:.0f}%)"
                     for x in report["rounds"]) + ".",
     ]
+    smtp_ok: list[bool] = []
     if report.get("smtp"):
         sm = report["smtp"]
         lines += ["", f"## SMTP: {sm['clients']} concurrent aiosmtplib clients -> triaged -> smtp-sink", "",
                   "| classifier | msg/s | latency p50 | latency p99 |", "|---|---:|---:|---:|"]
         for name, row in sm["runs"].items():
             lines.append(f"| {name} | {row['msg_per_s']:,.0f} | {row['p50_ms']:.2f} ms | {row['p99_ms']:.2f} ms |")
-        on = sm["runs"]["onnx"]
+        on, off = sm["runs"]["onnx"], sm["offline_at_mean_batch"]
+        model_ratio = on["msg_per_busy_s"] / off["predict_only_msg_per_s"]
+        whole_ratio = on["msg_per_work_s"] / off["msg_per_s"]
+        feat_ratio = (off["features_us_per_msg"] / on["features_us_per_msg"]
+                      if on.get("features_us_per_msg") else 0.0)
+        bound = s["max_wait_ms"] + on["batch_run_p99_ms"]
+        smtp_ok = [model_ratio >= 0.8, on["queue_wait_p99_ms"] <= bound]
         lines += ["", f"In-server batcher under SMTP load: mean batch {on['mean_batch']:.1f}, "
                   f"queue wait p50/p99 {on['queue_wait_p50_ms']:.2f}/{on['queue_wait_p99_ms']:.2f} ms, "
-                  f"batch run p99 {on['batch_run_p99_ms']:.2f} ms, worker busy "
+                  f"batch run (model call) p50/p99 {on.get('batch_run_p50_ms', 0.0):.2f}/"
+                  f"{on['batch_run_p99_ms']:.2f} ms, worker busy "
                   f"{on['classifier_busy_pct']:.0f}%, timeouts {on['timeouts']}, overloads {on['overloads']}; "
-                  f"client failures: rules {sm['runs']['rules']['failures']}, onnx {on['failures']}.",
+                  f"client failures: rules {sm['runs']['rules']['failures']}, onnx {on['failures']}. "
+                  f"Event loop lag (a 10 ms timer's lateness) p50/p99: rules "
+                  f"{sm['runs']['rules']['loop_lag_p50_ms']:.2f}/{sm['runs']['rules']['loop_lag_p99_ms']:.2f} ms, "
+                  f"onnx {on['loop_lag_p50_ms']:.2f}/{on['loop_lag_p99_ms']:.2f} ms.",
                   "",
-                  f"Classifier throughput inside the server per busy second of its worker: "
-                  f"{on['msg_per_busy_s']:,.0f} msg/s vs offline at batch "
-                  f"{sm['offline_at_mean_batch']['batch']}: {sm['offline_at_mean_batch']['msg_per_s']:,.0f} msg/s "
-                  f"({100 * on['msg_per_busy_s'] / sm['offline_at_mean_batch']['msg_per_s']:.0f}%). "
-                  "(The worker shares the GIL with the SMTP event loop; the client and "
-                  "the sink run on the same machine.)"]
+                  f"### Classifier inside the server vs offline at the same batch size ({off['batch']})",
+                  "",
+                  "| part | in-server | offline | in-server / offline |",
+                  "|---|---:|---:|---:|",
+                  f"| **batched model call** (worker thread; verdicts per busy second) | "
+                  f"{on['msg_per_busy_s']:,.0f} msg/s | {off['predict_only_msg_per_s']:,.0f} msg/s | "
+                  f"**{100 * model_ratio:.0f}%** (target >= 80%) |",
+                  f"| feature extraction (on the loop, per message) | {on.get('features_us_per_msg', 0.0):.0f} us | "
+                  f"{off['features_us_per_msg']:.0f} us | {100 * feat_ratio:.0f}% |",
+                  f"| whole classifier (verdicts per second of features + model) | "
+                  f"{on['msg_per_work_s']:,.0f} msg/s | {off['msg_per_s']:,.0f} msg/s | {100 * whole_ratio:.0f}% |",
+                  f"| **p99 queue wait vs max_wait_ms + p99 batch run** | {on['queue_wait_p99_ms']:.2f} ms | "
+                  f"{bound:.2f} ms | {'met' if smtp_ok[1] else 'NOT met'} |",
+                  "",
+                  "(Features run on the event loop as each message arrives; only the model "
+                  "call is batched into the worker thread, which releases the GIL inside "
+                  "session.run. The client and the sink run on the same machine.)"]
         if "added_p50_ms" in sm:
             lines.append("")
             lines.append(f"End-to-end latency added by the ONNX classifier over the rules one: "
@@ -469,7 +520,12 @@ def markdown(report: dict[str, Any]) -> str:
               + ("in-server >= 80% of offline: met" if ratio >= 0.8 else "in-server >= 80% of offline: NOT met")
               + "; "
               + ("p99 queue wait bound: met" if ip["queue_wait_p99_ms"] <= wait_bound
-                 else "p99 queue wait bound: NOT met") + ".", ""]
+                 else "p99 queue wait bound: NOT met")
+              + ("" if not smtp_ok else
+                 "; SMTP: in-server model call >= 80% of offline: "
+                 + ("met" if smtp_ok[0] else "NOT met")
+                 + ", p99 queue wait bound: " + ("met" if smtp_ok[1] else "NOT met"))
+              + ".", ""]
     return "\n".join(lines)
 
 
