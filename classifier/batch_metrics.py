@@ -31,10 +31,11 @@ class BatcherMetrics(Protocol):
     def queue_wait(self, seconds: float) -> None:
         """One request waited this long between submit and its batch starting."""
 
-    def inference(self, seconds: float, size: int) -> None:
-        """The worker spent this long running one batch (the model call)."""
+    def inference(self, seconds: float, size: int, cpu_seconds: float = 0.0) -> None:
+        """The worker spent this long running one batch (the model call), of
+        which cpu_seconds on the CPU (the rest: waiting for the GIL or a core)."""
 
-    def features(self, seconds: float) -> None:
+    def features(self, seconds: float, cpu_seconds: float = 0.0) -> None:
         """Feature extraction of one message took this long on the event loop."""
 
     def queue_depth(self, depth: int) -> None:
@@ -59,10 +60,10 @@ class NullMetrics:
     def queue_wait(self, seconds: float) -> None:
         pass
 
-    def inference(self, seconds: float, size: int) -> None:
+    def inference(self, seconds: float, size: int, cpu_seconds: float = 0.0) -> None:
         pass
 
-    def features(self, seconds: float) -> None:
+    def features(self, seconds: float, cpu_seconds: float = 0.0) -> None:
         pass
 
     def queue_depth(self, depth: int) -> None:
@@ -93,6 +94,10 @@ class BatchStats:
     features_s: deque[float] = field(default_factory=_samples)
     features_total_s: float = 0.0  # all feature extraction on the loop
     inference_total_s: float = 0.0  # all batch runs in the worker
+    # CPU time of the same (thread CPU clock): immune to other load on the
+    # machine and to waits for the GIL, unlike the wall times above.
+    features_cpu_s: float = 0.0
+    inference_cpu_s: float = 0.0
     max_queue_depth: int = 0
     timeouts: int = 0
     overloads: int = 0
@@ -107,14 +112,16 @@ class BatchStats:
     def queue_wait(self, seconds: float) -> None:
         self.queue_waits_s.append(seconds)
 
-    def inference(self, seconds: float, size: int) -> None:
+    def inference(self, seconds: float, size: int, cpu_seconds: float = 0.0) -> None:
         del size
         self.inference_s.append(seconds)
         self.inference_total_s += seconds
+        self.inference_cpu_s += cpu_seconds
 
-    def features(self, seconds: float) -> None:
+    def features(self, seconds: float, cpu_seconds: float = 0.0) -> None:
         self.features_s.append(seconds)
         self.features_total_s += seconds
+        self.features_cpu_s += cpu_seconds
 
     def queue_depth(self, depth: int) -> None:
         self.max_queue_depth = max(self.max_queue_depth, depth)

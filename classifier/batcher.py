@@ -239,12 +239,12 @@ class Batcher(Generic[In, Out]):
         items = [r.item for r in live]
         assert self._executor is not None
         try:
-            outputs, elapsed = await loop.run_in_executor(self._executor, self._timed, items)
+            outputs, elapsed, cpu = await loop.run_in_executor(self._executor, self._timed, items)
         except Exception as exc:  # run_batch raised: fail exactly this batch
             self._metrics.error(len(live))
             self._fail(live, exc)
             return
-        self._metrics.inference(elapsed, len(live))
+        self._metrics.inference(elapsed, len(live), cpu)
         if len(outputs) != len(live):
             self._metrics.error(len(live))
             self._fail(
@@ -260,11 +260,11 @@ class Batcher(Generic[In, Out]):
             else:
                 request.future.set_result(output)
 
-    def _timed(self, items: list[In]) -> tuple[Sequence[Out | Exception], float]:
-        # Runs in the worker thread.
-        t0 = time.perf_counter()
+    def _timed(self, items: list[In]) -> tuple[Sequence[Out | Exception], float, float]:
+        # Runs in the worker thread: wall time and this thread's CPU time.
+        t0, c0 = time.perf_counter(), time.thread_time()
         outputs = self._run_batch(items)
-        return outputs, time.perf_counter() - t0
+        return outputs, time.perf_counter() - t0, time.thread_time() - c0
 
     def _fail(self, batch: list[_Request[In, Out]], cause: Exception) -> None:
         for request in batch:

@@ -149,12 +149,12 @@ class OnnxClassifierService:
         if len(raw) > LOOP_FEATURES_MAX_BYTES:
             item = _Item(model, None, raw)
         else:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             try:
                 features = model.featurize(raw)
             except Exception as exc:  # the extractor should never raise; if it does, alone
                 raise ClassifierError(f"features failed: {type(exc).__name__}") from None
-            self._metrics.features(time.perf_counter() - t0)
+            self._metrics.features(time.perf_counter() - t0, time.thread_time() - c0)
             item = _Item(model, features, None)
         result = await batcher.submit(item)
         if self._overrides:

@@ -38,6 +38,10 @@ class BatcherPrometheus:
             "triaged_classifier_features_seconds", "Feature extraction of one message", buckets=_FAST_BUCKETS,
             registry=r,
         )
+        # CPU vs wall of the model calls: the gap is waiting for the GIL or a core.
+        self.inference_cpu = Counter(
+            "triaged_classifier_inference_cpu_seconds", "Worker CPU time in model calls", registry=r
+        )
         self.depth = Gauge("triaged_classifier_queue_depth", "Requests waiting for a batch", registry=r)
         self.timeouts = Counter("triaged_classifier_timeouts", "Requests past their deadline", registry=r)
         self.overloads = Counter("triaged_classifier_overloads", "Requests refused on a full queue", registry=r)
@@ -52,11 +56,12 @@ class BatcherPrometheus:
     def queue_wait(self, seconds: float) -> None:
         self.queue_wait_seconds.observe(seconds)
 
-    def inference(self, seconds: float, size: int) -> None:
+    def inference(self, seconds: float, size: int, cpu_seconds: float = 0.0) -> None:
         del size
         self.inference_seconds.observe(seconds)
+        self.inference_cpu.inc(cpu_seconds)
 
-    def features(self, seconds: float) -> None:
+    def features(self, seconds: float, cpu_seconds: float = 0.0) -> None:
         self.features_seconds.observe(seconds)
 
     def queue_depth(self, depth: int) -> None:
