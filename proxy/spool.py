@@ -267,6 +267,8 @@ class Spool:
         seg = self._segments[-1]
         if self._fd is None:
             self._fd = os.open(self._path(seg.number), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            if self._fsync == "always":
+                _fsync_dir(self._dir)  # the new file's name must survive a crash too
         view = memoryview(b"".join(frames))
         try:
             while view:
@@ -328,6 +330,14 @@ class Spool:
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, self._dir / _CURSOR)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _read_frame(f: BinaryIO, segment: int, pos: int) -> SpoolRecord | None:
