@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 # Bump when tokens or hashing change: a model trained on other ids is refused.
-FEATURE_VERSION: Final = 2
+FEATURE_VERSION: Final = 3
 
 IdArray = npt.NDArray[np.int64]
 
@@ -327,6 +327,8 @@ _IPV4 = re.compile(r"^\d+\.\d+$")  # _org() of a dotted quad keeps its last two 
 _SHORTENERS = frozenset(
     "bit.ly t.co tinyurl.com goo.gl ow.ly is.gd buff.ly cutt.ly rb.gy t.ly".split()
 )
+_NAME_WORD = re.compile(r"[^\W\d_]+")
+_ANCHOR = re.compile(rb"<a\s[^>]{0,512}href=[\"']?https?://([a-z0-9.\-]{1,253}+)[^>]{0,1024}+>\s*(?:https?://)?(?:www\.)?([a-z0-9\-]{1,63}\.[a-z0-9.\-]{1,253})")  # bounded: unbounded took minutes on 64 KB of "<a href=http://a"
 _MAILER = re.compile(r"[A-Za-z][A-Za-z\-]+")
 
 
@@ -375,6 +377,13 @@ def _header_tokens(
         add("from-name-has-at")
     if name and dom and org.split(".")[0] in name.lower().replace(" ", ""):
         add("from-name-has-domain")
+    if name and local:
+        # Display name unrelated to the address ("PayPal" <x7@q9z.shop>):
+        # impersonation; people and real senders share a word with it.
+        words = [w for w in _NAME_WORD.findall(name.lower())[:8] if len(w) >= 3]
+        addr = local + "." + dom
+        if words and not any(w in addr for w in words):
+            add("from-name-unrelated")
     labels = dom.split(".") if dom else []
     add("from-labels:" + str(min(len(labels), 6)))
     if any(len(x) >= 15 for x in labels[:-1]):
@@ -456,6 +465,10 @@ def _header_tokens(
             if lo in _SHORTENERS:
                 add("link-shortener")
     add("body-len:" + _bucket(len(body) >> 8))
+    for href, shown in _ANCHOR.findall(low_body, 0, 65536)[:32]:
+        if _org(href.decode("latin-1")) != _org(shown.decode("latin-1")):
+            add("link-text-mismatch")  # <a href=evil>https://bank.example</a>
+            break
     if b"unsubscribe" in low_body:
         add("body-unsub")
     return t
@@ -495,7 +508,9 @@ def _prepare(raw: bytes, p: FeatureParams) -> _Prepared:
     subject = _decode_words(_first(h, "subject"))[:1000]
     name = _domain(_decode_words(_first(h, "from")))[0]
     text = _body_text(leaves, p)
-    hdr = " ".join(_header_tokens(h, subject, leaves, body)).encode()
+    tokens = _header_tokens(h, subject, leaves, body)
+    tokens.append("text-len:" + _bucket(len(text) >> 6))  # decoded words, not markup
+    hdr = " ".join(tokens).encode()
     subj = subject.encode("utf-8", "replace")
     nm = name.encode("utf-8", "replace")
     c1 = len(hdr) + 1

@@ -36,13 +36,14 @@ _LEAK_RECEIVED = re.compile(
     rb"(?mi)^received:(?:.*(?:\r?\n[ \t].*)*)(?:taint\.org|fetchmail)(?:.*(?:\r?\n[ \t].*)*)\r?\n"
 )
 # The anonymised recipients, wherever they appear (some spam quotes the recipient).
-_LEAK_ADDR = re.compile(rb"(?i)\b(zzzz|yyyy)(@|\.)|spamassassin\.taint\.org|taint\.org")
+_LEAK_ADDR = re.compile(rb"(?i)\b(zzzz|yyyy)(?=[@.])")
+_LEAK_DOMAIN = re.compile(rb"(?i)(?:spamassassin\.)?taint\.org")
 
 
 def strip_leaks(raw: bytes) -> bytes:
     head, sep, body = raw.partition(b"\n\n")
     head = _LEAK_RECEIVED.sub(b"", _LEAK_FIELDS.sub(b"", head + b"\n"))[:-1]
-    return _LEAK_ADDR.sub(b"user\\2", head + sep + body) if b"@" in raw else head + sep + body
+    return _LEAK_DOMAIN.sub(b"example.com", _LEAK_ADDR.sub(b"user", head + sep + body))
 
 
 # --- SpamAssassin weak-label refinement -----------------------------------------
@@ -72,6 +73,12 @@ def refine_sa(group: str, raw: bytes, weak: str) -> tuple[str | None, bool, str]
         return None, False, "tag-only->unknown"
     if weak == "primary" and has_list:
         return "forums", False, "primary-with-list-headers->forums"
+    if weak == "primary" and not (
+        subject.startswith(("re:", "fwd:", "fw:")) or "in-reply-to" in h or "references" in h
+    ):
+        # "Nothing matched" is mostly newsletters the weak rules missed; only
+        # replies are surely person to person. Enron supplies primary mail.
+        return None, False, "primary-not-a-reply->unknown"
     if weak == "updates" and has_list and _first(h, "auto-submitted") == "":
         name, local, _ = _domain(_first(h, "from"))
         if not re.search(

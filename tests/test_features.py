@@ -188,3 +188,22 @@ def test_hypothesis_structured(parts: list[bytes]) -> None:
 
 def test_feature_version_is_positive_int() -> None:
     assert isinstance(FEATURE_VERSION, int) and FEATURE_VERSION >= 1
+
+
+def test_weak_label_refinement_rules() -> None:
+    from classifier.labels import refine_sa
+
+    lst = b"From: a@x.org\nSubject: hi\nList-Id: <l.x.org>\nList-Post: <mailto:l@x.org>\n\nbody"
+    tag_reply = b"From: a@x.org\nSubject: Re: [SAtalk] hi\n\nbody"
+    tag_bulk = b"From: a@x.org\nSubject: [use Perl] Headlines\nPrecedence: bulk\n\nbody"
+    newsletter = b"From: news@x.org\nSubject: Weekly news\n\nbody"
+    reply = b"From: a@x.org\nSubject: Re: lunch\nIn-Reply-To: <1@x>\n\nbody"
+    assert refine_sa("spam-2", lst, "spam") == (None, True, "spam-group")
+    assert refine_sa("hard-ham-1", lst, "promotions/newsletter")[0] == "forums"
+    assert refine_sa("hard-ham-1", newsletter, "promotions/newsletter")[0] == "promotions"
+    assert refine_sa("easy-ham-1", tag_reply, "forums")[0] is None
+    assert refine_sa("easy-ham-1", tag_bulk, "forums")[0] == "forums"
+    assert refine_sa("easy-ham-1", lst, "forums") == ("forums", False, "kept")
+    assert refine_sa("easy-ham-1", lst, "primary")[0] == "forums"
+    assert refine_sa("easy-ham-1", newsletter, "primary")[0] is None
+    assert refine_sa("easy-ham-1", reply, "primary")[0] == "primary"
