@@ -361,6 +361,8 @@ class EventShipper:
 
     async def close(self) -> None:
         """Flush to Kafka within close_timeout_s, spool what is left."""
+        if self._closed:
+            return  # idempotent: the server may close twice on a failed start
         self._closed = True
         if self._task is None:
             self._drop(len(self._queue), "closed")

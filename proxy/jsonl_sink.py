@@ -166,6 +166,8 @@ class JsonlSink:
         self._task = asyncio.create_task(self._run(), name="event-jsonl")
 
     async def close(self) -> None:
+        if self._closed:
+            return  # idempotent: the server may close twice on a failed start
         self._closed = True
         if self._task is None:
             self._drop(len(self._queue), "closed")

@@ -77,5 +77,6 @@ async def test_queue_full_drops_are_counted_and_record_never_blocks(tmp_path: Pa
         sink.record(record(queue_id=f"Q{i}"))
     await sink.close()
     sink.record(record(queue_id="late"))
+    await sink.close()  # a second close is harmless
     assert (sink.written, sink.dropped) == (10, 16)
     assert read_events(Path(s.jsonl_path)) == [f"Q{i}" for i in range(10)]

@@ -259,6 +259,7 @@ async def test_close_flushes_queued_events_to_kafka(tmp_path: Path, broker: Kafk
     assert (shipper.sent, shipper.spooled, shipper.dropped) == (500, 0, 0)
     shipper.record(record(queue_id="after-close"))
     assert shipper.dropped == 1  # counted, never raised
+    await shipper.close()  # a second close is harmless
     check_topic(await broker.consume(500), ids)
 
 
