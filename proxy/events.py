@@ -686,6 +686,27 @@ async def _abandon(producer: AIOKafkaProducer, timeout_s: float) -> None:
             pass
 
 
+def config_problems(s: EventsSettings) -> list[str]:
+    """"key: problem" lines for what the types cannot say (for settings.validate,
+    so a bad [events] section exits 78 at start, not later)."""
+    from aiokafka import codec
+
+    problems = []
+    available = {"none": True, "gzip": codec.has_gzip(), "snappy": codec.has_snappy(),
+                 "lz4": codec.has_lz4(), "zstd": codec.has_zstd()}
+    if s.bootstrap_servers and not available[s.compression]:
+        problems.append(f"events.compression: {s.compression} needs a library that is not installed")
+    if s.high_water > s.queue_size:
+        problems.append("events.high_water: must not exceed events.queue_size")
+    if s.spool_segment_bytes > s.spool_max_bytes:
+        problems.append("events.spool_segment_bytes: must not exceed events.spool_max_bytes")
+    for i, server in enumerate(s.bootstrap_servers):
+        host, sep, port = server.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            problems.append(f"events.bootstrap_servers[{i}]: expected host:port, got {server!r}")
+    return problems
+
+
 def make_event_sink(
     settings: EventsSettings, *, instance_id: str | None = None, registry: CollectorRegistry | None = None
 ) -> EventSink:

@@ -13,6 +13,7 @@ from proxy.events import (
     SCHEMA_VERSION,
     Event,
     EventBuilder,
+    config_problems,
     decode_event,
     event_key,
 )
@@ -117,6 +118,25 @@ def test_schema_rejects_a_wrong_type() -> None:
     with pytest.raises(msgspec.ValidationError):
         decode_event(json.dumps(good).encode())
     assert isinstance(decode_event(json.dumps({**good, "recipient_count": 2, "new_field": 1}).encode()), Event)
+
+
+def test_config_problems_name_the_key() -> None:
+    ok = msgspec.convert({"bootstrap_servers": ["127.0.0.1:9092"]}, EventsSettings)
+    assert config_problems(ok) == []
+    from aiokafka import codec
+
+    have = {"snappy": codec.has_snappy(), "lz4": codec.has_lz4(), "zstd": codec.has_zstd()}
+    missing = [name for name, ok in have.items() if not ok]
+    bad = msgspec.convert(
+        {"bootstrap_servers": ["kafka"], "compression": missing[0] if missing else "gzip",
+         "queue_size": 10, "high_water": 20, "spool_max_bytes": 8192, "spool_segment_bytes": 16384},
+        EventsSettings,
+    )
+    keys = sorted(p.split(":")[0] for p in config_problems(bad))
+    expected = ["events.bootstrap_servers[0]", "events.high_water", "events.spool_segment_bytes"]
+    if missing:  # a codec whose library is absent here
+        expected.insert(1, "events.compression")
+    assert keys == expected
 
 
 def test_settings_have_the_close_timeout() -> None:
