@@ -222,6 +222,9 @@ def validate(s: Settings) -> list[str]:
             split_host_port(s.metrics.listen)
         except ValueError as exc:
             errors.append(f"metrics.listen: {exc}, got {s.metrics.listen!r}")
+    from proxy.events import config_problems  # here: proxy.events imports this module
+
+    errors += config_problems(s.events)
     return errors
 
 
