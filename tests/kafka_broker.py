@@ -107,7 +107,7 @@ class KafkaBroker:
             parts: set[int] | None = None
             deadline = time.monotonic() + timeout_s
             while not parts and time.monotonic() < deadline:
-                await consumer._client.force_metadata_update()
+                await consumer.topics()  # fetches fresh metadata
                 parts = consumer.partitions_for_topic(self.topic)
                 if not parts:
                     await asyncio.sleep(0.1)
