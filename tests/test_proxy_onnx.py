@@ -216,7 +216,7 @@ level = "info"
 
 
 async def wait_for_log(proc: TriagedProcess, needle: str, count: int = 1) -> None:
-    for _ in range(300):
+    for _ in range(600):
         if proc.log_tail(1 << 20).count(needle) >= count:
             return
         await asyncio.sleep(0.05)
@@ -268,10 +268,13 @@ async def test_sighup_swaps_the_model_of_a_running_server(
         await asyncio.to_thread(proc.stop)
     models = [headers_of(m.data)["x-triage-model"] for m in capture.messages]
     assert set(replies) == {250} and len(replies) == len(models)
-    assert models[0] == "tiny/1"
-    # Once the reload was logged, every message is stamped by the new model.
-    assert set(models[mark:]) == {"tiny/2"}
     assert "tiny/2" not in models[:5]
+    # One switch, never back: the message in flight when the reload landed may
+    # still carry the old model (it was featurized before the swap), every
+    # later one carries the new one, also after the failed second reload.
+    switch = models.index("tiny/2")
+    assert set(models[:switch]) == {"tiny/1"} and set(models[switch:]) == {"tiny/2"}
+    assert switch <= mark + 1 and len(models) >= mark2 + 5
     assert proc.proc is None
 
 
