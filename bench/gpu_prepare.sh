@@ -30,7 +30,7 @@ pipdl() {
 
 echo "== small wheels"
 pin() { "$PY" -m pip show "$1" 2>/dev/null | awk '/^Version:/{print $2}'; }
-for pkg in msgspec structlog aiosmtpd atpublic aiosmtplib pytest-asyncio; do
+for pkg in msgspec structlog aiosmtpd atpublic aiosmtplib pytest-asyncio selectolax aiokafka async-timeout; do
   v=$(pin "$pkg"); pipdl -d "$G/wheels" "$pkg${v:+==$v}"
 done
 
