@@ -328,7 +328,9 @@ _SHORTENERS = frozenset(
     "bit.ly t.co tinyurl.com goo.gl ow.ly is.gd buff.ly cutt.ly rb.gy t.ly".split()
 )
 _NAME_WORD = re.compile(r"[^\W\d_]+")
-_ANCHOR = re.compile(rb"<a\s[^>]{0,512}href=[\"']?https?://([a-z0-9.\-]{1,253}+)[^>]{0,1024}+>\s*(?:https?://)?(?:www\.)?([a-z0-9\-]{1,63}\.[a-z0-9.\-]{1,253})")  # bounded: unbounded took minutes on 64 KB of "<a href=http://a"
+_ANCHOR = re.compile(
+    rb"<a\s[^>]{0,512}href=[\"']?https?://([a-z0-9.\-]{1,253}+)[^>]{0,1024}+>\s*(?:https?://)?(?:www\.)?([a-z0-9\-]{1,63}\.[a-z0-9.\-]{1,253})"
+)  # bounded: unbounded took minutes on 64 KB of "<a href=http://a"
 _MAILER = re.compile(r"[A-Za-z][A-Za-z\-]+")
 
 
@@ -529,20 +531,22 @@ def _hash_batch(items: Sequence[_Prepared], p: FeatureParams) -> list[IdArray]:
     message and segment (0 structure, 1 subject, 2 name, 3 body) come from a
     sorted table of segment starts; the segment picks the hash salt.
     """
+    k = len(items)
     datas = [it.data for it in items]
     buf = _FOLD[np.frombuffer(b"\n".join(datas), dtype=np.uint8)]
     n = buf.shape[0]
-    sizes = np.fromiter((len(d) + 1 for d in datas), dtype=np.int64, count=len(datas))
-    base = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    sizes = np.fromiter((len(d) + 1 for d in datas), dtype=np.int64, count=k)
+    base = np.cumsum(sizes) - sizes
+    cuts = np.array([it.cuts for it in items], dtype=np.int64).reshape(k, 3)
+    bounds = np.column_stack([base, base[:, None] + cuts]).ravel()  # 4 starts per message
+    # Structure tokens ("h+list-id", "links:3") split on whitespace only: mark
+    # each message's structure segment with a +1/-1 running sum.
+    delta = np.zeros(n + 1, dtype=np.int8)
+    np.add.at(delta, base, 1)
+    np.add.at(delta, base + cuts[:, 0] - 1, -1)
+    in_struct = np.cumsum(delta[:n], dtype=np.int8).view(bool)
     m = np.zeros(n + 2, dtype=np.int8)
-    m[1 : n + 1] = _WORD[buf]
-    bounds = np.empty(4 * len(items), dtype=np.int64)
-    for i, it in enumerate(items):
-        b = int(base[i])
-        c1, c2, c3 = it.cuts
-        # Structure tokens ("h+list-id", "links:3") split on whitespace only.
-        m[b + 1 : b + c1] = _NONSPACE[buf[b : b + c1 - 1]]
-        bounds[4 * i : 4 * i + 4] = (b, b + c1, b + c2, b + c3)
+    m[1 : n + 1] = np.where(in_struct, _NONSPACE[buf], _WORD[buf])
     # Token bounds alternate in the nonzero positions of the mask's difference.
     edges = np.flatnonzero(m[1:] != m[:-1])
     starts, ends = edges[0::2], edges[1::2]
@@ -553,7 +557,14 @@ def _hash_batch(items: Sequence[_Prepared], p: FeatureParams) -> list[IdArray]:
     kind = g & 3
     rank = np.arange(g.shape[0]) - np.searchsorted(g, g, side="left")
     keep = (kind != 3) | (rank < p.max_body_tokens)
-    starts, ends, lens, g, kind = starts[keep], ends[keep], lens[keep], g[keep], kind[keep]
+    starts, ends, lens, g, kind, rank = (
+        starts[keep],
+        ends[keep],
+        lens[keep],
+        g[keep],
+        kind[keep],
+        rank[keep],
+    )
     prefix = np.zeros(n + 1, dtype=np.uint64)
     np.cumsum(buf.astype(np.uint64) * _POW[:n], dtype=np.uint64, out=prefix[1:])
     h = (prefix[ends] - prefix[starts]) * _INV[starts]
@@ -563,29 +574,37 @@ def _hash_batch(items: Sequence[_Prepared], p: FeatureParams) -> list[IdArray]:
     )
     h = _mix(h ^ salts[kind])
     ids = _to_ids(h, p)
-    counts = np.bincount(g, minlength=4 * len(items))
-    first = np.concatenate([[0], np.cumsum(counts)])
     msg = g >> 2
+    slots = p.struct_slots
+    # Row i: `slots` structure ids (0-padded), its text ids (subject, name,
+    # body), then its bigrams; all rows scattered into one flat array.
+    counts = np.bincount(g, minlength=4 * k).reshape(k, 4)
+    n_text = counts[:, 1:].sum(axis=1)
     if p.bigrams:
         body = np.flatnonzero(kind == 3)
         pair = msg[body[1:]] == msg[body[:-1]]
         b0, b1 = body[:-1][pair], body[1:][pair]
         bi = _to_ids(_mix(h[b0] * np.uint64(0x2545F4914F6CDD1D) + h[b1] + np.uint64(_SALT_BI)), p)
-        bi_first = np.concatenate([[0], np.cumsum(np.bincount(msg[b0], minlength=len(items)))])
-    out = []
-    slots = p.struct_slots
-    for i in range(len(items)):
-        s0, s1, s4 = int(first[4 * i]), int(first[4 * i + 1]), int(first[4 * i + 4])
-        n_struct = min(s1 - s0, slots)
-        parts = [ids[s1:s4]]
-        if p.bigrams:
-            parts.append(bi[int(bi_first[i]) : int(bi_first[i + 1])])
-        text = np.concatenate(parts)
-        row = np.zeros(slots + text.shape[0], dtype=np.int64)
-        row[:n_struct] = ids[s0 : s0 + n_struct]
-        row[slots:] = text
-        out.append(row)
-    return out
+        bi_msg = msg[b0]
+        n_bi = np.bincount(bi_msg, minlength=k)
+    else:
+        n_bi = np.zeros(k, dtype=np.int64)
+    row_len = slots + n_text + n_bi
+    row_start = np.cumsum(row_len) - row_len
+    flat = np.zeros(int(row_len.sum()), dtype=np.int64)
+    struct = (kind == 0) & (rank < slots)
+    flat[row_start[msg[struct]] + rank[struct]] = ids[struct]
+    text = kind != 0
+    # A text token's place: after the slots, counted from the message's first text token.
+    text_first = np.cumsum(n_text) - n_text
+    text_idx = np.flatnonzero(text)
+    text_rank = np.arange(text_idx.shape[0]) - text_first[msg[text_idx]]
+    flat[row_start[msg[text_idx]] + slots + text_rank] = ids[text_idx]
+    if p.bigrams and bi.shape[0]:
+        bi_first = np.cumsum(n_bi) - n_bi
+        bi_rank = np.arange(bi.shape[0]) - bi_first[bi_msg]
+        flat[row_start[bi_msg] + slots + n_text[bi_msg] + bi_rank] = bi
+    return list(np.split(flat, row_start[1:]))
 
 
 # Bytes hashed in one numpy pass (the power tables cover this much).
