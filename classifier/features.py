@@ -363,7 +363,11 @@ _PRESENT = {
 
 
 def _header_tokens(
-    h: dict[str, list[str]], subject: str, leaves: list[_Leaf], body: bytes
+    h: dict[str, list[str]],
+    subject: str,
+    leaves: list[_Leaf],
+    body: bytes,
+    sender: tuple[str, str, str],
 ) -> list[str]:
     t: list[str] = []
     add = t.append
@@ -378,7 +382,7 @@ def _header_tokens(
     if "http" in lu:
         add("unsub:http")
 
-    name, local, dom = _domain(_decode_words(_first(h, "from")))
+    name, local, dom = sender
     org = _org(dom) if dom else ""
     add("from-has-name" if name else "from-no-name")
     add("from-tld:" + dom.rsplit(".", 1)[-1][:10])
@@ -409,10 +413,10 @@ def _header_tokens(
         add("from-consonant-run")  # random-looking throwaway domains
     if "@" in subject:
         add("subj-has-addr")
-    _, _, rdom = _domain(_first(h, "reply-to"))
+    rdom = _domain(_first(h, "reply-to"))[2] if "reply-to" in h else ""
     if rdom:
         add("replyto-same-org" if _org(rdom) == org else "replyto-other-org")
-    _, _, sdom = _domain(_first(h, "sender"))
+    sdom = _domain(_first(h, "sender"))[2] if "sender" in h else ""
     if sdom:
         add("sender-same-org" if _org(sdom) == org else "sender-other-org")
     # DKIM (RFC 6376) and its alignment with From (RFC 7489) are left out on
@@ -521,9 +525,10 @@ def _prepare(raw: bytes, p: FeatureParams) -> _Prepared:
     leaves: list[_Leaf] = []
     _walk(h, body, 0, p, leaves)
     subject = _decode_words(_first(h, "subject"))[:1000]
-    name = _domain(_decode_words(_first(h, "from")))[0]
+    sender = _domain(_decode_words(_first(h, "from")))
+    name = sender[0]
     text = _body_text(leaves, p)
-    tokens = _header_tokens(h, subject, leaves, body)
+    tokens = _header_tokens(h, subject, leaves, body, sender)
     tokens.append("text-len:" + _bucket(len(text) >> 6))  # decoded words, not markup
     hdr = " ".join(tokens).encode()
     subj = subject.encode("utf-8", "replace")
