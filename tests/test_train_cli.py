@@ -138,3 +138,51 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "not a usable ONNX model" in capsys.readouterr().err
     assert main(["train", str(tmp_path / "missing"), "--out", str(tmp_path / "x.onnx"), "--quiet"]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+async def test_retrained_model_served_by_the_proxy(tree: Path, tmp_path: Path) -> None:
+    """The site-training path end to end: their folders -> `triaged train` ->
+    `triaged evaluate` -> `triaged serve`'s Server stamps their categories and
+    the spam verdict on mail relayed over real sockets."""
+    import msgspec
+    from conftest import CaptureServer, SmtpTestClient, base_settings
+
+    from proxy.server import Server
+
+    model = tmp_path / "site.onnx"
+    assert main(["train", str(tree), "--out", str(model), "--epochs", "8", "--buckets", "4096",
+                 "--quiet", "--no-int8"]) == 0
+    assert main(["evaluate", str(model), str(tree), "--json"]) == 0
+
+    capture = CaptureServer()
+    await capture.start()
+    settings = base_settings(capture.url)
+    classifier = msgspec.structs.replace(
+        settings.classifier, kind="onnx", model_path=str(model), provider="cpu",
+        rule_overrides=False, timeout_ms=30_000.0,
+    )
+    srv = Server(msgspec.structs.replace(settings, classifier=classifier))
+    await srv.start()
+    try:
+        rng = random.Random(123)
+        kinds = ("invoices", "builds", "family", "spam")
+        client = await SmtpTestClient.connect(*srv.addresses[0])
+        assert (await client.reply())[0] == 220
+        assert (await client.cmd("EHLO client.test"))[0] == 250
+        for n, kind in enumerate(kinds):
+            raw = _message(kind, 2000 + n, rng).replace(b"\n", b"\r\n")
+            assert (await client.send_message("a@example.org", ["b@example.net"], raw))[0] == 250
+        await client.close()
+    finally:
+        await srv.stop(drain_timeout_s=1.0)
+        await capture.stop()
+
+    assert len(capture.messages) == len(kinds)
+    for kind, got in zip(kinds, capture.messages, strict=True):
+        head = got.data.split(b"\r\n\r\n", 1)[0].decode()
+        assert "X-Triage-Model: site/1" in head
+        if kind == "spam":
+            assert "X-Triage-Spam: yes" in head
+        else:
+            assert f"X-Triage-Category: {kind}" in head
+            assert "X-Triage-Spam: no" in head
