@@ -3,22 +3,33 @@
 Shape (after Triton's dynamic batcher and Ray Serve's @serve.batch, with the
 safety they lack):
 
-- A bounded queue. `submit()` on a full queue raises Overloaded at once; it
-  never waits for room.
-- One collector task forms batches, and one worker thread runs them
-  (onnxruntime releases the GIL, so the event loop keeps serving sockets).
-  Only one batch runs at a time; requests that arrive meanwhile queue up, so
-  batches form naturally under load.
-- When the worker is free, the collector takes what is queued (up to
-  max_batch_size) and then keeps collecting only while requests keep arriving
-  and the first request has waited less than max_wait_ms. If a pass of the
-  event loop brings no new request, the batch closes at once ("idle"): a lone
-  request under light load pays no batching window at all.
+- A bounded, thread-safe queue. `submit()` on a full queue raises Overloaded
+  at once; it never waits for room.
+- One worker thread both collects batches and runs them, as Triton's dynamic
+  batcher does. Collection used to be a coroutine, and on a loop saturated by
+  SMTP and feature extraction every coroutine waits its turn: the loop's lag
+  (tens of ms) landed in the queue wait (bench/results/batching_cpu.md). The
+  worker waits on a condition variable instead, so a batch starts as soon as
+  the worker is free and the window ends, however busy the loop is.
+  onnxruntime releases the GIL inside session.run, so the loop keeps serving
+  sockets meanwhile. Only one batch runs at a time; requests that arrive
+  meanwhile queue up, so batches form naturally under load.
+- When the worker is free it takes what is queued (up to max_batch_size) and
+  then keeps collecting only while requests keep arriving and the first
+  request has waited less than max_wait_ms (on perf_counter, in the worker).
+  "Arriving" is probed as before: the worker posts a marker to the event loop;
+  if the loop ran it and no request was submitted since, nothing is coming
+  soon enough to be worth waiting for and the batch closes at once ("idle"):
+  a lone request under light load pays no batching window at all. The probe
+  never stretches the window: the worker waits for it at most until the
+  window ends.
 - Every request has a deadline. A queued request whose deadline passed is
   never run (DeadlineExceeded); a caller whose deadline passes while its batch
   runs gets DeadlineExceeded and the result is dropped.
-- Results and errors are set only on futures that are not done, so a caller
-  that was cancelled (or timed out) never breaks its batch or anyone else.
+- The worker never touches an asyncio future: results, errors and metrics go
+  back with loop.call_soon_threadsafe, and are set only on futures that are
+  not done, so a caller that was cancelled (or timed out) never breaks its
+  batch or anyone else.
 - The outputs are counted against the inputs; a mismatch or an exception in
   `run_batch` fails exactly that batch's callers, and the next batch runs.
 """
@@ -26,12 +37,12 @@ safety they lack):
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from classifier.batch_metrics import BatcherMetrics, CloseReason, NullMetrics
 from classifier.config import BatcherSettings
@@ -55,11 +66,20 @@ class BatcherClosed(ClassifierError):
 class _Request(Generic[In, Out]):
     item: In
     future: asyncio.Future[Out]
-    enqueued: float  # loop.time()
-    deadline: float  # loop.time()
-    # perf_counter() at submit, for the queue-wait metric: uvloop's loop.time()
-    # ticks in whole milliseconds.
+    deadline: float  # loop.time(), for the caller's own timeout
+    # perf_counter() at submit: the worker's clock for the window, the queue
+    # wait metric and expiry (uvloop's loop.time() ticks in whole ms, and the
+    # worker must not read the loop's clock anyway).
     submitted: float
+    expires: float  # perf_counter() deadline
+
+
+@dataclass(eq=False)
+class _Call(Generic[T]):
+    """A function to run in the worker between batches (run_in_worker)."""
+
+    fn: Callable[[], T]
+    future: asyncio.Future[T]
 
 
 class Batcher(Generic[In, Out]):
@@ -79,12 +99,17 @@ class Batcher(Generic[In, Out]):
         self._timeout_s = timeout_ms / 1000.0
         self._metrics: BatcherMetrics = metrics if metrics is not None else NullMetrics()
         self._thread_name = thread_name
+        # Everything below the condition's lock is shared with the worker.
+        self._cond = threading.Condition(threading.Lock())
         self._queue: deque[_Request[In, Out]] = deque()
-        self._arrived = asyncio.Event()
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._collector: asyncio.Task[None] | None = None
+        self._calls: deque[_Call[Any]] = deque()
         self._closing = False
-        self._arrivals = 0  # submits so far: the collector's "is more coming?" probe
+        self._arrivals = 0  # submits so far: the "is more coming?" probe
+        self._probes_sent = 0  # markers posted to the loop by the worker
+        self._probes_answered = 0  # ... and run by the loop (in order)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped: asyncio.Future[None] | None = None
 
     @property
     def depth(self) -> int:
@@ -93,30 +118,40 @@ class Batcher(Generic[In, Out]):
 
     @property
     def running(self) -> bool:
-        return self._collector is not None and not self._collector.done()
+        return self._thread is not None and self._thread.is_alive()
 
     async def start(self) -> None:
-        if self._collector is not None:
+        if self._thread is not None:
             return
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=self._thread_name
-        )
-        self._collector = asyncio.create_task(self._collect(), name="batcher-collector")
+        self._loop = asyncio.get_running_loop()
+        self._stopped = self._loop.create_future()
+        # A daemon: a process that exits without close() must not hang on it.
+        self._thread = threading.Thread(target=self._work, name=self._thread_name, daemon=True)
+        self._thread.start()
 
     async def run_in_worker(self, fn: Callable[[], T]) -> T:
         """Run `fn` in the inference thread, between batches (warm-ups, probes)."""
-        if self._executor is None:
+        if self._loop is None or self._closing:
             raise BatcherClosed("batcher not started")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        future: asyncio.Future[T] = self._loop.create_future()
+        call = _Call(fn, future)
+        with self._cond:
+            self._calls.append(call)
+            self._cond.notify()
+        return await call.future
 
     def check_room(self) -> None:
         """Raise BatcherClosed or Overloaded now if a submit would; callers
         that prepare an item (features) check first so a refusal costs nothing."""
-        if self._closing or self._collector is None:
+        if self._closing or self._thread is None:
             raise BatcherClosed("classifier is not running")
         if len(self._queue) >= self._settings.queue_size:
-            self._purge_done()
-            if len(self._queue) >= self._settings.queue_size:
+            with self._cond:
+                # Drop entries of callers who already left, so they do not
+                # hold slots against live callers.
+                self._queue = deque(r for r in self._queue if not r.future.done())
+                full = len(self._queue) >= self._settings.queue_size
+            if full:
                 self._metrics.overload()
                 raise Overloaded("classifier queue full")
 
@@ -129,19 +164,21 @@ class Batcher(Generic[In, Out]):
         """
         self.check_room()
         loop = asyncio.get_running_loop()
-        now = loop.time()
         timeout_s = self._timeout_s if timeout_ms is None else timeout_ms / 1000.0
+        submitted = time.perf_counter()
         request: _Request[In, Out] = _Request(
-            item, loop.create_future(), now, now + timeout_s, time.perf_counter()
+            item, loop.create_future(), loop.time() + timeout_s, submitted, submitted + timeout_s
         )
-        self._queue.append(request)
-        self._arrivals += 1
-        self._arrived.set()
-        self._metrics.queue_depth(len(self._queue))
+        with self._cond:
+            self._queue.append(request)
+            self._arrivals += 1
+            depth = len(self._queue)
+            self._cond.notify()
+        self._metrics.queue_depth(depth)
         try:
             async with asyncio.timeout_at(request.deadline):
                 # Awaiting the future directly: if this caller is cancelled the
-                # future is cancelled too, and the collector skips it.
+                # future is cancelled too, and the worker skips it.
                 return await request.future
         except TimeoutError:
             self._metrics.timeout()
@@ -153,97 +190,162 @@ class Batcher(Generic[In, Out]):
         Draining is bounded: every queued request has a deadline.
         """
         self._closing = True
-        if not drain:
-            self._fail_queued(BatcherClosed("classifier shut down"))
-        self._arrived.set()
-        if self._collector is not None:
+        with self._cond:
+            dropped = [] if drain else list(self._queue)
+            if not drain:
+                self._queue.clear()
+            self._cond.notify_all()
+        for request in dropped:
+            if not request.future.done():
+                request.future.set_exception(BatcherClosed("classifier shut down"))
+        if self._thread is not None and self._stopped is not None:
             try:
-                await self._collector
+                # Set by the worker as its last act, after its last results
+                # were posted (the loop runs them in order, before this).
+                await asyncio.shield(self._stopped)
             finally:
-                self._collector = None
-        if self._executor is not None:
-            # The collector waited for its last batch, so nothing runs now.
-            self._executor.shutdown(wait=False)
-            self._executor = None
+                self._thread.join(timeout=1.0)
+                self._thread = None
 
-    # -- collector ---------------------------------------------------------
+    # -- worker thread -------------------------------------------------------
 
-    async def _collect(self) -> None:
-        while True:
-            if not self._queue:
-                if self._closing:
-                    return
-                self._arrived.clear()
-                await self._arrived.wait()
-                continue
-            batch, reason = await self._form_batch()
-            if not batch:
-                continue
-            try:
-                await self._run(batch, reason)
-            except Exception as exc:  # a bug here must not strand the callers
-                self._fail(batch, exc)
+    def _work(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not (self._queue or self._calls or self._closing):
+                        self._cond.wait()
+                    call = self._calls.popleft() if self._calls else None
+                    if call is None and not self._queue:
+                        return  # closing, nothing left
+                    batch, reason, expired = (
+                        self._collect() if call is None else ([], "idle", [])
+                    )
+                if call is not None:
+                    self._run_call(call)
+                    continue
+                if expired:
+                    self._post(self._expire, expired)
+                if batch:
+                    self._run(batch, reason)
+        finally:
+            with self._cond:
+                left = [*self._queue, *self._calls]  # non-empty only after a bug
+                self._queue.clear()
+                self._calls.clear()
+            self._post(self._exited, left)
 
-    async def _form_batch(self) -> tuple[list[_Request[In, Out]], CloseReason]:
-        loop = asyncio.get_running_loop()
+    def _collect(self) -> tuple[list[_Request[In, Out]], CloseReason, list[_Request[In, Out]]]:
+        """Form one batch (lock held; waits release it)."""
         max_size = self._settings.max_batch_size
         batch: list[_Request[In, Out]] = []
-        self._take(batch, loop.time())
+        expired: list[_Request[In, Out]] = []
+        self._take(batch, expired)
         if not batch:
-            return batch, "idle"
-        # The window runs on perf_counter, not loop.time(): uvloop caches the
-        # loop time once per iteration, so on a busy loop (features, SMTP) a
-        # window measured in loop time overshoots by a whole pass.
+            return batch, "idle", expired
         window_end = batch[0].submitted + self._settings.max_wait_ms / 1000.0
+        probe: int | None = None  # the marker this batch waits on
+        seen = 0  # arrivals when it was posted
         while True:
             if len(batch) >= max_size:
-                return batch, "full"
+                return batch, "full", expired
             if self._closing:
-                return batch, "drain"
-            if time.perf_counter() >= window_end:
-                return batch, "timeout"
-            # Let one pass of the event loop run: callers whose sockets are
-            # ready right now get to submit. If none did, nothing is coming
-            # soon enough to be worth waiting for: run now.
-            seen = self._arrivals
-            await asyncio.sleep(0)
-            if self._arrivals == seen:
-                return batch, "idle"
-            self._take(batch, loop.time())
+                return batch, "drain", expired
+            now = time.perf_counter()
+            if now >= window_end:
+                return batch, "timeout", expired
+            if self._queue:
+                self._take(batch, expired)
+                continue
+            if probe is not None and self._probes_answered >= probe:
+                if self._arrivals == seen:
+                    # The loop ran a whole pass and no caller submitted.
+                    return batch, "idle", expired
+                probe = None  # something arrived meanwhile: probe again
+            if probe is None:
+                seen = self._arrivals
+                self._probes_sent += 1
+                probe = self._probes_sent
+                if not self._post(self._answer_probe):
+                    return batch, "idle", expired  # no loop to ask
+            self._cond.wait(window_end - now)
 
-    def _take(self, batch: list[_Request[In, Out]], now: float) -> None:
-        """Move live requests from the queue into `batch`, expiring stale ones."""
+    def _take(self, batch: list[_Request[In, Out]], expired: list[_Request[In, Out]]) -> None:
+        """Move live requests from the queue into `batch`, setting aside expired
+        ones (lock held)."""
         max_size = self._settings.max_batch_size
+        now = time.perf_counter()
         while self._queue and len(batch) < max_size:
             request = self._queue.popleft()
             if request.future.done():  # caller cancelled or timed out
                 continue
-            if now >= request.deadline:
-                # Never run a request nobody will wait for.
-                request.future.set_exception(DeadlineExceeded("deadline passed in queue"))
-                self._metrics.timeout()
+            if now >= request.expires:
+                expired.append(request)  # never run a request nobody will wait for
                 continue
             batch.append(request)
 
-    async def _run(self, batch: list[_Request[In, Out]], reason: CloseReason) -> None:
-        loop = asyncio.get_running_loop()
-        start = time.perf_counter()
+    def _run(self, batch: list[_Request[In, Out]], reason: CloseReason) -> None:
         # Requests may have been cancelled during the collection window.
         live = [r for r in batch if not r.future.done()]
         if not live:
             return
-        self._metrics.batch(len(live), reason)
-        self._metrics.queue_depth(len(self._queue))
-        for request in live:
-            self._metrics.queue_wait(start - request.submitted)
+        start = time.perf_counter()
+        self._post(self._started, len(live), reason, [start - r.submitted for r in live],
+                   len(self._queue))
         items = [r.item for r in live]
-        assert self._executor is not None
+        c0 = time.thread_time()
         try:
-            outputs, elapsed, cpu = await loop.run_in_executor(self._executor, self._timed, items)
+            outputs = self._run_batch(items)
         except Exception as exc:  # run_batch raised: fail exactly this batch
-            self._metrics.error(len(live))
-            self._fail(live, exc)
+            self._post(self._failed, live, exc)
             return
+        elapsed, cpu = time.perf_counter() - start, time.thread_time() - c0
+        self._post(self._deliver, live, outputs, elapsed, cpu)
+
+    def _run_call(self, call: _Call[Any]) -> None:
+        try:
+            result = call.fn()
+        except Exception as exc:
+            self._post(_settle, call.future, None, exc)
+        else:
+            self._post(_settle, call.future, result, None)
+
+    def _post(self, fn: Callable[..., None], *args: Any) -> bool:
+        """Hand `fn(*args)` to the event loop; False if the loop is gone."""
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # loop closed: nobody is waiting any more
+            return False
+        return True
+
+    # -- on the event loop (posted by the worker) ------------------------------
+
+    def _answer_probe(self) -> None:
+        with self._cond:
+            self._probes_answered += 1
+            self._cond.notify()
+
+    def _expire(self, requests: list[_Request[In, Out]]) -> None:
+        for request in requests:
+            if not request.future.done():
+                request.future.set_exception(DeadlineExceeded("deadline passed in queue"))
+                self._metrics.timeout()
+
+    def _started(self, size: int, reason: CloseReason, waits: list[float], depth: int) -> None:
+        self._metrics.batch(size, reason)
+        self._metrics.queue_depth(depth)
+        for wait in waits:
+            self._metrics.queue_wait(wait)
+
+    def _failed(self, live: list[_Request[In, Out]], exc: Exception) -> None:
+        self._metrics.error(len(live))
+        self._fail(live, exc)
+
+    def _deliver(
+        self, live: list[_Request[In, Out]], outputs: Sequence[Out | Exception],
+        elapsed: float, cpu: float,
+    ) -> None:
         self._metrics.inference(elapsed, len(live), cpu)
         if len(outputs) != len(live):
             self._metrics.error(len(live))
@@ -260,32 +362,32 @@ class Batcher(Generic[In, Out]):
             else:
                 request.future.set_result(output)
 
-    def _timed(self, items: list[In]) -> tuple[Sequence[Out | Exception], float, float]:
-        # Runs in the worker thread: wall time and this thread's CPU time.
-        t0, c0 = time.perf_counter(), time.thread_time()
-        outputs = self._run_batch(items)
-        return outputs, time.perf_counter() - t0, time.thread_time() - c0
+    def _exited(self, left: list[_Request[In, Out] | _Call[Any]]) -> None:
+        self._fail(left, BatcherClosed("classifier worker stopped"))
+        if self._stopped is not None and not self._stopped.done():
+            self._stopped.set_result(None)
 
-    def _fail(self, batch: list[_Request[In, Out]], cause: Exception) -> None:
+    def _fail(self, batch: Sequence[_Request[In, Out] | _Call[Any]], cause: Exception) -> None:
         for request in batch:
             if request.future.done():
                 continue
             # A fresh exception per caller: one instance raised in many tasks
             # would collect everyone's tracebacks.
-            if isinstance(cause, ClassifierError):
+            err: ClassifierError
+            if isinstance(cause, BatcherClosed):
+                err = BatcherClosed(str(cause))
+            elif isinstance(cause, ClassifierError):
                 err = ClassifierError(str(cause))
             else:
                 err = ClassifierError(f"batch failed: {type(cause).__name__}: {cause}")
             err.__cause__ = cause
             request.future.set_exception(err)
 
-    def _fail_queued(self, exc: ClassifierError) -> None:
-        while self._queue:
-            request = self._queue.popleft()
-            if not request.future.done():
-                request.future.set_exception(type(exc)(*exc.args))
 
-    def _purge_done(self) -> None:
-        # Only on a full queue: drop entries of callers who already left, so
-        # they do not hold slots against live callers.
-        self._queue = deque(r for r in self._queue if not r.future.done())
+def _settle(future: asyncio.Future[Any], result: Any, exc: Exception | None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)

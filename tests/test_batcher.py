@@ -7,6 +7,7 @@ the test arranges the queue, and close reasons are asserted, not latencies.
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 from batching_models import EchoRunner, build_echo_model
@@ -346,3 +347,50 @@ async def test_window_closes_a_batch_while_requests_keep_arriving() -> None:
     assert results == list(range(len(tasks)))
     assert stats.close_reasons["timeout"] >= 1
     assert runner.batches[0] and len(runner.batches[0]) > 2
+
+
+async def test_a_blocked_event_loop_does_not_hold_up_the_next_batch() -> None:
+    runner = EchoRunner(FAST)
+    # A window of a full second, and a loop that cannot answer the worker's
+    # "anything more coming?" probe: the batch must still close, in the worker,
+    # when the window ends, without the loop ever getting a turn.
+    batcher, stats = make(runner, max_wait_ms=1000)
+    await batcher.start()
+    try:
+        first = await hold_worker(batcher, runner, 1000)
+        queued = asyncio.create_task(batcher.submit(5))
+        await settle()
+        assert batcher.depth == 1
+        runner.entered.clear()
+        runner.gate.set()
+        # Block the loop thread, as a long feature extraction would. With the
+        # collector on the loop this never returned True.
+        assert runner.entered.wait(10)
+        assert await first == 1000
+        assert await queued == 5
+    finally:
+        await batcher.close()
+    assert runner.batches == [[1000], [5]]
+    assert stats.close_reasons["timeout"] == 1
+
+
+async def test_run_in_worker_runs_between_batches_in_the_worker_thread() -> None:
+    runner = EchoRunner(FAST)
+    batcher, _ = make(runner)
+    await batcher.start()
+    try:
+        first = await hold_worker(batcher, runner, 1000)
+        names = asyncio.create_task(batcher.run_in_worker(lambda: threading.current_thread().name))
+        boom = asyncio.create_task(batcher.run_in_worker(lambda: 1 // 0))
+        await settle()
+        assert not names.done()  # the running batch goes first
+        runner.gate.set()
+        assert await first == 1000
+        assert await names == "triaged-infer"
+        with pytest.raises(ZeroDivisionError):
+            await boom
+        assert await batcher.submit(3) == 3
+    finally:
+        await batcher.close()
+    with pytest.raises(BatcherClosed):
+        await batcher.run_in_worker(lambda: None)
