@@ -298,6 +298,17 @@ class TriageSMTP(SMTP):
     def xforward_allowed(self) -> bool:
         return _allowed(self.client_address, self.ctx.xforward_clients)
 
+    def forwarded_attributes(self) -> dict[str, str]:
+        """What the next hop should log as the client: the XFORWARD our
+        client sent, else the real client from a PROXY header (behind HAProxy
+        the TCP peer is only the balancer)."""
+        if self.xforward:
+            return self.xforward
+        if self.proxy is not None and self.proxy.source is not None:
+            host, port = self.proxy.source
+            return {"ADDR": host, "PORT": str(port)}
+        return {}
+
     async def smtp_XFORWARD(self, arg: str | None) -> None:
         if not self.xforward_allowed():
             await self.push(V.XFORWARD_DENIED)
@@ -524,8 +535,9 @@ class RelayHandler:
                 log.warning("upstream_failed", stage="connect", error=str(exc))
                 return V.UPSTREAM_UNREACHABLE
             try:
-                if server.xforward and ctx.settings.upstream.xforward and "XFORWARD" in hop.extensions:
-                    await hop.xforward(server.xforward)
+                attrs = server.forwarded_attributes()
+                if attrs and ctx.settings.upstream.xforward and "XFORWARD" in hop.extensions:
+                    await hop.xforward(attrs)
                 reply = await hop.mail(address, _offered(options, hop.extensions))
                 break
             except BaseException as exc:
