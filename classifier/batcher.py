@@ -52,6 +52,8 @@ In = TypeVar("In")
 Out = TypeVar("Out")
 T = TypeVar("T")
 
+_NEVER = 1 << 62  # a wake depth no queue reaches
+
 # run_batch may answer one item with an Exception instance instead of a result:
 # that item's caller gets it, the rest of the batch is unaffected (one
 # malformed message must not fail 63 others).
@@ -72,6 +74,16 @@ class _Request(Generic[In, Out]):
     # worker must not read the loop's clock anyway).
     submitted: float
     expires: float  # perf_counter() deadline
+
+
+@dataclass(frozen=True, slots=True)
+class _Started:
+    """What the worker saw as a batch started, for the metrics hooks."""
+
+    size: int
+    reason: CloseReason
+    waits: list[float]  # seconds from each request's submit to the start
+    depth: int  # requests left queued
 
 
 @dataclass(eq=False)
@@ -105,6 +117,12 @@ class Batcher(Generic[In, Out]):
         self._calls: deque[_Call[Any]] = deque()
         self._closing = False
         self._arrivals = 0  # submits so far: the "is more coming?" probe
+        # Queue depth at which a submit wakes the worker: 1 while it waits for
+        # a first request, "enough to fill the batch" while it collects. Each
+        # wake costs the worker a GIL hand-off from the busy loop thread, so a
+        # collecting worker sleeps until the window ends, the probe answers or
+        # the batch can be filled, not at every arrival.
+        self._wake_depth = 1
         self._probes_sent = 0  # markers posted to the loop by the worker
         self._probes_answered = 0  # ... and run by the loop (in order)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -173,7 +191,8 @@ class Batcher(Generic[In, Out]):
             self._queue.append(request)
             self._arrivals += 1
             depth = len(self._queue)
-            self._cond.notify()
+            if depth >= self._wake_depth:
+                self._cond.notify()
         self._metrics.queue_depth(depth)
         try:
             async with asyncio.timeout_at(request.deadline):
@@ -214,6 +233,7 @@ class Batcher(Generic[In, Out]):
             while True:
                 with self._cond:
                     while not (self._queue or self._calls or self._closing):
+                        self._wake_depth = 1
                         self._cond.wait()
                     call = self._calls.popleft() if self._calls else None
                     if call is None and not self._queue:
@@ -237,6 +257,7 @@ class Batcher(Generic[In, Out]):
 
     def _collect(self) -> tuple[list[_Request[In, Out]], CloseReason, list[_Request[In, Out]]]:
         """Form one batch (lock held; waits release it)."""
+        self._wake_depth = _NEVER  # not waiting: submits need not notify
         max_size = self._settings.max_batch_size
         batch: list[_Request[In, Out]] = []
         expired: list[_Request[In, Out]] = []
@@ -268,6 +289,7 @@ class Batcher(Generic[In, Out]):
                 probe = self._probes_sent
                 if not self._post(self._answer_probe):
                     return batch, "idle", expired  # no loop to ask
+            self._wake_depth = max_size - len(batch)
             self._cond.wait(window_end - now)
 
     def _take(self, batch: list[_Request[In, Out]], expired: list[_Request[In, Out]]) -> None:
@@ -290,17 +312,18 @@ class Batcher(Generic[In, Out]):
         if not live:
             return
         start = time.perf_counter()
-        self._post(self._started, len(live), reason, [start - r.submitted for r in live],
-                   len(self._queue))
+        # Handed to the loop with the results, in one wake-up of the loop.
+        started = _Started(len(live), reason, [start - r.submitted for r in live],
+                           len(self._queue))
         items = [r.item for r in live]
         c0 = time.thread_time()
         try:
             outputs = self._run_batch(items)
         except Exception as exc:  # run_batch raised: fail exactly this batch
-            self._post(self._failed, live, exc)
+            self._post(self._failed, started, live, exc)
             return
         elapsed, cpu = time.perf_counter() - start, time.thread_time() - c0
-        self._post(self._deliver, live, outputs, elapsed, cpu)
+        self._post(self._deliver, started, live, outputs, elapsed, cpu)
 
     def _run_call(self, call: _Call[Any]) -> None:
         try:
@@ -332,20 +355,22 @@ class Batcher(Generic[In, Out]):
                 request.future.set_exception(DeadlineExceeded("deadline passed in queue"))
                 self._metrics.timeout()
 
-    def _started(self, size: int, reason: CloseReason, waits: list[float], depth: int) -> None:
-        self._metrics.batch(size, reason)
-        self._metrics.queue_depth(depth)
-        for wait in waits:
+    def _started(self, started: _Started) -> None:
+        self._metrics.batch(started.size, started.reason)
+        self._metrics.queue_depth(started.depth)
+        for wait in started.waits:
             self._metrics.queue_wait(wait)
 
-    def _failed(self, live: list[_Request[In, Out]], exc: Exception) -> None:
+    def _failed(self, started: _Started, live: list[_Request[In, Out]], exc: Exception) -> None:
+        self._started(started)
         self._metrics.error(len(live))
         self._fail(live, exc)
 
     def _deliver(
-        self, live: list[_Request[In, Out]], outputs: Sequence[Out | Exception],
-        elapsed: float, cpu: float,
+        self, started: _Started, live: list[_Request[In, Out]],
+        outputs: Sequence[Out | Exception], elapsed: float, cpu: float,
     ) -> None:
+        self._started(started)
         self._metrics.inference(elapsed, len(live), cpu)
         if len(outputs) != len(live):
             self._metrics.error(len(live))
