@@ -512,10 +512,11 @@ def _body_text(leaves: list[_Leaf], p: FeatureParams) -> str:
 
 
 class _Prepared(msgspec.Struct):
-    """One message reduced to bytes to hash: structure tokens, subject, name, body."""
+    """One message reduced to bytes to hash: structure tokens apart from the text."""
 
-    data: bytes  # the four segments joined by newlines
-    cuts: tuple[int, int, int]  # offsets where subject, name and body start
+    hdr: bytes  # structure tokens, space separated
+    text: bytes  # subject, sender name and body joined by newlines
+    cuts: tuple[int, int]  # offsets in `text` where the name and the body start
 
 
 def _prepare(raw: bytes, p: FeatureParams) -> _Prepared:
@@ -530,50 +531,66 @@ def _prepare(raw: bytes, p: FeatureParams) -> _Prepared:
     text = _body_text(leaves, p)
     tokens = _header_tokens(h, subject, leaves, body, sender)
     tokens.append("text-len:" + _bucket(len(text) >> 6))  # decoded words, not markup
-    hdr = " ".join(tokens).encode()
     subj = subject.encode("utf-8", "replace")
     nm = name.encode("utf-8", "replace")
-    c1 = len(hdr) + 1
-    c2 = c1 + len(subj) + 1
+    c2 = len(subj) + 1
     c3 = c2 + len(nm) + 1
-    return _Prepared(b"\n".join([hdr, subj, nm, text.encode("utf-8", "replace")]), (c1, c2, c3))
+    return _Prepared(
+        " ".join(tokens).encode(), b"\n".join([subj, nm, text.encode("utf-8", "replace")]), (c2, c3)
+    )
 
 
-_ERROR = _Prepared(b"extract-error\n\n\n", (14, 15, 16))
+_ERROR = _Prepared(b"extract-error", b"\n\n", (1, 2))
+
+# Fold and token masks as bytes.translate tables (C speed, one byte out per
+# byte in); the masks are of the folded byte, so they apply to raw bytes.
+_FOLD_T: Final = _FOLD.tobytes()
+_WORD_T: Final = _WORD[_FOLD].astype(np.uint8).tobytes()
+_NONSPACE_T: Final = _NONSPACE[_FOLD].astype(np.uint8).tobytes()
+_SEG: Final = np.array([1, 2, 3], dtype=np.int64)
 
 
 def _hash_batch(items: Sequence[_Prepared], p: FeatureParams) -> list[IdArray]:
     """Token ids of prepared messages, one numpy pass for the whole batch.
 
-    Messages are joined by newlines (never part of a token). Each token's
-    message and segment (0 structure, 1 subject, 2 name, 3 body) come from a
-    sorted table of segment starts; the segment picks the hash salt.
+    Layout: every message's structure tokens first (split on whitespace), then
+    every message's text (split on word bytes), each joined by newlines (never
+    part of a token), so each region gets its mask from one translate and no
+    per-byte "which segment" array is needed. A token's message and segment
+    (0 structure, 1 subject, 2 name, 3 body; the segment picks the hash salt)
+    come from the token counts between segment starts.
     """
     k = len(items)
-    datas = [it.data for it in items]
-    buf = _FOLD[np.frombuffer(b"\n".join(datas), dtype=np.uint8)]
-    n = buf.shape[0]
-    sizes = np.fromiter((len(d) + 1 for d in datas), dtype=np.int64, count=k)
-    base = np.cumsum(sizes) - sizes
-    cuts = np.array([it.cuts for it in items], dtype=np.int64).reshape(k, 3)
-    bounds = np.column_stack([base, base[:, None] + cuts]).ravel()  # 4 starts per message
-    # Structure tokens ("h+list-id", "links:3") split on whitespace only: mark
-    # each message's structure segment with a +1/-1 running sum.
-    delta = np.zeros(n + 1, dtype=np.int8)
-    np.add.at(delta, base, 1)
-    np.add.at(delta, base + cuts[:, 0] - 1, -1)
-    in_struct = np.cumsum(delta[:n], dtype=np.int8).view(bool)
-    m = np.zeros(n + 2, dtype=np.int8)
-    m[1 : n + 1] = np.where(in_struct, _NONSPACE[buf], _WORD[buf])
+    hdrs = b"\n".join([it.hdr for it in items])
+    texts = b"\n".join([it.text for it in items])
+    joined = hdrs + b"\n" + texts
+    n = len(joined)
+    buf = np.frombuffer(joined.translate(_FOLD_T), dtype=np.uint8)
+    m = np.frombuffer(
+        b"\0" + hdrs.translate(_NONSPACE_T) + b"\0" + texts.translate(_WORD_T) + b"\0",
+        dtype=np.int8,
+    )
     # Token bounds alternate in the nonzero positions of the mask's difference.
     edges = np.flatnonzero(m[1:] != m[:-1])
     starts, ends = edges[0::2], edges[1::2]
     lens = ends - starts
     keep = (lens >= 2) & (lens <= 40)
     starts, ends, lens = starts[keep], ends[keep], lens[keep]
-    g = np.searchsorted(bounds, starts, side="right") - 1  # 4 * message + segment
+    # Segment starts in layout order, and each segment's id 4 * message + segment.
+    hsizes = np.fromiter((len(it.hdr) + 1 for it in items), dtype=np.int64, count=k)
+    tsizes = np.fromiter((len(it.text) + 1 for it in items), dtype=np.int64, count=k)
+    tbase = len(hdrs) + 1 + np.cumsum(tsizes) - tsizes
+    cuts = np.array([it.cuts for it in items], dtype=np.int64).reshape(k, 2)
+    bounds = np.concatenate(
+        [np.cumsum(hsizes) - hsizes, np.column_stack([tbase, tbase[:, None] + cuts]).ravel()]
+    )
+    four = np.arange(k, dtype=np.int64) * 4
+    labels = np.concatenate([four, (four[:, None] + _SEG).ravel()])
+    first = np.searchsorted(starts, bounds, side="left")  # first token of each segment
+    seg = np.repeat(np.arange(4 * k), np.diff(first, append=starts.shape[0]))
+    rank = np.arange(starts.shape[0]) - first[seg]
+    g = labels[seg]
     kind = g & 3
-    rank = np.arange(g.shape[0]) - np.searchsorted(g, g, side="left")
     keep = (kind != 3) | (rank < p.max_body_tokens)
     starts, ends, lens, g, kind, rank = (
         starts[keep],
@@ -584,7 +601,7 @@ def _hash_batch(items: Sequence[_Prepared], p: FeatureParams) -> list[IdArray]:
         rank[keep],
     )
     prefix = np.zeros(n + 1, dtype=np.uint64)
-    np.cumsum(buf.astype(np.uint64) * _POW[:n], dtype=np.uint64, out=prefix[1:])
+    np.cumsum(buf * _POW[:n], dtype=np.uint64, out=prefix[1:])
     h = (prefix[ends] - prefix[starts]) * _INV[starts]
     h += lens.astype(np.uint64) * np.uint64(0x9E3779B1)
     salts = np.array(
@@ -595,7 +612,8 @@ def _hash_batch(items: Sequence[_Prepared], p: FeatureParams) -> list[IdArray]:
     msg = g >> 2
     slots = p.struct_slots
     # Row i: `slots` structure ids (0-padded), its text ids (subject, name,
-    # body), then its bigrams; all rows scattered into one flat array.
+    # body), then its bigrams; all rows scattered into one flat array. Text
+    # tokens sit in message order in the layout, as the rows want them.
     counts = np.bincount(g, minlength=4 * k).reshape(k, 4)
     n_text = counts[:, 1:].sum(axis=1)
     if p.bigrams:
@@ -629,6 +647,10 @@ def _hash_batch(items: Sequence[_Prepared], p: FeatureParams) -> list[IdArray]:
 _CHUNK_BYTES: Final = _TABLE_LEN - 1
 
 
+def _size(item: _Prepared) -> int:
+    return len(item.hdr) + len(item.text) + 2
+
+
 def _extract(raw: bytes, p: FeatureParams) -> IdArray:
     """`extract` without the safety net (tests call it to see the exception)."""
     return _hash_batch([_prepare(raw, p)], p)[0]
@@ -656,16 +678,20 @@ def extract_many(raws: Iterable[bytes], params: FeatureParams) -> list[IdArray]:
             item = _prepare(bytes(raw), params)
         except Exception:
             item = _ERROR
-        if len(item.data) >= _CHUNK_BYTES // 2:
-            item = _Prepared(item.data[: _CHUNK_BYTES // 2], item.cuts)
+        if _size(item) >= _CHUNK_BYTES // 2:
+            # Unreachable with the caps in _prepare (text <= 3 * text_max_bytes);
+            # kept so one chunk always fits the power tables.
+            q = _CHUNK_BYTES // 4
+            c2, c3 = (min(c, q) for c in item.cuts)
+            item = _Prepared(item.hdr[:q], item.text[:q], (c2, c3))
         prepared.append(item)
     out: list[IdArray] = []
     start, size = 0, 0
     for i, item in enumerate(prepared):
-        if size + len(item.data) + 1 > _CHUNK_BYTES and i > start:
+        if size + _size(item) > _CHUNK_BYTES and i > start:
             out.extend(_hash_chunk(prepared[start:i], params))
             start, size = i, 0
-        size += len(item.data) + 1
+        size += _size(item)
     out.extend(_hash_chunk(prepared[start:], params))
     return out
 
