@@ -144,15 +144,26 @@ def _split_head(raw: bytes, p: FeatureParams) -> tuple[bytes, bytes]:
     return raw[:start], raw[end:]
 
 
+# Field name as written -> wanted key, or None for a field we skip; "" = not seen yet.
+# Most heads repeat the same few dozen spellings (Received, X-Spam-Status...).
+_NAMES: dict[bytes, str | None] = dict(_KEYS)
+
+
 def _parse_headers(head: bytes, p: FeatureParams) -> dict[str, list[str]]:
     """Whitelisted fields, unfolded, decoded (UTF-8, else latin-1: never fails), name -> values."""
     out: dict[str, list[str]] = {}
     n = 0
+    names = _NAMES
     for name, value in _FIELD.findall(head):
-        key = _KEYS.get(name)
-        if key is None:
-            key = name.lower().decode("latin-1")
-            if key not in _WANTED:
+        key = names.get(name, "")
+        if not key:
+            if key is None:
+                continue
+            low = name.lower().decode("latin-1")
+            key = low if low in _WANTED else None
+            if len(names) < 8192:
+                names[name] = key
+            if key is None:
                 continue
         n += 1
         if n > p.max_headers:
@@ -193,7 +204,21 @@ def _decode_words(value: str) -> str:
         return value
 
 
+_PARAMS: dict[str, tuple[str, dict[str, str]]] = {}
+
+
 def _params(value: str) -> tuple[str, dict[str, str]]:
+    """(main value lowercased, parameters) of a MIME field; callers never mutate the dict."""
+    got = _PARAMS.get(value)
+    if got is None:
+        got = _parse_params(value)
+        # Boundaries are unique per message: not worth a cache slot.
+        if len(_PARAMS) < 4096 and "boundary" not in value:
+            _PARAMS[value] = got
+    return got
+
+
+def _parse_params(value: str) -> tuple[str, dict[str, str]]:
     main, _, rest = value.partition(";")
     params: dict[str, str] = {}
     for m in _PARAM.finditer(rest[:2048]):
@@ -296,9 +321,12 @@ def _html_text(html: str) -> str:
 # --- feature tokens -------------------------------------------------------------
 
 
+_BUCKETS: Final = tuple(str(i.bit_length()) for i in range(4097))
+
+
 def _bucket(n: int) -> str:
     """Coarse log2 buckets so counts become tokens: 0, 1, 2-3, 4-7, ..."""
-    return str(min(n, 1 << 12).bit_length())
+    return _BUCKETS[n] if 0 <= n <= 4096 else str(min(n, 1 << 12).bit_length())
 
 
 def _domain(addr_value: str) -> tuple[str, str, str]:
@@ -312,12 +340,21 @@ def _domain(addr_value: str) -> tuple[str, str, str]:
     return name[:200], m.group(1).lower()[:64], m.group(2).lower().rstrip(".")[:255]
 
 
+_ORGS: dict[str, str] = {}
+
+
 def _org(domain: str) -> str:
     # Organisational domain, roughly: the last two labels (three for co.uk-style).
-    labels = domain.split(".")
-    if len(labels) >= 3 and len(labels[-2]) <= 3 and len(labels[-1]) == 2:
-        return ".".join(labels[-3:])
-    return ".".join(labels[-2:])
+    org = _ORGS.get(domain)
+    if org is None:
+        labels = domain.split(".")
+        if len(labels) >= 3 and len(labels[-2]) <= 3 and len(labels[-1]) == 2:
+            org = ".".join(labels[-3:])
+        else:
+            org = ".".join(labels[-2:])
+        if len(_ORGS) < 8192:  # bounded: a flood of random domains cannot grow it
+            _ORGS[domain] = org
+    return org
 
 
 _FREEMAIL = frozenset(
@@ -345,6 +382,36 @@ _ANCHOR = re.compile(
     rb"<a\s[^>]{0,512}href=[\"']?https?://([a-z0-9.\-]{1,253}+)[^>]{0,1024}+>\s*(?:https?://)?(?:www\.)?([a-z0-9\-]{1,63}\.[a-z0-9.\-]{1,253})"
 )  # bounded: unbounded took minutes on 64 KB of "<a href=http://a"
 _MAILER = re.compile(r"[A-Za-z][A-Za-z\-]+")
+
+
+_ASCII_LETTERS: Final = bytes(range(65, 91)) + bytes(range(97, 123))
+_ASCII_UPPER: Final = bytes(range(65, 91))
+_DOMS: dict[str, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {}
+
+
+def _domain_tokens(dom: str) -> tuple[str, str, tuple[str, ...], tuple[str, ...]]:
+    """(org, its first label, tld/freemail tokens, label-shape tokens) of a From domain.
+
+    Cached: senders repeat, and these are a dozen string and regex calls."""
+    got = _DOMS.get(dom)
+    if got is not None:
+        return got
+    org = _org(dom) if dom else ""
+    a = ["from-tld:" + dom.rsplit(".", 1)[-1][:10]]
+    if dom in _FREEMAIL:
+        a.append("from-freemail")
+    labels = dom.split(".") if dom else []
+    b = ["from-labels:" + str(min(len(labels), 6))]
+    if any(len(x) >= 15 for x in labels[:-1]):
+        b.append("from-long-label")
+    if _DIGIT_MIX.search(dom):
+        b.append("from-digit-mix")
+    if _CONSONANTS.search(dom):
+        b.append("from-consonant-run")  # random-looking throwaway domains
+    got = (org, org.split(".")[0], tuple(a), tuple(b))
+    if len(_DOMS) < 8192:
+        _DOMS[dom] = got
+    return got
 
 
 # Presence of these fields is a token ("h+list-id"); absence says nothing.
@@ -383,18 +450,16 @@ def _header_tokens(
         add("unsub:http")
 
     name, local, dom = sender
-    org = _org(dom) if dom else ""
+    org, org_head, dom_a, dom_b = _domain_tokens(dom)
     add("from-has-name" if name else "from-no-name")
-    add("from-tld:" + dom.rsplit(".", 1)[-1][:10])
-    if dom in _FREEMAIL:
-        add("from-freemail")
+    t.extend(dom_a)
     for role in _ROLE.findall(local)[:3]:
         add("from-role:" + role[0])
     if _DIGIT.search(local):
         add("from-local-digits")
     if name and "@" in name:
         add("from-name-has-at")
-    if name and dom and org.split(".")[0] in name.lower().replace(" ", ""):
+    if name and dom and org_head in name.lower().replace(" ", ""):
         add("from-name-has-domain")
     if name and local:
         # Display name unrelated to the address ("PayPal" <x7@q9z.shop>):
@@ -403,14 +468,7 @@ def _header_tokens(
         addr = local + "." + dom
         if words and not any(w in addr for w in words):
             add("from-name-unrelated")
-    labels = dom.split(".") if dom else []
-    add("from-labels:" + str(min(len(labels), 6)))
-    if any(len(x) >= 15 for x in labels[:-1]):
-        add("from-long-label")
-    if _DIGIT_MIX.search(dom):
-        add("from-digit-mix")
-    if _CONSONANTS.search(dom):
-        add("from-consonant-run")  # random-looking throwaway domains
+    t.extend(dom_b)
     if "@" in subject:
         add("subj-has-addr")
     rdom = _domain(_first(h, "reply-to"))[2] if "reply-to" in h else ""
@@ -443,11 +501,19 @@ def _header_tokens(
         add("subj-excl")
     if "$" in subject or "%" in subject:
         add("subj-money")
-    n_alpha = len(_ALPHA.findall(subject))
-    if n_alpha >= 6:
-        add("subj-caps:" + str(len(_UPPER.findall(subject)) * 4 // n_alpha))
-    if _SYMBOL.search(subject):
-        add("subj-symbols")  # emoji and pictographs
+    if subject.isascii():
+        # Same counts as the regexes below: in ASCII, [^\W\d_] is a-zA-Z.
+        sb = subject.encode("ascii")
+        n_alpha = len(sb) - len(sb.translate(None, _ASCII_LETTERS))
+        if n_alpha >= 6:
+            n_upper = len(sb) - len(sb.translate(None, _ASCII_UPPER))
+            add("subj-caps:" + str(n_upper * 4 // n_alpha))
+    else:
+        n_alpha = len(_ALPHA.findall(subject))
+        if n_alpha >= 6:
+            add("subj-caps:" + str(len(_UPPER.findall(subject)) * 4 // n_alpha))
+        if _SYMBOL.search(subject):
+            add("subj-symbols")  # emoji and pictographs
     if "=?" in _first(h, "subject"):
         add("subj-encoded")
 
@@ -470,8 +536,9 @@ def _header_tokens(
     low_body = body[:65536].lower()
     add("links:" + _bucket(low_body.count(b"http://") + low_body.count(b"https://")))
     add("imgs:" + _bucket(low_body.count(b"<img")))
+    # Links repeat within a message: each distinct host is decoded once.
     link_orgs = {
-        _org(d.decode("latin-1").rstrip(".")) for d in _LINK.findall(low_body, 0, 65536)[:64]
+        _org(d.decode("latin-1").rstrip(".")) for d in set(_LINK.findall(low_body, 0, 65536)[:64])
     }
     if link_orgs:
         add("link-orgs:" + _bucket(len(link_orgs)))
