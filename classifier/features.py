@@ -710,8 +710,12 @@ def _hash_batch(items: Sequence[_Prepared], p: FeatureParams) -> list[IdArray]:
     return list(np.split(flat, row_start[1:]))
 
 
-# Bytes hashed in one numpy pass (the power tables cover this much).
+# Bytes hashed in one numpy pass at most (the power tables cover this much).
 _CHUNK_BYTES: Final = _TABLE_LEN - 1
+# Bytes hashed per numpy pass in extract_many: small enough that the uint64
+# prefix sums and per-token arrays stay in the CPU cache, large enough that the
+# ~60 numpy calls per pass are spread over a few dozen messages.
+_CHUNK_TARGET = 1 << 16
 
 
 def _size(item: _Prepared) -> int:
@@ -755,7 +759,7 @@ def extract_many(raws: Iterable[bytes], params: FeatureParams) -> list[IdArray]:
     out: list[IdArray] = []
     start, size = 0, 0
     for i, item in enumerate(prepared):
-        if size + _size(item) > _CHUNK_BYTES and i > start:
+        if size + _size(item) > _CHUNK_TARGET and i > start:
             out.extend(_hash_chunk(prepared[start:i], params))
             start, size = i, 0
         size += _size(item)
