@@ -29,7 +29,8 @@ class BatcherMetrics(Protocol):
         """A batch of `size` live requests was handed to the worker."""
 
     def queue_wait(self, seconds: float) -> None:
-        """One request waited this long between submit and its batch starting."""
+        """One request waited this long between submit and its batch starting
+        (perf_counter, read by the worker thread as it starts the batch)."""
 
     def inference(self, seconds: float, size: int, cpu_seconds: float = 0.0) -> None:
         """The worker spent this long running one batch (the model call), of

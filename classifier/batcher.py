@@ -247,7 +247,10 @@ class Batcher(Generic[In, Out]):
                 if expired:
                     self._post(self._expire, expired)
                 if batch:
-                    self._run(batch, reason)
+                    try:
+                        self._run(batch, reason)
+                    except Exception as exc:  # a bug here must not strand the callers
+                        self._post(self._fail, batch, exc)
         finally:
             with self._cond:
                 left = [*self._queue, *self._calls]  # non-empty only after a bug
@@ -372,11 +375,15 @@ class Batcher(Generic[In, Out]):
     ) -> None:
         self._started(started)
         self._metrics.inference(elapsed, len(live), cpu)
-        if len(outputs) != len(live):
+        try:
+            count = len(outputs)
+        except TypeError:  # not a sequence at all: a bug in run_batch
+            count = -1
+        if count != len(live):
             self._metrics.error(len(live))
             self._fail(
                 live,
-                ClassifierError(f"model returned {len(outputs)} results for {len(live)} inputs"),
+                ClassifierError(f"model returned {count} results for {len(live)} inputs"),
             )
             return
         for request, output in zip(live, outputs, strict=True):
