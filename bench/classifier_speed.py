@@ -10,22 +10,32 @@ then reports medians of --repeat runs for:
 - inference only, fp32 and int8, batches of 256;
 - end to end as `triaged evaluate` does it (features + batched inference), fp32 and int8,
   with the spam F1 and category macro-F1 of each (int8 vs fp32 accuracy).
+
+--baseline FILE (an older classifier/features.py, e.g. from `git show REV:classifier/features.py`)
+adds the batched-features and evaluate figures of that extractor, measured in the
+same process with each repeat run back to back with the current one: on a shared
+machine the load moves by 30% between separate runs, and pairs see the same load.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import classifier.model  # noqa: E402
 from classifier.evaluate import compute_report, predict_messages  # noqa: E402
 from classifier.features import extract, extract_many  # noqa: E402
 from classifier.labels import SA_SPAM_GROUPS  # noqa: E402
@@ -43,6 +53,27 @@ def _median_rate(n: int, fn: object, repeat: int) -> float:
     return n / statistics.median(times)
 
 
+def _load_baseline(path: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location("baseline_features", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _paired(n: int, runs: dict[str, Callable[[], float | None]], repeat: int) -> dict[str, float]:
+    """messages/s of each run, median of `repeat` rounds, the runs of a round back to back.
+
+    A run returns its own seconds, or None to be timed whole."""
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(repeat):
+        for k, fn in runs.items():
+            t = time.perf_counter()
+            own = fn()
+            times[k].append(own if own is not None else time.perf_counter() - t)
+    return {k: n / statistics.median(v) for k, v in times.items()}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -51,6 +82,7 @@ def main() -> int:
     ap.add_argument("--cpu", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "bench/results"))
     ap.add_argument("--label", default="", help="where it ran, for the record")
+    ap.add_argument("--baseline", default="", help="an older features.py to compare with")
     args = ap.parse_args()
     os.sched_setaffinity(0, {args.cpu})
 
@@ -68,6 +100,8 @@ def main() -> int:
         "cores_used": 1,
         "repeat": args.repeat,
         "model": fp32.name_version,
+        # The machine may be shared: the load says how much to trust the figures.
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
     }
     res["features_single_msg_per_s"] = round(
         _median_rate(n, lambda: [extract(r, params) for r in raws], args.repeat)
@@ -103,6 +137,49 @@ def main() -> int:
         for a, b in zip(fp32.predict(feats[:2000]), int8.predict(feats[:2000]), strict=True)
     )
     res["int8_fp32_category_agreement_first_2000"] = round(agree / min(n, 2000), 4)
+    if args.baseline:
+        base = _load_baseline(args.baseline)
+        # The model module's own name for the extractor: swapped per evaluate run.
+        model_ns = vars(classifier.model)
+        current = model_ns["extract_many"]
+
+        def batched(fn: Callable[..., Any]) -> Callable[[], None]:
+            def go() -> None:
+                for i in range(0, n, 256):
+                    fn(raws[i : i + 256], params)
+
+            return go
+
+        def evaluate(fn: Callable[..., Any]) -> Callable[[], float]:
+            def go() -> float:
+                model_ns["extract_many"] = fn
+                try:
+                    return predict_messages(fp32, raws, 256)[4]
+                finally:
+                    model_ns["extract_many"] = current
+
+            return go
+
+        same = all(
+            (a == b).all()
+            for a, b in zip(
+                base.extract_many(raws, params), extract_many(raws, params), strict=True
+            )
+        )
+        res["paired_same_ids_as_baseline"] = same
+        paired = _paired(
+            n,
+            {
+                "paired_features_batched_baseline": batched(base.extract_many),
+                "paired_features_batched_current": batched(extract_many),
+                "paired_evaluate_fp32_baseline": evaluate(base.extract_many),
+                "paired_evaluate_fp32_current": evaluate(extract_many),
+            },
+            args.repeat,
+        )
+        res["baseline"] = args.baseline
+        res.update({f"{k}_msg_per_s": round(v) for k, v in paired.items()})
+    res["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,7 +188,8 @@ def main() -> int:
         "# Classifier speed (one core)",
         "",
         f"`{' '.join(sys.argv)}` — {res['where'] or 'this machine'}, {n} SpamAssassin messages held in memory, "
-        f"one CPU (sched_setaffinity), onnxruntime intra-op threads 1, median of {args.repeat}.",
+        f"one CPU (sched_setaffinity), onnxruntime intra-op threads 1, median of {args.repeat}; "
+        f"load average {res['loadavg_start']} at start, {res['loadavg_end']} at end.",
         "",
         "| what | messages/s |",
         "|---|---|",
