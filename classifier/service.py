@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -49,6 +50,15 @@ _WARMUP = b"From: warm@up.invalid\r\nSubject: warm-up\r\n\r\nwarm-up\r\n"
 # Larger messages are featurized in the worker thread instead of on the loop:
 # parsing one takes milliseconds that every other connection would wait out.
 LOOP_FEATURES_MAX_BYTES = 256 * 1024
+
+# The GIL switch interval the service sets at start (CPython's default is
+# 5 ms). The batcher's worker needs the GIL back each time session.run returns
+# and each time it wakes to collect a batch, while the loop thread is running
+# Python (SMTP, features). A thread waiting for the GIL gets it only after the
+# holder has run a whole switch interval, so at 5 ms every batch paid up to a
+# few of those in queue wait. Process-wide, so it is set only where it was
+# measured to help: bench/results/batching_cpu.md.
+SWITCH_INTERVAL_S = 0.0005
 
 
 class ServiceModel(Protocol):
@@ -132,6 +142,8 @@ class OnnxClassifierService:
         self._batcher = Batcher(
             self._run_batch, s.batcher, timeout_ms=s.timeout_ms, metrics=self._metrics
         )
+        if SWITCH_INTERVAL_S and sys.getswitchinterval() > SWITCH_INTERVAL_S:
+            sys.setswitchinterval(SWITCH_INTERVAL_S)
         await self._batcher.start()
         log_choice(self._choice, model.name_version)
 

@@ -8,6 +8,7 @@ runs the bundled default model when it exists.
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 from collections import Counter
@@ -21,7 +22,7 @@ from classifier.batch_metrics import BatchStats
 from classifier.batcher import BatcherClosed
 from classifier.config import BatcherSettings, ClassifierSettings
 from classifier.providers import Provider, ProviderChoice
-from classifier.service import OnnxClassifierService, ServiceModel
+from classifier.service import SWITCH_INTERVAL_S, OnnxClassifierService, ServiceModel
 from classifier.types import Classification, ClassifierError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -231,3 +232,24 @@ async def test_classify_or_reload_before_start_is_a_classifier_error(tmp_path: P
         await service.classify(b"1")
     with pytest.raises(ClassifierError):
         await service.reload()
+
+
+async def test_start_shortens_the_gil_switch_interval(tmp_path: Path) -> None:
+    saved = sys.getswitchinterval()
+    sys.setswitchinterval(0.005)  # CPython's default
+    try:
+        service = OnnxClassifierService(settings(write_model(tmp_path / "m.onnx")), loader=Loads())
+        await service.start()
+        try:
+            assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL_S)
+            assert (await service.classify(b"4")).category == "4"
+        finally:
+            await service.close()
+        # A process that chose a shorter interval keeps it.
+        sys.setswitchinterval(SWITCH_INTERVAL_S / 2)
+        again = OnnxClassifierService(settings(write_model(tmp_path / "m.onnx")), loader=Loads())
+        await again.start()
+        await again.close()
+        assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL_S / 2)
+    finally:
+        sys.setswitchinterval(saved)
