@@ -149,9 +149,20 @@ def _split_head(raw: bytes, p: FeatureParams) -> tuple[bytes, bytes]:
 _NAMES: dict[bytes, str | None] = dict(_KEYS)
 
 
-def _parse_headers(head: bytes, p: FeatureParams) -> dict[str, list[str]]:
-    """Whitelisted fields, unfolded, decoded (UTF-8, else latin-1: never fails), name -> values."""
-    out: dict[str, list[str]] = {}
+# Fields whose value is read; the other wanted fields count by presence only.
+_VALUED = frozenset(
+    {
+        "from", "reply-to", "sender", "subject", "content-type", "content-transfer-encoding",
+        "content-disposition", "precedence", "auto-submitted", "list-unsubscribe", "x-mailer",
+        "user-agent",
+    }
+)  # fmt: skip
+
+
+def _parse_headers(head: bytes, p: FeatureParams) -> dict[str, str]:
+    """Whitelisted fields -> the first value, unfolded, decoded (UTF-8, else latin-1:
+    never fails); "" for fields only their presence counts for. In head order."""
+    out: dict[str, str] = {}
     n = 0
     names = _NAMES
     for name, value in _FIELD.findall(head):
@@ -168,6 +179,11 @@ def _parse_headers(head: bytes, p: FeatureParams) -> dict[str, list[str]]:
         n += 1
         if n > p.max_headers:
             break
+        if key in out:
+            continue  # only the first value is read
+        if key not in _VALUED:
+            out[key] = ""
+            continue
         if b"\n" in value:
             value = _UNFOLD.sub(b" ", value)
         value = value.strip()
@@ -175,17 +191,12 @@ def _parse_headers(head: bytes, p: FeatureParams) -> dict[str, list[str]]:
             text = value.decode("utf-8")
         except UnicodeDecodeError:
             text = value.decode("latin-1")
-        values = out.get(key)
-        if values is None:
-            out[key] = [text]
-        else:
-            values.append(text)
+        out[key] = text
     return out
 
 
-def _first(h: dict[str, list[str]], key: str) -> str:
-    v = h.get(key)
-    return v[0] if v else ""
+def _first(h: dict[str, str], key: str) -> str:
+    return h.get(key, "")
 
 
 def _decode_words(value: str) -> str:
@@ -269,7 +280,7 @@ class _Leaf(msgspec.Struct):
 
 
 def _walk(
-    headers: dict[str, list[str]], body: bytes, depth: int, p: FeatureParams, out: list[_Leaf]
+    headers: dict[str, str], body: bytes, depth: int, p: FeatureParams, out: list[_Leaf]
 ) -> None:
     ctype, params = _params(_first(headers, "content-type") or "text/plain")
     if ctype.startswith("multipart/") and depth < p.max_depth and params.get("boundary"):
@@ -430,15 +441,14 @@ _PRESENT = {
 
 
 def _header_tokens(
-    h: dict[str, list[str]],
+    h: dict[str, str],
     subject: str,
     leaves: list[_Leaf],
     body: bytes,
     sender: tuple[str, str, str],
 ) -> list[str]:
-    t: list[str] = []
+    t = [_PRESENT[k] for k in h if k in _PRESENT]
     add = t.append
-    t.extend(_PRESENT[k] for k in h if k in _PRESENT)
     add("prec:" + _first(h, "precedence").lower()[:20])
     add("auto:" + _first(h, "auto-submitted").lower().split(";")[0][:30])
     if "list-unsubscribe" in h and "list-post" not in h:
