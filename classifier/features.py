@@ -20,6 +20,7 @@ import codecs
 import re
 from collections.abc import Iterable, Sequence
 from email.header import decode_header
+from itertools import pairwise
 from typing import Final
 
 import msgspec
@@ -668,15 +669,16 @@ def _hash_batch(items: Sequence[_Prepared], p: FeatureParams) -> list[IdArray]:
     rank = np.arange(starts.shape[0]) - first[seg]
     g = labels[seg]
     kind = g & 3
-    keep = (kind != 3) | (rank < p.max_body_tokens)
-    starts, ends, lens, g, kind, rank = (
-        starts[keep],
-        ends[keep],
-        lens[keep],
-        g[keep],
-        kind[keep],
-        rank[keep],
-    )
+    if rank.shape[0] and int(rank.max()) >= p.max_body_tokens:  # else nothing to cap
+        keep = (kind != 3) | (rank < p.max_body_tokens)
+        starts, ends, lens, g, kind, rank = (
+            starts[keep],
+            ends[keep],
+            lens[keep],
+            g[keep],
+            kind[keep],
+            rank[keep],
+        )
     prefix = np.zeros(n + 1, dtype=np.uint64)
     np.cumsum(buf * _POW[:n], dtype=np.uint64, out=prefix[1:])
     h = (prefix[ends] - prefix[starts]) * _INV[starts]
@@ -717,7 +719,9 @@ def _hash_batch(items: Sequence[_Prepared], p: FeatureParams) -> list[IdArray]:
         bi_first = np.cumsum(n_bi) - n_bi
         bi_rank = np.arange(bi.shape[0]) - bi_first[bi_msg]
         flat[row_start[bi_msg] + slots + n_text[bi_msg] + bi_rank] = bi
-    return list(np.split(flat, row_start[1:]))
+    # Plain slices: np.split pays a swapaxes per row.
+    bounds_list = np.append(row_start, flat.shape[0]).tolist()
+    return [flat[a:b] for a, b in pairwise(bounds_list)]
 
 
 def _hash_one(item: _Prepared, p: FeatureParams) -> IdArray:
