@@ -53,6 +53,9 @@ def _median_rate(n: int, fn: object, repeat: int) -> float:
     return n / statistics.median(times)
 
 
+_KEEP = "<!-- Kept by bench/classifier_speed.py: everything below is not regenerated. -->"
+
+
 def _load_baseline(path: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location("baseline_features", path)
     assert spec is not None and spec.loader is not None
@@ -183,11 +186,17 @@ def main() -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "classifier_speed.json").write_text(json.dumps(res, indent=1) + "\n")
+    # Earlier records (other machines) live under "kept" and below the marker
+    # in the .md: a rerun replaces only this machine's figures.
+    old_json = out / "classifier_speed.json"
+    kept = json.loads(old_json.read_text()).get("kept", {}) if old_json.exists() else {}
+    (out / "classifier_speed.json").write_text(json.dumps({**res, "kept": kept}, indent=1) + "\n")
+    old_md = out / "classifier_speed.md"
+    tail = old_md.read_text().partition(_KEEP)[2] if old_md.exists() else ""
     lines = [
         "# Classifier speed (one core)",
         "",
-        f"`{' '.join(sys.argv)}` — {res['where'] or 'this machine'}, {n} SpamAssassin messages held in memory, "
+        f"`.venv/bin/python {' '.join(sys.argv)}` — {res['where'] or 'this machine'}, {n} SpamAssassin messages held in memory, "
         f"one CPU (sched_setaffinity), onnxruntime intra-op threads 1, median of {args.repeat}; "
         f"load average {res['loadavg_start']} at start, {res['loadavg_end']} at end.",
         "",
@@ -203,6 +212,8 @@ def main() -> int:
         f"fp32 {res['evaluate_fp32_spam_f1_whole_corpus']}, int8 {res['evaluate_int8_spam_f1_whole_corpus']}; "
         f"category agreement int8 vs fp32: {res['int8_fp32_category_agreement_first_2000']}.",
     ]
+    if tail:
+        lines += ["", _KEEP + tail.rstrip("\n")]
     (out / "classifier_speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
