@@ -173,7 +173,7 @@ def _parse_headers(head: bytes, p: FeatureParams) -> dict[str, str]:
                 continue
             low = name.lower().decode("latin-1")
             key = low if low in _WANTED else None
-            if len(names) < 8192:
+            if len(names) < 8192 and len(name) <= 64:  # bounded memory on hostile heads
                 names[name] = key
             if key is None:
                 continue
@@ -225,7 +225,7 @@ def _params(value: str) -> tuple[str, dict[str, str]]:
     if got is None:
         got = _parse_params(value)
         # Boundaries are unique per message: not worth a cache slot.
-        if len(_PARAMS) < 4096 and "boundary" not in value:
+        if len(_PARAMS) < 4096 and len(value) <= 256 and "boundary" not in value:
             _PARAMS[value] = got
     return got
 
