@@ -239,6 +239,11 @@ def _parse_params(value: str) -> tuple[str, dict[str, str]]:
 
 
 _CODECS: dict[str, str] = {}
+# Python codecs that are no mail charset: a sender must not make us run
+# escape-sequence interpreters (or the "undefined" codec) over their bytes.
+_NOT_MAIL_CHARSETS = frozenset(
+    {"unicode-escape", "raw-unicode-escape", "undefined", "idna", "punycode"}
+)
 
 
 def _decode_text(data: bytes, charset: str) -> str:
@@ -249,6 +254,8 @@ def _decode_text(data: bytes, charset: str) -> str:
             name = codecs.lookup(cs).name
         except (LookupError, ValueError):
             name = "latin-1"  # unknown charset: bytes kept, words still hash
+        if name in _NOT_MAIL_CHARSETS:
+            name = "latin-1"
         if len(_CODECS) < 512:
             _CODECS[cs] = name
     try:

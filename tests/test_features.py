@@ -207,3 +207,21 @@ def test_weak_label_refinement_rules() -> None:
     assert refine_sa("easy-ham-1", lst, "primary")[0] == "forums"
     assert refine_sa("easy-ham-1", newsletter, "primary")[0] is None
     assert refine_sa("easy-ham-1", reply, "primary")[0] == "primary"
+
+
+def test_python_only_codecs_are_not_run_on_mail() -> None:
+    """charset=unicode_escape would run Python's escape interpreter over the
+    sender's bytes (and warn); it is read as latin-1 like an unknown charset."""
+    import warnings
+
+    from classifier.features import FeatureParams, extract
+
+    body = b"caf\\xe9 \\N{BULLET} \\q"
+    def message(charset: str) -> bytes:
+        return (b"From: a@example.org\nSubject: x\nContent-Type: text/plain; charset="
+                + charset.encode() + b"\n\n" + body + b"\n")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        escaped = extract(message("unicode_escape"), FeatureParams())
+    assert list(escaped) == list(extract(message("x-no-such-charset"), FeatureParams()))
