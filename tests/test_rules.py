@@ -13,7 +13,8 @@ from classifier.rules import RulesClassifier, header_fields
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO / "data-cache" / "spamassassin" / "package" / "data"
-LABELS = Path("/work/shared/data/spamassassin-weak-labels.json.gz")
+# shared/ lies beside the checkout (as in CI: a copy of shared/ next to the clone).
+LABELS = REPO.parent / "shared" / "data" / "spamassassin-weak-labels.json.gz"
 
 
 def msg(*headers: str, body: str = "hello\r\n") -> bytes:
