@@ -23,7 +23,7 @@ from classifier.types import Classifier, ClassifierError
 from proxy import logs
 from proxy.metrics import Metrics
 from proxy.pipeline import Pipeline
-from proxy.settings import Settings, split_host_port
+from proxy.settings import ConfigError, Settings, split_host_port
 from proxy.smtp.session import RelayContext, TriageSMTP
 from proxy.smtp.upstream import Upstream, build_upstream
 from proxy.transaction import TransactionSink
@@ -185,7 +185,13 @@ async def _serve(settings: Settings, notify_socket: str | None) -> int:
     from proxy.events import make_event_sink
 
     events = make_event_sink(settings.events)
-    await events.start()
+    try:
+        await events.start()
+    except (OSError, ConfigError) as exc:
+        # An unusable spool or event directory (permissions, a full disk, a
+        # second instance holding the spool lock): one line, not a traceback.
+        log.error("start_failed", component="events", error=str(exc))
+        return 1
     server = Server(settings, sinks=[events])
     server.metrics.registry.register(events.registry)  # event shipping metrics on the same endpoint
     try:

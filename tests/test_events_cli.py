@@ -119,3 +119,15 @@ async def test_broker_gone_at_shutdown_leaves_events_in_the_spool(tmp_path: Path
     assert spool.pending == len(records) == 150
     assert sorted(decode_event(r.value).message_id_hash for r in records) == mid_hashes(mids)
     assert len(list((tmp_path / "maildir" / "new").iterdir())) == 150  # and every message delivered
+
+
+def test_unusable_spool_is_one_error_line_not_a_traceback(tmp_path: Path) -> None:
+    config = write_config(tmp_path, free_port(), "127.0.0.1:9")
+    (tmp_path / "spool").write_text("a file where the spool directory should be")
+    done = subprocess.run([str(TRIAGED), "serve", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    output = done.stdout + done.stderr
+    assert "Traceback" not in output
+    errors = [line for line in output.splitlines() if '"start_failed"' in line]
+    assert len(errors) == 1 and '"component":"events"' in errors[0]
