@@ -35,6 +35,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import BrokerResponseError, KafkaError
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from proxy.fsync_policy import FsyncedFile
 from proxy.settings import ConfigError, EventsSettings
 from proxy.spool import Spool
 from proxy.transaction import TransactionRecord
@@ -230,10 +231,78 @@ class DropCounter:
             self._last_log = now
 
 
+# -- what both sinks share ---------------------------------------------------------
+
+_T = TypeVar("_T")
+
+
+class QueuedSink:
+    """The half EventShipper and JsonlSink share: `record()` appends to a
+    bounded deque, one task (the subclass's) drains it, and blocking file I/O
+    runs on ONE thread so that writes stay in order."""
+
+    def __init__(
+        self,
+        settings: EventsSettings,
+        *,
+        instance_id: str | None,
+        registry: CollectorRegistry | None,
+        thread_name_prefix: str,
+    ) -> None:
+        self._s = settings
+        self._builder = EventBuilder(instance_id or default_instance_id(), settings.pseudonymize_secret)
+        self._m = EventMetrics(registry)
+        self.registry = self._m.registry
+        self._queue: deque[TransactionRecord] = deque()
+        self._wake = asyncio.Event()
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name_prefix)
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False  # record() drops from now on
+        self._drop = DropCounter("events", self._m)
+        self._first_at = 0.0  # monotonic time the oldest queued event arrived
+
+    def record(self, record: TransactionRecord) -> None:
+        """O(1), never awaits, never raises: called on the mail path."""
+        if self._closed or len(self._queue) >= self._s.queue_size:
+            self._drop(1, "closed" if self._closed else "queue_full")
+            return
+        if not self._queue:
+            self._first_at = time.monotonic()  # the linger window starts
+        self._queue.append(record)
+        self._wake.set()
+
+    @property
+    def dropped(self) -> int:
+        return self._drop.total
+
+    def _begin_close(self) -> asyncio.Task[None] | None:
+        """Stop record(); the started task left to flush, or None."""
+        if self._closed:
+            return None  # idempotent: the server may close twice on a failed start
+        self._closed = True
+        if self._task is None:  # never started: nothing would ever write these
+            self._drop(len(self._queue), "closed")
+            self._queue.clear()
+        return self._task
+
+    async def _sync_when_due(self, f: FsyncedFile) -> float | None:
+        """fsync "interval" also when no further write comes: sync `f` if it
+        is due, else the seconds until it is (None: nothing unsynced)."""
+        if not f.dirty:
+            return None
+        due = f.last_sync + self._s.fsync_interval_s - time.monotonic()
+        if due <= 0:
+            await self._in_io(f.sync)
+            return None
+        return due
+
+    async def _in_io(self, fn: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
+
+
 # -- the Kafka shipper ----------------------------------------------------------
 
 Pending = tuple[bytes, bytes, int]  # key, value, timestamp ms
-_T = TypeVar("_T")
 
 _SEND_CHUNK = 512  # events per produce round (also bounds time we hold the loop)
 _BATCH_BYTES = 256 * 1024  # aiokafka max_batch_size: one batch per partition per round
@@ -257,7 +326,7 @@ class EventSink(Protocol):
     async def close(self) -> None: ...
 
 
-class EventShipper:
+class EventShipper(QueuedSink):
     def __init__(
         self,
         settings: EventsSettings,
@@ -265,12 +334,9 @@ class EventShipper:
         instance_id: str | None = None,
         registry: CollectorRegistry | None = None,
     ) -> None:
-        self._s = settings
-        self._builder = EventBuilder(instance_id or default_instance_id(), settings.pseudonymize_secret)
-        self._m = EventMetrics(registry)
-        self.registry = self._m.registry
-        self._queue: deque[TransactionRecord] = deque()
-        self._wake = asyncio.Event()
+        super().__init__(
+            settings, instance_id=instance_id, registry=registry, thread_name_prefix="triaged-spool"
+        )
         self._spool = Spool(
             settings.spool_dir,
             max_bytes=settings.spool_max_bytes,
@@ -278,8 +344,6 @@ class EventShipper:
             fsync=settings.fsync,
             fsync_interval_s=settings.fsync_interval_s,
         )
-        # One thread: spool operations stay in order.
-        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="triaged-spool")
         self._producer: AIOKafkaProducer | None = None
         # Idempotence needs acks=all; it is dropped (logged) if the broker
         # refuses InitProducerId: Tansu 0.6 answers aiokafka's v0 request with
@@ -289,12 +353,9 @@ class EventShipper:
         self._retry_at = 0.0
         self._backoff_s = _BACKOFF_MIN_S
         self._step: asyncio.Timeout | None = None  # the deadline of the Kafka await in progress
-        self._task: asyncio.Task[None] | None = None
         self._connecting: asyncio.Task[None] | None = None
         self._discards: set[asyncio.Task[None]] = set()
-        self._closed = False  # record() drops from now on
         self._close_deadline: float | None = None
-        self._drop = DropCounter("events", self._m)
         # Exact counts (the Prometheus counters are process-wide).
         self.sent = 0
         self.spooled = 0
@@ -305,26 +366,9 @@ class EventShipper:
         # while the first connection is being made (no needless disk writes).
         self._down = False
         self._last_error = ""  # why the last produce round failed, for the log
-        self._first_at = 0.0  # monotonic time the oldest queued event arrived
         self._linger_s = settings.linger_ms / 1000
 
-    # -- mail path ---------------------------------------------------------------
-
-    def record(self, record: TransactionRecord) -> None:
-        """O(1), never awaits, never raises: called on the mail path."""
-        if self._closed or len(self._queue) >= self._s.queue_size:
-            self._drop(1, "closed" if self._closed else "queue_full")
-            return
-        if not self._queue:
-            self._first_at = time.monotonic()  # the linger window starts
-        self._queue.append(record)
-        self._wake.set()
-
-    # -- counters -----------------------------------------------------------------
-
-    @property
-    def dropped(self) -> int:
-        return self._drop.total
+    # -- counters (record() and dropped: QueuedSink) ---------------------------------
 
     @property
     def spool_pending(self) -> int:
@@ -361,12 +405,8 @@ class EventShipper:
 
     async def close(self) -> None:
         """Flush to Kafka within close_timeout_s, spool what is left."""
-        if self._closed:
-            return  # idempotent: the server may close twice on a failed start
-        self._closed = True
-        if self._task is None:
-            self._drop(len(self._queue), "closed")
-            self._queue.clear()
+        task = self._begin_close()
+        if task is None:
             return
         loop = asyncio.get_running_loop()
         self._close_deadline = loop.time() + self._s.close_timeout_s
@@ -374,7 +414,7 @@ class EventShipper:
         if step is not None and (step.when() or 1e18) > self._close_deadline:
             step.reschedule(self._close_deadline)
         self._wake.set()
-        await self._task
+        await task
         if self._discards:
             await asyncio.wait(self._discards)
         await self._in_io(self._spool.close)
@@ -444,12 +484,9 @@ class EventShipper:
 
     async def _idle(self, loop: asyncio.AbstractEventLoop) -> None:
         timeouts: list[float] = []
-        if self._spool.dirty:  # fsync "interval": also when no further append comes
-            due = self._spool.last_sync + self._s.fsync_interval_s - time.monotonic()
-            if due <= 0:
-                await self._in_io(self._spool.sync)
-            else:
-                timeouts.append(due)
+        due = await self._sync_when_due(self._spool)
+        if due is not None:
+            timeouts.append(due)
         self._wake.clear()
         if self._queue or self._close_deadline is not None:
             return
@@ -657,9 +694,6 @@ class EventShipper:
         task = asyncio.create_task(_abandon(producer, self._deadline_s))
         self._discards.add(task)
         task.add_done_callback(self._discards.discard)
-
-    async def _in_io(self, fn: Callable[..., _T], *args: Any) -> _T:
-        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:

@@ -13,36 +13,32 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import msgspec
 import structlog
 from prometheus_client import CollectorRegistry
 
-from proxy.events import DropCounter, EventBuilder, EventMetrics, default_instance_id
+from proxy.events import QueuedSink
+from proxy.fsync_policy import FsyncedFile, FsyncPolicy
 from proxy.settings import EventsSettings
-from proxy.transaction import TransactionRecord
 
 log = structlog.get_logger("triaged.events")
 
 _CHUNK = 1024
 
 
-class RotatingFile:
+class RotatingFile(FsyncedFile):
     """Append-only file rotated by size. Blocking: call from one thread."""
 
-    def __init__(self, path: str | Path, *, max_bytes: int, keep: int, fsync: str, fsync_interval_s: float) -> None:
+    def __init__(
+        self, path: str | Path, *, max_bytes: int, keep: int, fsync: FsyncPolicy, fsync_interval_s: float
+    ) -> None:
+        super().__init__(fsync, fsync_interval_s)
         self.path = Path(path)
         self._max_bytes = max_bytes
         self._keep = keep
-        self._fsync = fsync
-        self._fsync_interval_s = fsync_interval_s
-        self._fd: int | None = None
         self._size = 0
-        self._last_sync = time.monotonic()
-        self._dirty = False
         self.rotations = 0
 
     def open(self) -> None:
@@ -65,11 +61,7 @@ class RotatingFile:
             group.append(line)
             group_bytes += len(line) + 1
         self._write(group, group_bytes)
-        now = time.monotonic()
-        if self._fsync == "always" or (
-            self._fsync == "interval" and now - self._last_sync >= self._fsync_interval_s
-        ):
-            self.sync()
+        self._sync_per_policy()
 
     def _write(self, lines: list[bytes], nbytes: int) -> None:
         if not lines:
@@ -81,20 +73,6 @@ class RotatingFile:
             view = view[os.write(self._fd, view) :]
         self._size += nbytes
         self._dirty = True
-
-    @property
-    def dirty(self) -> bool:
-        return self._dirty
-
-    @property
-    def last_sync(self) -> float:
-        return self._last_sync
-
-    def sync(self) -> None:
-        if self._fd is not None and self._dirty and self._fsync != "never":
-            os.fsync(self._fd)
-        self._dirty = False
-        self._last_sync = time.monotonic()
 
     def close(self) -> None:
         if self._fd is not None:
@@ -114,7 +92,7 @@ class RotatingFile:
         self.open()
 
 
-class JsonlSink:
+class JsonlSink(QueuedSink):
     def __init__(
         self,
         settings: EventsSettings,
@@ -122,12 +100,9 @@ class JsonlSink:
         instance_id: str | None = None,
         registry: CollectorRegistry | None = None,
     ) -> None:
-        self._s = settings
-        self._m = EventMetrics(registry)
-        self.registry = self._m.registry
-        self._builder = EventBuilder(instance_id or default_instance_id(), settings.pseudonymize_secret)
-        self._queue: deque[TransactionRecord] = deque()
-        self._wake = asyncio.Event()
+        super().__init__(
+            settings, instance_id=instance_id, registry=registry, thread_name_prefix="triaged-jsonl"
+        )
         self._file = RotatingFile(
             settings.jsonl_path,
             max_bytes=settings.jsonl_max_bytes,
@@ -135,57 +110,33 @@ class JsonlSink:
             fsync=settings.fsync,
             fsync_interval_s=settings.fsync_interval_s,
         )
-        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="triaged-jsonl")
-        self._task: asyncio.Task[None] | None = None
-        self._closed = False
-        self._drop = DropCounter("events", self._m)
         self.written = 0
         self.write_errors = 0
-        self._first_at = 0.0
-
-    @property
-    def dropped(self) -> int:
-        return self._drop.total
 
     @property
     def rotations(self) -> int:
         return self._file.rotations
 
-    def record(self, record: TransactionRecord) -> None:
-        """O(1), never awaits, never raises: called on the mail path."""
-        if self._closed or len(self._queue) >= self._s.queue_size:
-            self._drop(1, "closed" if self._closed else "queue_full")
-            return
-        if not self._queue:
-            self._first_at = time.monotonic()  # the linger window starts
-        self._queue.append(record)
-        self._wake.set()
-
     async def start(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._io, self._file.open)
+        await self._in_io(self._file.open)
         self._task = asyncio.create_task(self._run(), name="event-jsonl")
 
     async def close(self) -> None:
-        if self._closed:
-            return  # idempotent: the server may close twice on a failed start
-        self._closed = True
-        if self._task is None:
-            self._drop(len(self._queue), "closed")
-            self._queue.clear()
+        task = self._begin_close()
+        if task is None:
             return
         self._wake.set()
-        await self._task
-        await asyncio.get_running_loop().run_in_executor(self._io, self._file.close)
+        await task
+        await self._in_io(self._file.close)
         self._io.shutdown(wait=False)
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         linger_s = self._s.linger_ms / 1000
         while True:
             if not self._queue:
                 if self._closed:
                     return
-                await self._idle(loop)
+                await self._idle()
                 continue
             wait = self._first_at + linger_s - time.monotonic()
             if len(self._queue) < _CHUNK and wait > 0 and not self._closed:
@@ -200,7 +151,7 @@ class JsonlSink:
             if not lines:
                 continue
             try:
-                await loop.run_in_executor(self._io, self._file.write_lines, lines)
+                await self._in_io(self._file.write_lines, lines)
             except OSError as exc:
                 # Lines before the failure may be in the file: counted as dropped.
                 self.write_errors += 1
@@ -210,14 +161,8 @@ class JsonlSink:
             self.written += len(lines)
             self._m.written.inc(len(lines))
 
-    async def _idle(self, loop: asyncio.AbstractEventLoop) -> None:
-        timeout = None
-        if self._file.dirty:  # fsync "interval": also when no further write comes
-            due = self._file.last_sync + self._s.fsync_interval_s - time.monotonic()
-            if due <= 0:
-                await loop.run_in_executor(self._io, self._file.sync)
-            else:
-                timeout = due
+    async def _idle(self) -> None:
+        timeout = await self._sync_when_due(self._file)
         self._wake.clear()
         if self._queue or self._closed:
             return

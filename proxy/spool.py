@@ -23,19 +23,18 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
-import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import BinaryIO
+
+from proxy.fsync_policy import FsyncedFile, FsyncPolicy
 
 _HEADER = struct.Struct(">II")
 _META = struct.Struct(">HQ")
 _MAX_FRAME = 64 * 1024 * 1024  # larger lengths are garbage, not records
 _CURSOR = "cursor"
-
-FsyncPolicy = Literal["always", "interval", "never"]
 
 
 class SpoolLocked(OSError):
@@ -63,7 +62,7 @@ def frame_size(key: bytes, value: bytes) -> int:
     return _HEADER.size + _META.size + len(key) + len(value)
 
 
-class Spool:
+class Spool(FsyncedFile):
     def __init__(
         self,
         directory: str | Path,
@@ -73,18 +72,14 @@ class Spool:
         fsync: FsyncPolicy = "interval",
         fsync_interval_s: float = 1.0,
     ) -> None:
+        super().__init__(fsync, fsync_interval_s)  # _fd: the newest segment, open for append
         self._dir = Path(directory)
         self._max_bytes = max_bytes
         self._segment_bytes = segment_bytes
-        self._fsync = fsync
-        self._fsync_interval_s = fsync_interval_s
         self._segments: list[_Segment] = []  # oldest first; the last is written to
-        self._fd: int | None = None  # the newest segment, open for append
         self._lock_fd: int | None = None
         self._cursor = (0, 0)  # (segment number, offset) of the first unacked frame
         self._next_number = 1
-        self._last_sync = time.monotonic()
-        self._dirty = False
         self.pending = 0  # unacknowledged records
         self.bytes = 0  # bytes of segment files on disk
         self.corrupt_frames = 0
@@ -171,28 +166,8 @@ class Spool:
             accepted += self._write(chunk, chunk_bytes)
         except OSError:
             self.write_errors += 1
-        if self._fsync == "always" or (
-            self._fsync == "interval"
-            and time.monotonic() - self._last_sync >= self._fsync_interval_s
-        ):
-            self.sync()
+        self._sync_per_policy()
         return accepted
-
-    def sync(self) -> None:
-        """fsync unsynced writes (policy interval: the owner calls it on a timer)."""
-        if self._fd is not None and self._dirty and self._fsync != "never":
-            os.fsync(self._fd)
-        self._dirty = False
-        self._last_sync = time.monotonic()
-
-    @property
-    def dirty(self) -> bool:
-        return self._dirty
-
-    @property
-    def last_sync(self) -> float:
-        """time.monotonic() of the last fsync (or open)."""
-        return self._last_sync
 
     # -- reader ---------------------------------------------------------------
 
