@@ -8,12 +8,13 @@ import shutil
 import ssl
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
+from kafka_broker import TANSU, TOPIC, KafkaBroker
 
 from classifier.config import ClassifierSettings
 from proxy.settings import ListenerSettings, ServerSettings, Settings, UpstreamSettings
@@ -295,3 +296,13 @@ def tls_files() -> tuple[str, str]:
         check=True, capture_output=True,
     )
     return str(cert), str(key)
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[KafkaBroker]:
+    """A fresh Tansu broker per test (modules using it carry KAFKA_MARKS)."""
+    assert TANSU is not None
+    b = KafkaBroker(TANSU, tmp_path / "tansu.log", TOPIC)
+    b.start()
+    yield b
+    b.kill()

