@@ -635,6 +635,40 @@ _NONSPACE_T: Final = _NONSPACE[_FOLD].astype(np.uint8).tobytes()
 _SEG: Final = np.array([1, 2, 3], dtype=np.int64)
 
 
+Spans = npt.NDArray[np.int64]
+
+
+def _token_spans(hdr: bytes, text: bytes) -> tuple[bytes, Spans, Spans, Spans]:
+    """The bytes `hdr`, newline, `text`, and their token spans (starts, ends, lengths).
+
+    Structure tokens (in `hdr`) split on whitespace, text tokens on word bytes;
+    tokens of 2..40 bytes are kept.
+    """
+    joined = hdr + b"\n" + text
+    m = np.frombuffer(
+        b"\0" + hdr.translate(_NONSPACE_T) + b"\0" + text.translate(_WORD_T) + b"\0",
+        dtype=np.int8,
+    )
+    # Token bounds alternate in the nonzero positions of the mask's difference.
+    edges = np.flatnonzero(m[1:] != m[:-1])
+    starts, ends = edges[0::2], edges[1::2]
+    lens = ends - starts
+    keep = (lens >= 2) & (lens <= 40)
+    return joined, starts[keep], ends[keep], lens[keep]
+
+
+def _span_hashes(joined: bytes, starts: Spans, ends: Spans, lens: Spans) -> npt.NDArray[np.uint64]:
+    """Polynomial hash of each span of the case-folded bytes, from one
+    uint64 prefix sum (wrap-around arithmetic), plus its length."""
+    n = len(joined)
+    buf = np.frombuffer(joined.translate(_FOLD_T), dtype=np.uint8)
+    prefix = np.zeros(n + 1, dtype=np.uint64)
+    np.cumsum(buf * _POW[:n], dtype=np.uint64, out=prefix[1:])
+    h = (prefix[ends] - prefix[starts]) * _INV[starts]
+    h += lens.astype(np.uint64) * np.uint64(0x9E3779B1)
+    return h
+
+
 def _hash_batch(items: Sequence[_Prepared], p: FeatureParams) -> list[IdArray]:
     """Token ids of prepared messages, one numpy pass for the whole batch.
 
@@ -648,19 +682,7 @@ def _hash_batch(items: Sequence[_Prepared], p: FeatureParams) -> list[IdArray]:
     k = len(items)
     hdrs = b"\n".join([it.hdr for it in items])
     texts = b"\n".join([it.text for it in items])
-    joined = hdrs + b"\n" + texts
-    n = len(joined)
-    buf = np.frombuffer(joined.translate(_FOLD_T), dtype=np.uint8)
-    m = np.frombuffer(
-        b"\0" + hdrs.translate(_NONSPACE_T) + b"\0" + texts.translate(_WORD_T) + b"\0",
-        dtype=np.int8,
-    )
-    # Token bounds alternate in the nonzero positions of the mask's difference.
-    edges = np.flatnonzero(m[1:] != m[:-1])
-    starts, ends = edges[0::2], edges[1::2]
-    lens = ends - starts
-    keep = (lens >= 2) & (lens <= 40)
-    starts, ends, lens = starts[keep], ends[keep], lens[keep]
+    joined, starts, ends, lens = _token_spans(hdrs, texts)
     # Segment starts in layout order, and each segment's id 4 * message + segment.
     hsizes = np.fromiter((len(it.hdr) + 1 for it in items), dtype=np.int64, count=k)
     tsizes = np.fromiter((len(it.text) + 1 for it in items), dtype=np.int64, count=k)
@@ -686,10 +708,7 @@ def _hash_batch(items: Sequence[_Prepared], p: FeatureParams) -> list[IdArray]:
             kind[keep],
             rank[keep],
         )
-    prefix = np.zeros(n + 1, dtype=np.uint64)
-    np.cumsum(buf * _POW[:n], dtype=np.uint64, out=prefix[1:])
-    h = (prefix[ends] - prefix[starts]) * _INV[starts]
-    h += lens.astype(np.uint64) * np.uint64(0x9E3779B1)
+    h = _span_hashes(joined, starts, ends, lens)
     salts = np.array(
         [s ^ p.seed for s in (_SALT_HDR, _SALT_SUBJ, _SALT_NAME, _SALT_BODY)], dtype=np.uint64
     )
@@ -738,27 +757,13 @@ def _hash_one(item: _Prepared, p: FeatureParams) -> IdArray:
     offsets, so no segment tables; body tokens come last, so the body cap is a slice.
     """
     hdr, text = item.hdr, item.text
-    joined = hdr + b"\n" + text
-    n = len(joined)
-    buf = np.frombuffer(joined.translate(_FOLD_T), dtype=np.uint8)
-    m = np.frombuffer(
-        b"\0" + hdr.translate(_NONSPACE_T) + b"\0" + text.translate(_WORD_T) + b"\0",
-        dtype=np.int8,
-    )
-    edges = np.flatnonzero(m[1:] != m[:-1])
-    starts, ends = edges[0::2], edges[1::2]
-    lens = ends - starts
-    keep = (lens >= 2) & (lens <= 40)
-    starts, ends, lens = starts[keep], ends[keep], lens[keep]
+    joined, starts, ends, lens = _token_spans(hdr, text)
     t0 = len(hdr) + 1
     c2, c3 = item.cuts
     f1, f2, f3 = (int(x) for x in np.searchsorted(starts, (t0, t0 + c2, t0 + c3)))
     end = min(starts.shape[0], f3 + p.max_body_tokens)
     starts, ends, lens = starts[:end], ends[:end], lens[:end]
-    prefix = np.zeros(n + 1, dtype=np.uint64)
-    np.cumsum(buf * _POW[:n], dtype=np.uint64, out=prefix[1:])
-    h = (prefix[ends] - prefix[starts]) * _INV[starts]
-    h += lens.astype(np.uint64) * np.uint64(0x9E3779B1)
+    h = _span_hashes(joined, starts, ends, lens)
     for salt, a, b in ((_SALT_HDR, 0, f1), (_SALT_SUBJ, f1, f2), (_SALT_NAME, f2, f3)):
         h[a:b] ^= np.uint64(salt ^ p.seed)
     h[f3:] ^= np.uint64(_SALT_BODY ^ p.seed)
