@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 from batching_models import EchoRunner, build_echo_model
@@ -32,6 +35,17 @@ def make(
     return Batcher(runner, settings, timeout_ms=timeout_ms, metrics=stats), stats
 
 
+@asynccontextmanager
+async def started_batcher(runner: EchoRunner, **kw: Any) -> AsyncIterator[tuple[Batcher[int, int], BatchStats]]:
+    """A started batcher (see `make`), closed when the block ends."""
+    batcher, stats = make(runner, **kw)
+    await batcher.start()
+    try:
+        yield batcher, stats
+    finally:
+        await batcher.close()
+
+
 async def hold_worker(batcher: Batcher[int, int], runner: EchoRunner, item: int) -> asyncio.Task[int]:
     """Start a batch of one item and keep the worker busy with it (gate closed)."""
     runner.gate.clear()
@@ -49,12 +63,8 @@ async def settle() -> None:
 
 async def test_64_concurrent_callers_share_batches_and_get_their_own_result() -> None:
     runner = EchoRunner(FAST)
-    batcher, stats = make(runner, max_batch_size=16)
-    await batcher.start()
-    try:
+    async with started_batcher(runner, max_batch_size=16) as (batcher, stats):
         results = await asyncio.gather(*(batcher.submit(i) for i in range(64)))
-    finally:
-        await batcher.close()
     assert results == list(range(64))
     assert sorted(runner.ran) == list(range(64))
     assert max(len(b) for b in runner.batches) == 16
@@ -63,9 +73,7 @@ async def test_64_concurrent_callers_share_batches_and_get_their_own_result() ->
 
 async def test_batches_form_while_the_worker_is_busy() -> None:
     runner = EchoRunner(FAST)
-    batcher, stats = make(runner, max_batch_size=64, max_wait_ms=0)
-    await batcher.start()
-    try:
+    async with started_batcher(runner, max_batch_size=64, max_wait_ms=0) as (batcher, stats):
         first = await hold_worker(batcher, runner, 1000)
         rest = [asyncio.create_task(batcher.submit(i)) for i in range(63)]
         await settle()
@@ -73,8 +81,6 @@ async def test_batches_form_while_the_worker_is_busy() -> None:
         runner.gate.set()
         assert await first == 1000
         assert await asyncio.gather(*rest) == list(range(63))
-    finally:
-        await batcher.close()
     assert runner.batches == [[1000], list(range(63))]
     assert list(stats.batch_sizes) == [1, 63]
 
@@ -101,21 +107,15 @@ async def test_lone_request_does_not_wait_out_the_window() -> None:
     runner = EchoRunner(FAST)
     # A window of a full second: a lone request that waited it out would be
     # closed by "timeout"; the fast path closes it as "idle".
-    batcher, stats = make(runner, max_wait_ms=1000)
-    await batcher.start()
-    try:
+    async with started_batcher(runner, max_wait_ms=1000) as (batcher, stats):
         assert await batcher.submit(7) == 7
         assert await batcher.submit(8) == 8
-    finally:
-        await batcher.close()
     assert dict(stats.close_reasons) == {"idle": 2}
 
 
 async def test_cancelled_callers_leave_others_correct() -> None:
     runner = EchoRunner(FAST)
-    batcher, stats = make(runner)
-    await batcher.start()
-    try:
+    async with started_batcher(runner) as (batcher, stats):
         first = await hold_worker(batcher, runner, 1000)
         queued = {i: asyncio.create_task(batcher.submit(i)) for i in range(20)}
         await settle()
@@ -150,16 +150,12 @@ async def test_cancelled_callers_leave_others_correct() -> None:
                     await task
         assert runner.batches[-1] == list(range(100, 110))
         assert await batcher.submit(5) == 5
-    finally:
-        await batcher.close()
     assert stats.errors == 0
 
 
 async def test_expired_requests_are_not_run() -> None:
     runner = EchoRunner(FAST)
-    batcher, stats = make(runner)
-    await batcher.start()
-    try:
+    async with started_batcher(runner) as (batcher, stats):
         first = await hold_worker(batcher, runner, 1000)
         doomed = [asyncio.create_task(batcher.submit(i, timeout_ms=20)) for i in range(5)]
         for task in doomed:
@@ -168,17 +164,13 @@ async def test_expired_requests_are_not_run() -> None:
         runner.gate.set()
         assert await first == 1000
         assert await batcher.submit(42) == 42
-    finally:
-        await batcher.close()
     assert runner.ran == [1000, 42]
     assert stats.timeouts == 5
 
 
 async def test_deadline_while_running_answers_the_caller_and_spares_the_batch() -> None:
     runner = EchoRunner(FAST)
-    batcher, stats = make(runner)
-    await batcher.start()
-    try:
+    async with started_batcher(runner) as (batcher, stats):
         runner.gate.clear()
         runner.entered.clear()
         short = asyncio.create_task(batcher.submit(1, timeout_ms=20))
@@ -188,17 +180,13 @@ async def test_deadline_while_running_answers_the_caller_and_spares_the_batch() 
             await short
         runner.gate.set()
         assert await long == 2
-    finally:
-        await batcher.close()
     assert runner.batches == [[1, 2]]
     assert stats.timeouts == 1
 
 
 async def test_full_queue_answers_overloaded_at_once() -> None:
     runner = EchoRunner(FAST)
-    batcher, stats = make(runner, queue_size=4)
-    await batcher.start()
-    try:
+    async with started_batcher(runner, queue_size=4) as (batcher, stats):
         first = await hold_worker(batcher, runner, 1000)
         queued = [asyncio.create_task(batcher.submit(i)) for i in range(4)]
         await settle()
@@ -212,17 +200,13 @@ async def test_full_queue_answers_overloaded_at_once() -> None:
         runner.gate.set()
         assert await first == 1000
         assert await asyncio.gather(*queued) == [0, 1, 2, 3]
-    finally:
-        await batcher.close()
     assert stats.overloads == 1
     assert 99 not in runner.ran
 
 
 async def test_cancelled_callers_free_their_queue_slots() -> None:
     runner = EchoRunner(FAST)
-    batcher, _ = make(runner, queue_size=2)
-    await batcher.start()
-    try:
+    async with started_batcher(runner, queue_size=2) as (batcher, _):
         first = await hold_worker(batcher, runner, 1000)
         gone = [asyncio.create_task(batcher.submit(i)) for i in range(2)]
         await settle()
@@ -234,16 +218,12 @@ async def test_cancelled_callers_free_their_queue_slots() -> None:
         runner.gate.set()
         assert await first == 1000
         assert await late == 3
-    finally:
-        await batcher.close()
 
 
 async def test_exception_reaches_exactly_that_batch() -> None:
     runner = EchoRunner(FAST)
     runner.poison = {13}
-    batcher, stats = make(runner)
-    await batcher.start()
-    try:
+    async with started_batcher(runner) as (batcher, stats):
         first = await hold_worker(batcher, runner, 1000)
         doomed = [asyncio.create_task(batcher.submit(i)) for i in (12, 13, 14)]
         await settle()
@@ -253,8 +233,6 @@ async def test_exception_reaches_exactly_that_batch() -> None:
             with pytest.raises(ClassifierError, match="poisoned"):
                 await task
         assert await batcher.submit(15) == 15
-    finally:
-        await batcher.close()
     assert runner.batches == [[1000], [12, 13, 14], [15]]
     assert stats.errors == 1
 
@@ -262,29 +240,21 @@ async def test_exception_reaches_exactly_that_batch() -> None:
 async def test_output_count_mismatch_fails_the_batch() -> None:
     runner = EchoRunner(FAST)
     runner.short = {3}
-    batcher, stats = make(runner)
-    await batcher.start()
-    try:
+    async with started_batcher(runner) as (batcher, stats):
         results = await asyncio.gather(*(batcher.submit(i) for i in range(5)),
                                        return_exceptions=True)
         assert all(isinstance(r, ClassifierError) and "4 results for 5" in str(r)
                    for r in results)
         assert await batcher.submit(9) == 9
-    finally:
-        await batcher.close()
     assert stats.errors == 1
 
 
 async def test_per_item_error_fails_only_that_caller() -> None:
     runner = EchoRunner(FAST)
     runner.bad_item = {2}
-    batcher, _ = make(runner)
-    await batcher.start()
-    try:
+    async with started_batcher(runner) as (batcher, _):
         results = await asyncio.gather(*(batcher.submit(i) for i in range(4)),
                                        return_exceptions=True)
-    finally:
-        await batcher.close()
     assert results[0] == 0 and results[1] == 1 and results[3] == 3
     assert isinstance(results[2], ValueError)
     assert len(runner.batches) == 1
@@ -354,9 +324,7 @@ async def test_a_blocked_event_loop_does_not_hold_up_the_next_batch() -> None:
     # A window of a full second, and a loop that cannot answer the worker's
     # "anything more coming?" probe: the batch must still close, in the worker,
     # when the window ends, without the loop ever getting a turn.
-    batcher, stats = make(runner, max_wait_ms=1000)
-    await batcher.start()
-    try:
+    async with started_batcher(runner, max_wait_ms=1000) as (batcher, stats):
         first = await hold_worker(batcher, runner, 1000)
         queued = asyncio.create_task(batcher.submit(5))
         await settle()
@@ -368,17 +336,13 @@ async def test_a_blocked_event_loop_does_not_hold_up_the_next_batch() -> None:
         assert runner.entered.wait(10)
         assert await first == 1000
         assert await queued == 5
-    finally:
-        await batcher.close()
     assert runner.batches == [[1000], [5]]
     assert stats.close_reasons["timeout"] == 1
 
 
 async def test_run_in_worker_runs_between_batches_in_the_worker_thread() -> None:
     runner = EchoRunner(FAST)
-    batcher, _ = make(runner)
-    await batcher.start()
-    try:
+    async with started_batcher(runner) as (batcher, _):
         first = await hold_worker(batcher, runner, 1000)
         names = asyncio.create_task(batcher.run_in_worker(lambda: threading.current_thread().name))
         boom = asyncio.create_task(batcher.run_in_worker(lambda: 1 // 0))
@@ -390,7 +354,5 @@ async def test_run_in_worker_runs_between_batches_in_the_worker_thread() -> None
         with pytest.raises(ZeroDivisionError):
             await boom
         assert await batcher.submit(3) == 3
-    finally:
-        await batcher.close()
     with pytest.raises(BatcherClosed):
         await batcher.run_in_worker(lambda: None)
