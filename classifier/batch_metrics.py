@@ -23,6 +23,9 @@ from typing import Literal, Protocol
 # draining on close ("drain").
 CloseReason = Literal["full", "timeout", "idle", "drain"]
 
+# (wall seconds, CPU seconds) of one piece of work.
+Work = tuple[float, float]
+
 
 class BatcherMetrics(Protocol):
     def batch(self, size: int, reason: CloseReason) -> None:
@@ -33,11 +36,13 @@ class BatcherMetrics(Protocol):
         (perf_counter, read by the worker thread as it starts the batch)."""
 
     def inference(self, seconds: float, size: int, cpu_seconds: float = 0.0) -> None:
-        """The worker spent this long running one batch (the model call), of
-        which cpu_seconds on the CPU (the rest: waiting for the GIL or a core)."""
+        """The worker thread spent this long on one batch (in process mode:
+        the round trip to the inference process), of which cpu_seconds on its
+        own CPU clock (the rest: waiting for the process, the GIL or a core)."""
 
-    def features(self, seconds: float, cpu_seconds: float = 0.0) -> None:
-        """Feature extraction of one message took this long on the event loop."""
+    def batch_work(self, features: Work, model: Work) -> None:
+        """Inside one batch, where the runner ran it: feature extraction and
+        the model call, each as (wall seconds, CPU seconds of that thread)."""
 
     def queue_depth(self, depth: int) -> None:
         """Requests waiting after a submit or a batch was taken."""
@@ -64,7 +69,7 @@ class NullMetrics:
     def inference(self, seconds: float, size: int, cpu_seconds: float = 0.0) -> None:
         pass
 
-    def features(self, seconds: float, cpu_seconds: float = 0.0) -> None:
+    def batch_work(self, features: Work, model: Work) -> None:
         pass
 
     def queue_depth(self, depth: int) -> None:
@@ -92,13 +97,17 @@ class BatchStats:
     close_reasons: Counter[str] = field(default_factory=Counter)
     queue_waits_s: deque[float] = field(default_factory=_samples)
     inference_s: deque[float] = field(default_factory=_samples)
+    inference_total_s: float = 0.0  # all batches, as the worker thread saw them
+    # Inside the runner (the inference process, or the worker thread), per batch.
     features_s: deque[float] = field(default_factory=_samples)
-    features_total_s: float = 0.0  # all feature extraction on the loop
-    inference_total_s: float = 0.0  # all batch runs in the worker
+    model_s: deque[float] = field(default_factory=_samples)
+    features_total_s: float = 0.0
+    model_total_s: float = 0.0
     # CPU time of the same (thread CPU clock): immune to other load on the
     # machine and to waits for the GIL, unlike the wall times above.
-    features_cpu_s: float = 0.0
     inference_cpu_s: float = 0.0
+    features_cpu_s: float = 0.0
+    model_cpu_s: float = 0.0
     max_queue_depth: int = 0
     timeouts: int = 0
     overloads: int = 0
@@ -119,10 +128,13 @@ class BatchStats:
         self.inference_total_s += seconds
         self.inference_cpu_s += cpu_seconds
 
-    def features(self, seconds: float, cpu_seconds: float = 0.0) -> None:
-        self.features_s.append(seconds)
-        self.features_total_s += seconds
-        self.features_cpu_s += cpu_seconds
+    def batch_work(self, features: Work, model: Work) -> None:
+        self.features_s.append(features[0])
+        self.features_total_s += features[0]
+        self.features_cpu_s += features[1]
+        self.model_s.append(model[0])
+        self.model_total_s += model[0]
+        self.model_cpu_s += model[1]
 
     def queue_depth(self, depth: int) -> None:
         self.max_queue_depth = max(self.max_queue_depth, depth)

@@ -31,4 +31,9 @@ class ClassifierSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True
     provider: Literal["auto", "cpu", "cuda"] = "auto"
     device_id: Annotated[int, Meta(ge=0)] = 0
     intra_op_num_threads: Annotated[int, Meta(ge=0, le=256)] = 1
+    # Where features and the model run. "process": an inference process of
+    # its own (its own GIL and core; a crash or hang there costs one batch and
+    # the process is restarted). "thread": the inference thread of this
+    # process, sharing the GIL with SMTP (small hosts, debugging).
+    runner: Literal["process", "thread"] = "process"
     batcher: BatcherSettings = BatcherSettings()

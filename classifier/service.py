@@ -1,115 +1,118 @@
 """The ONNX classifier service: what the proxy calls.
 
     service = OnnxClassifierService(settings.classifier, metrics=...)
-    await service.start()            # provider probe + model load, off the loop
+    await service.start()            # starts the runner, loads the model
     verdict = await service.classify(raw)
-    await service.reload()           # hot swap (SIGHUP), off the loop
-    await service.close()            # drains the queue
+    await service.reload()           # hot swap (SIGHUP)
+    await service.close()            # drains the queue, stops the runner
 
-Features are extracted on the event loop as each message arrives, and only
-the model call is batched into the worker thread. Both are CPU work; the
-split is about the GIL: onnxruntime releases it during session.run, while
-feature extraction is Python and holds it. Extracting in the worker made that
-thread and the SMTP loop fight over the GIL (in-server throughput per busy
-second fell to 46% of offline, bench/results/batching_cpu.md); on the loop it
-runs between socket events and the worker never blocks the loop. Messages
-over LOOP_FEATURES_MAX_BYTES are still featurized in the worker, so one huge
-message cannot stall every connection.
+classify() only queues the raw message: the batcher's worker thread hands
+each batch to a runner, which featurizes it, calls the model once and applies
+the header-rule overrides (classifier/inference.py):
 
-Each request carries the model that featurized it (a hot swap may change the
-feature parameters), and the worker runs each model's requests with that
-model: a batch never mixes models, a request is never answered by a model
-that is still loading, and nothing is lost across a swap.
+- "process" (the default): an inference process per model
+  (classifier/process_runner.py). Features are Python and hold a GIL; there
+  they hold their own, so the SMTP loop and the model never wait for each other.
+- "thread": the worker thread of this process runs the same code.
+
+Each request carries the runner it was submitted to, and the worker groups a
+batch by runner: a batch never mixes models, a request is never answered by a
+model that is still loading, and nothing is lost across a hot swap. A
+replaced runner is stopped once its last request is answered.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
-import numpy.typing as npt
 import structlog
 
+from classifier import worker_wire as wire
 from classifier.batch_metrics import BatcherMetrics, NullMetrics
 from classifier.batcher import Batcher, BatcherClosed
 from classifier.config import ClassifierSettings
-from classifier.overrides import apply_override, sure_category
-from classifier.providers import ProviderChoice, ProviderError, choose_providers, log_choice
+from classifier.inference import (
+    DEFAULT_LOADER,
+    BatchModel,
+    BatchTiming,
+    ModelLoader,
+    classify_batch,
+    labels_of,
+    load_and_warm,
+    load_onnx_model,
+)
+from classifier.process_runner import ProcessModel
+from classifier.providers import ProviderChoice, log_choice
 from classifier.types import Classification, ClassifierError
 
 log = structlog.get_logger("triaged.classifier")
 
-# Warms a fresh session (first-run allocations) before it takes real traffic.
-_WARMUP = b"From: warm@up.invalid\r\nSubject: warm-up\r\n\r\nwarm-up\r\n"
-
-# Larger messages are featurized in the worker thread instead of on the loop:
-# parsing one takes milliseconds that every other connection would wait out.
-LOOP_FEATURES_MAX_BYTES = 256 * 1024
-
 # The GIL switch interval the service sets at start (CPython's default is
-# 5 ms). The batcher's worker needs the GIL back each time session.run returns
-# and each time it wakes to collect a batch, while the loop thread is running
-# Python (SMTP, features). A thread waiting for the GIL gets it only after the
-# holder has run a whole switch interval, so at 5 ms every batch paid up to a
-# few of those in queue wait. Process-wide, so it is set only where it was
-# measured to help: bench/results/batching_cpu.md.
+# 5 ms). The batcher's worker needs the GIL back each time it wakes to collect
+# a batch or its runner returns, while the loop thread is running Python
+# (SMTP). A thread waiting for the GIL gets it only after the holder has run a
+# whole switch interval, so at 5 ms every batch paid up to a few of those in
+# queue wait. Process-wide, so it is set only where it was measured to help:
+# bench/results/batching_cpu.md.
 SWITCH_INTERVAL_S = 0.0005
 
+# A batch the inference process has not answered in this many request
+# timeouts (and at least HANG_MIN_S) is hung: the process is killed, and a
+# fresh one serves the next batch. Its callers left long before.
+HANG_TIMEOUTS = 4
+HANG_MIN_S = 10.0
 
-class ServiceModel(Protocol):
-    """The part of classifier.model.LoadedModel the service uses."""
+
+class Runner(Protocol):
+    """Runs whole batches for one loaded model (from the worker thread)."""
 
     @property
     def name_version(self) -> str: ...
 
-    def featurize(self, raw: bytes) -> npt.NDArray[Any]: ...
+    @property
+    def choice(self) -> ProviderChoice: ...
 
-    def predict(self, batch: Sequence[npt.NDArray[Any]]) -> list[Classification]: ...
+    def classify_batch(
+        self, raws: Sequence[bytes]
+    ) -> tuple[list[Classification | ClassifierError], BatchTiming]: ...
 
-
-# (path, providers, intra_op_num_threads) -> a loaded, ready model. Runs in a
-# thread; raises on a bad file.
-ModelLoader = Callable[[str, ProviderChoice, int], ServiceModel]
-
-
-def load_onnx_model(path: str, choice: ProviderChoice, threads: int) -> ServiceModel:
-    """The default loader: classifier.model.load_model on the chosen providers."""
-    # Imported late so the batcher and its tests do not depend on the model code.
-    model_mod = importlib.import_module("classifier.model")
-    loaded: ServiceModel = model_mod.load_model(
-        path, providers=choice.providers, intra_op_num_threads=threads
-    )
-    session = getattr(loaded, "session", None)
-    if choice.kind == "cuda" and session is not None:
-        used = session.get_providers()
-        if not used or used[0] != "CUDAExecutionProvider":
-            raise ProviderError(f"model session fell back to {used}")
-    return loaded
+    def close(self) -> None: ...
 
 
-def _labels_of(model: ServiceModel) -> frozenset[str] | None:
-    labels = getattr(getattr(model, "manifest", None), "labels", None)
-    return frozenset(labels) if isinstance(labels, list | tuple) else None
+class ThreadRunner:
+    """A model loaded in this process, run by the batcher's worker thread."""
+
+    def __init__(self, model: BatchModel, choice: ProviderChoice, *, overrides: bool) -> None:
+        self.model = model
+        self.choice = choice
+        self.name_version = model.name_version
+        self._overrides = overrides
+        self._labels = labels_of(model)
+
+    def classify_batch(
+        self, raws: Sequence[bytes]
+    ) -> tuple[list[Classification | ClassifierError], BatchTiming]:
+        return classify_batch(self.model, raws, overrides=self._overrides, labels=self._labels)
+
+    def close(self) -> None:
+        pass
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(eq=False)
 class _Current:
-    model: ServiceModel
-    labels: frozenset[str] | None  # the category head's classes, for overrides
+    runner: Runner
+    pending: int = 0  # classify() calls submitted to it and not yet answered
+    retired: bool = False  # replaced by a reload: stop it when pending is 0
 
 
 @dataclass(slots=True)
 class _Item:
-    """One request in a batch: features made on the loop, or the raw message."""
-
-    model: ServiceModel
-    features: npt.NDArray[Any] | None
-    raw: bytes | None
+    target: _Current
+    raw: bytes
 
 
 class OnnxClassifierService:
@@ -118,17 +121,21 @@ class OnnxClassifierService:
         settings: ClassifierSettings,
         *,
         metrics: BatcherMetrics | None = None,
-        loader: ModelLoader | None = None,
+        loader: ModelLoader | str | None = None,
     ) -> None:
+        """`loader` loads a model file: a function (thread runner only) or a
+        "module:function" name, which the inference process imports."""
         self._settings = settings
         self._metrics: BatcherMetrics = metrics if metrics is not None else NullMetrics()
-        self._overrides = settings.rule_overrides
-        self._loader: ModelLoader = loader if loader is not None else load_onnx_model
+        if settings.runner == "process" and loader is not None and not isinstance(loader, str):
+            raise ValueError('runner = "process" takes the loader as "module:function"')
+        self._loader: ModelLoader | str = loader if loader is not None else DEFAULT_LOADER
         self._path = settings.model_path
         self._current: _Current | None = None
-        self._choice: ProviderChoice | None = None
         self._batcher: Batcher[_Item, Classification] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._reload_lock = asyncio.Lock()
+        self._stopping: set[asyncio.Task[None]] = set()  # runners being stopped
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -136,67 +143,78 @@ class OnnxClassifierService:
         if self._batcher is not None:
             return
         s = self._settings
-        self._choice = await asyncio.to_thread(choose_providers, s.provider, s.device_id)
-        model = await self._load(self._path)
-        self._current = _Current(model, _labels_of(model))
+        self._loop = asyncio.get_running_loop()
+        runner = await self._open(self._path)
+        self._current = _Current(runner)
         self._batcher = Batcher(
             self._run_batch, s.batcher, timeout_ms=s.timeout_ms, metrics=self._metrics
         )
         if SWITCH_INTERVAL_S and sys.getswitchinterval() > SWITCH_INTERVAL_S:
             sys.setswitchinterval(SWITCH_INTERVAL_S)
         await self._batcher.start()
-        log_choice(self._choice, model.name_version)
+        log_choice(runner.choice, runner.name_version)
+        pid = getattr(runner, "pid", None)
+        log.info("classifier.runner", runner=s.runner, pid=pid)
 
     async def close(self) -> None:
         batcher, self._batcher = self._batcher, None
         if batcher is not None:
             await batcher.close(drain=True)
+        current = self._current  # kept: model_name still says what ran
+        if current is not None and not current.retired:
+            current.retired = True
+            self._stop(current.runner)
+        if self._stopping:
+            await asyncio.gather(*self._stopping, return_exceptions=True)
 
     async def classify(self, raw: bytes) -> Classification:
         batcher, current = self._batcher, self._current
         if batcher is None or current is None:
             raise BatcherClosed("classifier is not running")
-        batcher.check_room()  # a full queue answers before any work is spent
-        model = current.model
-        if len(raw) > LOOP_FEATURES_MAX_BYTES:
-            item = _Item(model, None, raw)
-        else:
-            t0, c0 = time.perf_counter(), time.thread_time()
-            try:
-                features = model.featurize(raw)
-            except Exception as exc:  # the extractor should never raise; if it does, alone
-                raise ClassifierError(f"features failed: {type(exc).__name__}") from None
-            self._metrics.features(time.perf_counter() - t0, time.thread_time() - c0)
-            item = _Item(model, features, None)
-        result = await batcher.submit(item)
-        if self._overrides:
-            result = apply_override(result, sure_category(raw), current.labels)
-        return result
+        current.pending += 1
+        try:
+            return await batcher.submit(_Item(current, raw))
+        finally:
+            current.pending -= 1
+            if current.retired and current.pending == 0:
+                self._stop(current.runner)
 
     async def reload(self, path: str | None = None) -> str:
         """Load `path` (default: the current model file) and swap it in.
 
-        The old model keeps answering while the new one loads in a thread;
-        on failure the old model stays and the error is raised.
+        The old model keeps answering while the new one loads (in a new
+        inference process, or a thread); on failure the old model stays and
+        the error is raised.
         """
+        if self._batcher is None:
+            raise BatcherClosed("classifier is not running")
         async with self._reload_lock:
             target = path if path is not None else self._path
-            new = await self._load(target)
-            # Plain assignment on the loop thread: requests featurized from
-            # now on carry the new model; queued ones finish on the old.
-            self._current, self._path = _Current(new, _labels_of(new)), target
-            log.info("classifier.reloaded", model=new.name_version)
-            return new.name_version
+            new = _Current(await self._open(target))
+            old, self._current, self._path = self._current, new, target
+            # Requests submitted from now on go to the new runner; queued ones
+            # finish on the old, which stops after its last answer.
+            if old is not None:
+                old.retired = True
+                if old.pending == 0:
+                    self._stop(old.runner)
+            log.info("classifier.reloaded", model=new.runner.name_version,
+                     pid=getattr(new.runner, "pid", None))
+            return new.runner.name_version
 
     # -- introspection -----------------------------------------------------
 
     @property
     def model_name(self) -> str | None:
-        return self._current.model.name_version if self._current is not None else None
+        return self._current.runner.name_version if self._current is not None else None
 
     @property
     def provider(self) -> str | None:
-        return self._choice.kind if self._choice is not None else None
+        return self._current.runner.choice.kind if self._current is not None else None
+
+    @property
+    def runner(self) -> Runner | None:
+        return self._current.runner if self._current is not None else None
 
     @property
     def queue_depth(self) -> int:
@@ -204,69 +222,66 @@ class OnnxClassifierService:
 
     # -- internals ---------------------------------------------------------
 
-    async def _load(self, path: str) -> ServiceModel:
-        try:
-            return await self._load_on(path)
-        except ProviderError as exc:
-            if self._settings.provider != "auto":
-                raise
-            # "auto": the probe passed but this model's session did not come
-            # up on CUDA (an op without a CUDA kernel, out of memory): use CPU.
-            log.warning("classifier.cuda_fallback", reason=str(exc))
-            self._choice = choose_providers("cpu")
-            return await self._load_on(path)
+    async def _open(self, path: str) -> Runner:
+        s = self._settings
+        loader = self._loader
+        if s.runner == "process":
+            assert isinstance(loader, str)
+            hang_s = max(HANG_MIN_S, HANG_TIMEOUTS * s.timeout_ms / 1000.0)
+            start = wire.Start(path, loader, s.provider, s.device_id, s.intra_op_num_threads,
+                               s.rule_overrides)
+            return await asyncio.to_thread(ProcessModel.spawn, start, hang_timeout_s=hang_s)
+        fn: ModelLoader = load_onnx_model if loader == DEFAULT_LOADER else _as_loader(loader)
 
-    async def _load_on(self, path: str) -> ServiceModel:
-        if self._choice is None:
-            raise BatcherClosed("classifier is not running")
-        choice, threads = self._choice, self._settings.intra_op_num_threads
+        def load() -> ThreadRunner:
+            model, choice = load_and_warm(path, s.provider, s.device_id,
+                                          s.intra_op_num_threads, fn)
+            return ThreadRunner(model, choice, overrides=s.rule_overrides)
 
-        def load_and_warm() -> ServiceModel:
-            model = self._loader(path, choice, threads)
-            model.predict([model.featurize(_WARMUP)])
-            return model
+        # A thread of its own, not the inference worker: batches go on with
+        # the old model meanwhile.
+        return await asyncio.to_thread(load)
 
-        try:
-            # A thread of its own, not the inference worker: batches go on
-            # with the old model meanwhile.
-            return await asyncio.to_thread(load_and_warm)
-        except ClassifierError:
-            raise
-        except Exception as exc:
-            raise ClassifierError(f"cannot load model {path!r}: {type(exc).__name__}: {exc}") from exc
+    def _stop(self, runner: Runner) -> None:
+        """Stop a runner off the loop (it waits for a running batch to end)."""
+        task = asyncio.get_running_loop().create_task(asyncio.to_thread(runner.close))
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
 
     def _run_batch(self, items: list[_Item]) -> list[Classification | Exception]:
-        # Runs in the worker thread. Requests are grouped by the model that
-        # featurized them: one group, except across a hot swap.
+        # Runs in the worker thread. One group, except across a hot swap.
         results: list[Classification | Exception | None] = [None] * len(items)
-        groups: dict[int, tuple[ServiceModel, list[int]]] = {}
+        groups: dict[int, tuple[Runner, list[int]]] = {}
         for i, item in enumerate(items):
-            groups.setdefault(id(item.model), (item.model, []))[1].append(i)
-        for model, indexes in groups.values():
-            features: list[npt.NDArray[Any]] = []
-            slots: list[int] = []
-            for i in indexes:
-                item = items[i]
-                if item.features is not None:
-                    features.append(item.features)
-                    slots.append(i)
-                    continue
-                assert item.raw is not None
-                try:  # a large message, featurized here rather than on the loop
-                    features.append(model.featurize(item.raw))
-                    slots.append(i)
-                except Exception as exc:  # one bad message fails alone
-                    results[i] = ClassifierError(f"features failed: {type(exc).__name__}")
-            if not features:
-                continue
-            predictions = model.predict(features)
-            if len(predictions) != len(features):
+            groups.setdefault(id(item.target), (item.target.runner, []))[1].append(i)
+        for runner, indexes in groups.values():
+            verdicts, timing = runner.classify_batch([items[i].raw for i in indexes])
+            if len(verdicts) != len(indexes):
                 raise ClassifierError(
-                    f"model returned {len(predictions)} results for {len(features)} inputs"
+                    f"runner returned {len(verdicts)} results for {len(indexes)} inputs"
                 )
-            for i, prediction in zip(slots, predictions, strict=True):
-                results[i] = prediction
+            for i, verdict in zip(indexes, verdicts, strict=True):
+                results[i] = verdict
+            self._post_timing(timing)
         return [r if r is not None else ClassifierError("no result") for r in results]
 
+    def _post_timing(self, timing: BatchTiming) -> None:
+        # Metrics hooks run on the loop (their contract).
+        if self._loop is None or isinstance(self._metrics, NullMetrics):
+            return
+        work = ((timing.features_s, timing.features_cpu_s), (timing.model_s, timing.model_cpu_s))
+        try:
+            self._loop.call_soon_threadsafe(self._metrics.batch_work, *work)
+        except RuntimeError:  # loop closed
+            pass
 
-__all__ = ["ModelLoader", "OnnxClassifierService", "ServiceModel", "load_onnx_model"]
+
+def _as_loader(loader: ModelLoader | str) -> ModelLoader:
+    if isinstance(loader, str):
+        from classifier.inference import resolve_loader
+
+        return resolve_loader(loader)
+    return loader
+
+
+__all__ = ["ModelLoader", "OnnxClassifierService", "Runner", "ThreadRunner"]

@@ -1,10 +1,11 @@
 """classifier.rule_overrides: sure header rules override the model's category,
 never its spam verdict. Unit tests on the rules, then the real service with a
-model trained here (tests/batching_models.py), then a large message that is
-featurized in the worker instead of on the loop."""
+model trained here (tests/batching_models.py) on both runners, then a large
+message, whose verdict must not depend on the runner or the batch."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from classifier.batch_metrics import BatchStats
 from classifier.config import ClassifierSettings
 from classifier.model import load_model
 from classifier.overrides import apply_override, sure_category
-from classifier.service import LOOP_FEATURES_MAX_BYTES, OnnxClassifierService
+from classifier.service import OnnxClassifierService
 from classifier.types import Classification
 
 PLAIN = b"From: Ann <ann@example.org>\r\nSubject: hi\r\n\r\nhello\r\n"
@@ -74,8 +75,10 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_tiny_model(work, work / "tiny.onnx", name="tiny")
 
 
-async def classify_all(model: Path, raws: list[bytes], overrides: bool) -> list[Classification]:
-    s = ClassifierSettings(model_path=str(model), provider="cpu", rule_overrides=overrides)
+async def classify_all(model: Path, raws: list[bytes], overrides: bool,
+                       runner: str = "process") -> list[Classification]:
+    s = ClassifierSettings(model_path=str(model), provider="cpu", rule_overrides=overrides,
+                           runner=runner)  # type: ignore[arg-type]
     service = OnnxClassifierService(s)
     await service.start()
     try:
@@ -84,7 +87,8 @@ async def classify_all(model: Path, raws: list[bytes], overrides: bool) -> list[
         await service.close()
 
 
-async def test_service_overrides_category_not_spam(tiny: Path) -> None:
+@pytest.mark.parametrize("runner", ["process", "thread"])
+async def test_service_overrides_category_not_spam(tiny: Path, runner: str) -> None:
     family = tiny_message("primary", 900, seed=3)
     spam = tiny_message("spam", 901, seed=3)
     raws = [
@@ -93,8 +97,8 @@ async def test_service_overrides_category_not_spam(tiny: Path) -> None:
         with_headers(family, "Return-Path: <>"),
         with_headers(spam, "List-Post: <mailto:family@lists.example>"),
     ]
-    plain = await classify_all(tiny, raws, overrides=False)
-    over = await classify_all(tiny, raws, overrides=True)
+    plain = await classify_all(tiny, raws, overrides=False, runner=runner)
+    over = await classify_all(tiny, raws, overrides=True, runner=runner)
     # Without overrides the model calls all three family messages primary.
     assert [r.category for r in plain[:3]] == ["primary"] * 3
     assert [r.category for r in over] == ["primary", "forums", "updates", "forums"]
@@ -105,23 +109,25 @@ async def test_service_overrides_category_not_spam(tiny: Path) -> None:
     assert {r.model for r in over} == {"tiny/1"}
 
 
-async def test_large_message_is_featurized_in_the_worker_with_the_same_verdict(tiny: Path) -> None:
-    # Past LOOP_FEATURES_MAX_BYTES features run in the worker thread; the
-    # verdict must not depend on where they ran.
+@pytest.mark.parametrize("runner", ["process", "thread"])
+async def test_large_message_gets_the_offline_verdict_alone_or_in_a_batch(
+    tiny: Path, runner: str
+) -> None:
     small = tiny_message("updates", 902, seed=4)
-    big = small + b"x" * (LOOP_FEATURES_MAX_BYTES + 1)
-    assert len(small) <= LOOP_FEATURES_MAX_BYTES < len(big)
+    big = small + b"x" * (4 << 20)  # 4 MiB: one frame to the inference process
     offline = load_model(str(tiny))
     expected = offline.predict([offline.featurize(big)])[0]
     stats = BatchStats()
-    s = ClassifierSettings(model_path=str(tiny), provider="cpu", rule_overrides=False)
+    s = ClassifierSettings(model_path=str(tiny), provider="cpu", rule_overrides=False,
+                           runner=runner)  # type: ignore[arg-type]
     service = OnnxClassifierService(s, metrics=stats)
     await service.start()
     try:
-        got_big = await service.classify(big)
-        assert len(stats.features_s) == 0  # not on the loop
-        await service.classify(small)
-        assert len(stats.features_s) == 1
+        alone = await service.classify(big)
+        batch = await asyncio.gather(*(service.classify(r) for r in [small, big, small] * 8))
     finally:
         await service.close()
-    assert got_big == expected
+    assert alone == expected
+    assert all(r == expected for r in batch[1::3])
+    assert max(stats.batch_sizes) > 1
+    assert len(stats.features_s) == stats.batches  # timed in the runner, once per batch

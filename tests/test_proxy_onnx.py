@@ -28,9 +28,10 @@ from conftest import CaptureServer, SmtpTestClient, StartTriaged, base_settings
 from triaged_proc import TriagedProcess
 
 from classifier.config import BatcherSettings, ClassifierSettings
+from classifier.inference import BatchModel
 from classifier.model import MANIFEST_KEY, load_model
 from classifier.providers import ProviderChoice
-from classifier.service import OnnxClassifierService, ServiceModel
+from classifier.service import OnnxClassifierService
 from classifier.types import Classification
 from proxy.server import Server
 from proxy.settings import Settings
@@ -160,11 +161,12 @@ async def test_overloaded_classifier_follows_the_failure_policy(
     path = write_model(tmp_path / "slow.onnx", heavy_layers=8)
     model = GatedEcho(str(path))
 
-    def loader(p: str, choice: ProviderChoice, threads: int) -> ServiceModel:
+    def loader(p: str, choice: ProviderChoice, threads: int) -> BatchModel:
         return model
 
+    # The thread runner: the test holds the model at a gate in this process.
     cs = ClassifierSettings(kind="onnx", model_path=str(path), provider="cpu", timeout_ms=30_000,
-                            batcher=BatcherSettings(max_batch_size=1, queue_size=1))
+                            runner="thread", batcher=BatcherSettings(max_batch_size=1, queue_size=1))
     service = OnnxClassifierService(cs, loader=loader)
     srv = await start_triaged(classifier=service, policy={"on_classifier_error": policy})
     tasks = await fill_the_queue(srv, model)

@@ -1,8 +1,10 @@
-"""OnnxClassifierService: real ONNX sessions behind the real batcher.
+"""OnnxClassifierService: real ONNX sessions behind the real batcher, with
+both runners (an inference process, and the in-process worker thread).
 
 Most tests load small echo models (tests/batching_models.py) through the
 service's loader hook, so they pass whatever state models/ is in; one test
-runs the bundled default model when it exists.
+runs the bundled default model when it exists. The thread runner takes the
+recording Loads() hook; the inference process imports its loader by name.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from batching_models import EchoModel, provider_setting, write_model
 from classifier.batch_metrics import BatchStats
 from classifier.batcher import BatcherClosed
 from classifier.config import BatcherSettings, ClassifierSettings
+from classifier.inference import BatchModel
 from classifier.providers import Provider, ProviderChoice
-from classifier.service import SWITCH_INTERVAL_S, OnnxClassifierService, ServiceModel
+from classifier.service import SWITCH_INTERVAL_S, OnnxClassifierService
 from classifier.types import Classification, ClassifierError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +44,7 @@ class Loads:
         self.loaded: list[str] = []
         self.choices: list[ProviderChoice] = []
 
-    def __call__(self, path: str, choice: ProviderChoice, threads: int) -> ServiceModel:
+    def __call__(self, path: str, choice: ProviderChoice, threads: int) -> BatchModel:
         assert threads == 1
         self.choices.append(choice)
         model = GuardedEcho(path, choice.providers)
@@ -63,20 +66,35 @@ class GuardedEcho(EchoModel):
         return super().predict(batch)  # type: ignore[arg-type]
 
 
-def settings(model: Path, **batcher: float) -> ClassifierSettings:
+RUNNERS = ["process", "thread"]
+
+
+@pytest.fixture(params=RUNNERS)
+def runner(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def settings(model: Path, runner: str = "thread", **batcher: float) -> ClassifierSettings:
     return ClassifierSettings(
         model_path=str(model),
         provider=provider_setting(),  # type: ignore[arg-type]
         timeout_ms=30_000,
+        runner=runner,  # type: ignore[arg-type]
         batcher=BatcherSettings(**batcher),  # type: ignore[arg-type]
     )
 
 
-async def test_classify_batches_and_answers_each_caller(tmp_path: Path) -> None:
+def echo_service(model: Path, runner: str, *, stats: BatchStats | None = None,
+                 loads: Loads | None = None, **batcher: float) -> OnnxClassifierService:
+    """The service on an echo model with either runner."""
+    loader = (loads or Loads()) if runner == "thread" else "batching_models:load_echo"
+    return OnnxClassifierService(settings(model, runner, **batcher), metrics=stats, loader=loader)
+
+
+async def test_classify_batches_and_answers_each_caller(tmp_path: Path, runner: str) -> None:
     model = write_model(tmp_path / "echo-a.onnx", heavy_layers=8)
     stats = BatchStats()
-    service = OnnxClassifierService(settings(model, max_batch_size=16), metrics=stats,
-                                    loader=Loads())
+    service = echo_service(model, runner, stats=stats, max_batch_size=16)
     await service.start()
     try:
         assert service.provider == provider_setting()
@@ -88,8 +106,8 @@ async def test_classify_batches_and_answers_each_caller(tmp_path: Path) -> None:
     assert max(stats.batch_sizes) > 1
 
 
-async def test_a_message_that_cannot_be_featurized_fails_alone(tmp_path: Path) -> None:
-    service = OnnxClassifierService(settings(write_model(tmp_path / "m.onnx")), loader=Loads())
+async def test_a_message_that_cannot_be_featurized_fails_alone(tmp_path: Path, runner: str) -> None:
+    service = echo_service(write_model(tmp_path / "m.onnx"), runner)
     await service.start()
     try:
         results = await asyncio.gather(
@@ -103,12 +121,12 @@ async def test_a_message_that_cannot_be_featurized_fails_alone(tmp_path: Path) -
     assert isinstance(results[2], Classification) and results[2].category == "3"
 
 
-async def test_hot_swap_under_load_loses_nothing(tmp_path: Path) -> None:
+async def test_hot_swap_under_load_loses_nothing(tmp_path: Path, runner: str) -> None:
     old = write_model(tmp_path / "echo-old.onnx", heavy_layers=8)
     new = write_model(tmp_path / "echo-new.onnx", heavy_layers=8, offset=1000.0)
     loads = Loads()
     stats = BatchStats()
-    service = OnnxClassifierService(settings(old), metrics=stats, loader=loads)
+    service = echo_service(old, runner, stats=stats, loads=loads)
     await service.start()
     answers: list[tuple[int, Classification]] = []
     after_swap: list[Classification] = []
@@ -134,7 +152,9 @@ async def test_hot_swap_under_load_loses_nothing(tmp_path: Path) -> None:
     try:
         clients = [asyncio.create_task(client(w)) for w in range(64)]
         await flowing.wait()  # load is flowing through the old model
-        loads.slow_s = 0.2  # the new model stays half-loaded a while under load
+        # The new model stays half-loaded a while under load (a new inference
+        # process takes that long anyway).
+        loads.slow_s = 0.2
         before = len(answers)
         assert await service.reload(str(new)) == "echo-new"
         during = answers[before:]
@@ -154,11 +174,11 @@ async def test_hot_swap_under_load_loses_nothing(tmp_path: Path) -> None:
     assert service.model_name == "echo-new"
 
 
-async def test_failed_reload_keeps_the_old_model(tmp_path: Path) -> None:
+async def test_failed_reload_keeps_the_old_model(tmp_path: Path, runner: str) -> None:
     model = write_model(tmp_path / "echo-a.onnx")
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not an onnx file")
-    service = OnnxClassifierService(settings(model), loader=Loads())
+    service = echo_service(model, runner)
     await service.start()
     try:
         with pytest.raises(ClassifierError, match="cannot load model"):
@@ -169,9 +189,8 @@ async def test_failed_reload_keeps_the_old_model(tmp_path: Path) -> None:
         await service.close()
 
 
-async def test_close_drains_then_refuses(tmp_path: Path) -> None:
-    service = OnnxClassifierService(settings(write_model(tmp_path / "m.onnx", heavy_layers=8)),
-                                    loader=Loads())
+async def test_close_drains_then_refuses(tmp_path: Path, runner: str) -> None:
+    service = echo_service(write_model(tmp_path / "m.onnx", heavy_layers=8), runner)
     await service.start()
     pending = [asyncio.create_task(service.classify(b"%d" % i)) for i in range(32)]
     await asyncio.sleep(0)
@@ -181,15 +200,17 @@ async def test_close_drains_then_refuses(tmp_path: Path) -> None:
         await service.classify(b"1")
 
 
-async def test_cuda_requested_without_a_gpu_fails_at_start(tmp_path: Path) -> None:
+async def test_cuda_requested_without_a_gpu_fails_at_start(tmp_path: Path, runner: str) -> None:
     if provider_setting() == "cuda":
         pytest.skip("this machine has CUDA")
     from classifier.providers import cuda_problem
 
     if cuda_problem(0) is None:
         pytest.skip("this machine has CUDA")
-    s = ClassifierSettings(model_path=str(write_model(tmp_path / "m.onnx")), provider="cuda")
-    service = OnnxClassifierService(s, loader=Loads())
+    s = ClassifierSettings(model_path=str(write_model(tmp_path / "m.onnx")), provider="cuda",
+                           runner=runner)  # type: ignore[arg-type]
+    service = OnnxClassifierService(
+        s, loader=Loads() if runner == "thread" else "batching_models:load_echo")
     with pytest.raises(ClassifierError, match="cuda"):
         await service.start()
 
@@ -198,7 +219,7 @@ DEFAULT_MODEL = ROOT / "models" / "default.onnx"
 CORPUS = ROOT / "data-cache" / "spamassassin" / "package" / "data"
 
 
-async def test_default_model_through_the_service() -> None:
+async def test_default_model_through_the_service(runner: str) -> None:
     if not DEFAULT_MODEL.exists():
         pytest.skip("models/default.onnx not built yet")
     model_mod = pytest.importorskip("classifier.model")
@@ -212,7 +233,8 @@ async def test_default_model_through_the_service() -> None:
     messages = sorted(CORPUS.glob("*/*.txt"))[:64] if CORPUS.exists() else []
     raws = [m.read_bytes() for m in messages] or [b"Subject: hi\r\n\r\nhello\r\n"] * 64
     stats = BatchStats()
-    s = ClassifierSettings(model_path=str(DEFAULT_MODEL), provider=provider_setting())  # type: ignore[arg-type]
+    s = ClassifierSettings(model_path=str(DEFAULT_MODEL), provider=provider_setting(),  # type: ignore[arg-type]
+                           runner=runner)  # type: ignore[arg-type]
     service = OnnxClassifierService(s, metrics=stats)
     await service.start()
     try:

@@ -1,0 +1,193 @@
+"""One batch of raw messages in, one verdict each out: the work of a batch.
+
+Both runners do exactly this, the inference process (classifier/worker_process.py)
+and the in-process thread runner, so a verdict never depends on which one ran it:
+load a model on the configured provider, featurize a batch, run the model once,
+apply the header-rule overrides.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, Protocol
+
+import msgspec
+import numpy.typing as npt
+import structlog
+
+from classifier.overrides import apply_override, sure_category
+from classifier.providers import ProviderChoice, ProviderError, choose_providers
+from classifier.types import Classification, ClassifierError
+
+log = structlog.get_logger("triaged.classifier")
+
+# Warms a fresh session (first-run allocations) before it takes real traffic.
+WARMUP_MESSAGE = b"From: warm@up.invalid\r\nSubject: warm-up\r\n\r\nwarm-up\r\n"
+
+DEFAULT_LOADER = "classifier.inference:load_onnx_model"
+
+
+class BatchModel(Protocol):
+    """The part of classifier.model.LoadedModel a runner uses."""
+
+    @property
+    def name_version(self) -> str: ...
+
+    def featurize(self, raw: bytes) -> npt.NDArray[Any]: ...
+
+    def predict(self, batch: Sequence[npt.NDArray[Any]]) -> list[Classification]: ...
+
+
+# (path, providers, intra_op_num_threads) -> a loaded model. Raises on a bad file.
+ModelLoader = Callable[[str, ProviderChoice, int], BatchModel]
+
+
+class BatchTiming(msgspec.Struct, frozen=True, array_like=True):
+    """Where one batch's time went, wall and CPU clock of the thread that ran it."""
+
+    features_s: float
+    features_cpu_s: float
+    model_s: float
+    model_cpu_s: float
+
+
+def load_onnx_model(path: str, choice: ProviderChoice, threads: int) -> BatchModel:
+    """The default loader: classifier.model.load_model on the chosen providers."""
+    # Imported late so the batcher and its tests do not depend on the model code.
+    model_mod = importlib.import_module("classifier.model")
+    loaded: BatchModel = model_mod.load_model(
+        path, providers=choice.providers, intra_op_num_threads=threads
+    )
+    session = getattr(loaded, "session", None)
+    if choice.kind == "cuda" and session is not None:
+        used = session.get_providers()
+        if not used or used[0] != "CUDAExecutionProvider":
+            raise ProviderError(f"model session fell back to {used}")
+    return loaded
+
+
+def resolve_loader(ref: str) -> ModelLoader:
+    """"package.module:function" -> the function (the inference process gets
+    its loader by name: a function object cannot cross a process boundary)."""
+    module, _, attr = ref.partition(":")
+    if not module or not attr:
+        raise ClassifierError(f"model loader {ref!r} is not 'module:function'")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ClassifierError(f"model loader {ref!r}: {exc}") from None
+    if not callable(fn):
+        raise ClassifierError(f"model loader {ref!r} is not callable")
+    loader: ModelLoader = fn
+    return loader
+
+
+def labels_of(model: BatchModel) -> frozenset[str] | None:
+    """The category head's classes, for the overrides; None when unknown."""
+    labels = getattr(getattr(model, "manifest", None), "labels", None)
+    return frozenset(labels) if isinstance(labels, list | tuple) else None
+
+
+def load_and_warm(
+    path: str,
+    provider: Literal["auto", "cpu", "cuda"],
+    device_id: int,
+    threads: int,
+    loader: ModelLoader,
+) -> tuple[BatchModel, ProviderChoice]:
+    """Choose the provider, load `path` and run one warm-up message through it.
+
+    "auto" whose probe passed but whose model session did not come up on CUDA
+    (an op without a CUDA kernel, out of memory) falls back to CPU. Any other
+    failure is a ClassifierError that says what went wrong.
+    """
+    choice = choose_providers(provider, device_id)
+    try:
+        model = _load_on(path, choice, threads, loader)
+    except ProviderError as exc:
+        if provider != "auto":
+            raise
+        log.warning("classifier.cuda_fallback", reason=str(exc))
+        choice = choose_providers("cpu")
+        model = _load_on(path, choice, threads, loader)
+    return model, choice
+
+
+def _load_on(path: str, choice: ProviderChoice, threads: int, loader: ModelLoader) -> BatchModel:
+    try:
+        model = loader(path, choice, threads)
+        model.predict([model.featurize(WARMUP_MESSAGE)])
+    except ClassifierError:
+        raise
+    except Exception as exc:
+        raise ClassifierError(f"cannot load model {path!r}: {type(exc).__name__}: {exc}") from exc
+    return model
+
+
+def classify_batch(
+    model: BatchModel,
+    raws: Sequence[bytes],
+    *,
+    overrides: bool,
+    labels: frozenset[str] | None,
+) -> tuple[list[Classification | ClassifierError], BatchTiming]:
+    """Verdicts for `raws`, in order; one unparseable message fails alone.
+
+    Raises ClassifierError when the model call itself fails or answers the
+    wrong number of rows: that fails the whole batch.
+    """
+    t0, c0 = time.perf_counter(), time.thread_time()
+    results: list[Classification | ClassifierError | None] = [None] * len(raws)
+    features, slots = _featurize(model, raws, results)
+    t1, c1 = time.perf_counter(), time.thread_time()
+    predictions = model.predict(features) if features else []
+    if len(predictions) != len(features):
+        raise ClassifierError(
+            f"model returned {len(predictions)} results for {len(features)} inputs"
+        )
+    for i, prediction in zip(slots, predictions, strict=True):
+        results[i] = (
+            apply_override(prediction, sure_category(raws[i]), labels) if overrides else prediction
+        )
+    t2, c2 = time.perf_counter(), time.thread_time()
+    timing = BatchTiming(t1 - t0, c1 - c0, t2 - t1, c2 - c1)
+    return [r if r is not None else ClassifierError("no result") for r in results], timing
+
+
+def _featurize(
+    model: BatchModel, raws: Sequence[bytes], results: list[Classification | ClassifierError | None]
+) -> tuple[list[npt.NDArray[Any]], list[int]]:
+    """Feature arrays for the messages that have them, and their positions."""
+    many = getattr(model, "featurize_many", None)
+    if many is not None:
+        try:
+            # Shared numpy hashing passes: cheaper per message than one by one.
+            return list(many(raws)), list(range(len(raws)))
+        except Exception:
+            pass  # one message broke the batch pass: find it below, alone
+    features: list[npt.NDArray[Any]] = []
+    slots: list[int] = []
+    for i, raw in enumerate(raws):
+        try:
+            features.append(model.featurize(raw))
+        except Exception as exc:
+            results[i] = ClassifierError(f"features failed: {type(exc).__name__}")
+            continue
+        slots.append(i)
+    return features, slots
+
+
+__all__ = [
+    "DEFAULT_LOADER",
+    "WARMUP_MESSAGE",
+    "BatchModel",
+    "BatchTiming",
+    "ModelLoader",
+    "classify_batch",
+    "labels_of",
+    "load_and_warm",
+    "load_onnx_model",
+    "resolve_loader",
+]

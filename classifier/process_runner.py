@@ -1,0 +1,199 @@
+"""A model loaded in an inference process of its own (classifier/worker_process.py).
+
+Why a process: feature extraction is Python and holds the GIL. In one process
+it competed with the SMTP event loop, so under load the batched model call got
+a fraction of a core (bench/results/batching_cpu.md, features on the loop:
+34% of its offline throughput). In a child it has a GIL and a core to itself.
+It also contains failures: a model runtime that crashes or hangs costs the
+batch it was running (a 4xx or an unstamped pass, by policy), the child is
+killed and a fresh one started, and the mail server stays up.
+
+`classify_batch` is called from the batcher's worker thread, one batch at a
+time; it blocks on the socket, which releases the GIL.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+
+import structlog
+
+from classifier import worker_wire as wire
+from classifier.inference import BatchTiming
+from classifier.providers import ProviderChoice
+from classifier.types import Classification, ClassifierError
+
+log = structlog.get_logger("triaged.classifier")
+
+# Loading can include CUDA start-up and the first session's allocations.
+READY_TIMEOUT_S = 120.0
+# After a failed (re)start, batches fail at once for this long instead of each
+# paying for another start attempt.
+RESTART_BACKOFF_S = 5.0
+STOP_TIMEOUT_S = 5.0
+
+
+class ProcessModel:
+    """One inference process and the model it loaded."""
+
+    def __init__(self, start: wire.Start, *, hang_timeout_s: float) -> None:
+        self._start = start
+        self._hang_timeout_s = hang_timeout_s
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+        self._retry_at = 0.0
+        self._closed = False
+        self.name_version = ""
+        self.choice = ProviderChoice("cpu", [], "not started")
+
+    @classmethod
+    def spawn(cls, start: wire.Start, *, hang_timeout_s: float) -> ProcessModel:
+        """Start the process and wait until its model is loaded (blocking).
+        ClassifierError says why it could not be."""
+        model = cls(start, hang_timeout_s=hang_timeout_s)
+        with model._lock:
+            model._launch()
+        return model
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def classify_batch(
+        self, raws: Sequence[bytes]
+    ) -> tuple[list[Classification | ClassifierError], BatchTiming]:
+        with self._lock:
+            if self._closed:
+                raise ClassifierError("inference process stopped")
+            if self._sock is None:
+                self._restart()
+            assert self._sock is not None
+            try:
+                wire.send(self._sock, wire.Run(list(raws)))
+                answer = wire.receive_in_parent(self._sock)
+            except TimeoutError:
+                self._kill(f"no answer in {self._hang_timeout_s:.0f} s", hung=True)
+                raise ClassifierError("inference process hung; killed") from None
+            except (OSError, wire.ChannelClosed, ValueError) as exc:
+                # ValueError: msgspec's DecodeError, a corrupted stream.
+                why = self._kill(f"{type(exc).__name__}: {exc}")
+                raise ClassifierError(f"inference process failed: {why}") from None
+        if isinstance(answer, wire.BatchFailed):
+            raise ClassifierError(f"model call failed: {answer.error}")
+        if not isinstance(answer, wire.Results):
+            raise ClassifierError(f"unexpected {type(answer).__name__} from inference process")
+        verdicts = [v if isinstance(v, Classification) else ClassifierError(v)
+                    for v in answer.verdicts]
+        return verdicts, answer.timing
+
+    def close(self) -> None:
+        """Ask the process to exit (after the batch it is running), then reap it."""
+        with self._lock:
+            self._closed = True
+            proc, sock = self._proc, self._sock
+            self._proc = self._sock = None
+        if sock is not None:
+            try:
+                wire.send(sock, wire.Stop())
+            except OSError:
+                pass
+            sock.close()
+        if proc is not None:
+            try:
+                proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    # -- internals (lock held) ----------------------------------------------------
+
+    def _launch(self) -> None:
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ)
+        # The child imports the loader by name: give it this process's path
+        # (as multiprocessing's spawn does), so a loader importable here is there.
+        env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) if p else os.getcwd()
+                                            for p in sys.path)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "classifier.worker_process", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env,
+            )
+        except OSError as exc:
+            ours.close()
+            raise ClassifierError(f"cannot start inference process: {exc}") from None
+        finally:
+            theirs.close()
+        try:
+            ours.settimeout(READY_TIMEOUT_S)
+            wire.send(ours, self._start)
+            answer = wire.receive_in_parent(ours)
+        except (OSError, wire.ChannelClosed, ValueError) as exc:
+            ours.close()
+            _reap(proc)
+            raise ClassifierError(
+                f"inference process did not start: {type(exc).__name__}: {exc}"
+                f" (exit status {proc.returncode})"
+            ) from None
+        if not isinstance(answer, wire.Ready):
+            ours.close()
+            _reap(proc)
+            error = answer.error if isinstance(answer, wire.Failed) else repr(answer)
+            raise ClassifierError(error)
+        ours.settimeout(self._hang_timeout_s)
+        self._proc, self._sock = proc, ours
+        self.name_version = answer.name_version
+        self.choice = ProviderChoice(answer.provider, [], answer.provider_reason, answer.device_id)
+
+    def _restart(self) -> None:
+        now = time.monotonic()
+        if now < self._retry_at:
+            raise ClassifierError(
+                f"inference process down; next start in {self._retry_at - now:.1f} s"
+            )
+        try:
+            self._launch()
+        except ClassifierError as exc:
+            self._retry_at = time.monotonic() + RESTART_BACKOFF_S
+            log.error("classifier.worker_restart_failed", error=str(exc))
+            raise
+        log.warning("classifier.worker_restarted", pid=self.pid, model=self.name_version)
+
+    def _kill(self, why: str, *, hung: bool = False) -> str:
+        """Drop a process that failed mid-batch; the next batch starts a new one."""
+        proc, sock = self._proc, self._sock
+        self._proc = self._sock = None
+        if sock is not None:
+            sock.close()
+        if proc is not None:
+            if hung:
+                proc.kill()
+            status = _reap(proc)
+            if not hung and status is not None and status < 0:
+                why = f"killed by {signal.Signals(-status).name}"
+            elif not hung and status:
+                why = f"exited with status {status}"
+        log.error("classifier.worker_failed", pid=proc.pid if proc else None, error=why)
+        return why
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> int | None:
+    """Kill `proc` if it still runs and return its exit status."""
+    if proc.poll() is None:
+        try:
+            proc.wait(0.5)  # it may be exiting on its own (it reported an error)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+__all__ = ["ProcessModel"]

@@ -1,0 +1,116 @@
+"""The frames between triaged and its inference process, over a socketpair.
+
+Each frame is a 4-byte big-endian length and a msgpack-encoded tagged struct.
+The conversation is strictly request/answer, one at a time:
+
+    parent                      child
+    Start            ->
+                     <-         Ready | Failed
+    Run              ->
+                     <-         Results | BatchFailed
+    ...
+    Stop             ->         (exits)
+
+Blocking socket calls release the GIL, so the parent's inference thread waits
+for an answer without holding up the event loop.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Literal
+
+import msgspec
+
+from classifier.inference import BatchTiming
+from classifier.types import Classification
+
+_LENGTH = struct.Struct(">I")
+# A frame larger than this is a bug or a corrupted stream, not a batch: the
+# proxy's in-flight byte bound keeps real batches far below it.
+MAX_FRAME = 1 << 31
+
+
+class Start(msgspec.Struct, frozen=True, tag=True):
+    model_path: str
+    loader: str  # "module:function"
+    provider: Literal["auto", "cpu", "cuda"]
+    device_id: int
+    threads: int
+    overrides: bool
+
+
+class Ready(msgspec.Struct, frozen=True, tag=True):
+    name_version: str
+    labels: list[str] | None
+    provider: Literal["cuda", "cpu"]
+    provider_reason: str
+    device_id: int | None
+
+
+class Failed(msgspec.Struct, frozen=True, tag=True):
+    error: str
+
+
+class Run(msgspec.Struct, frozen=True, tag=True):
+    raws: list[bytes]
+
+
+class Results(msgspec.Struct, frozen=True, tag=True):
+    # A verdict, or why that one message has none (it alone fails).
+    verdicts: list[Classification | str]
+    timing: BatchTiming
+
+
+class BatchFailed(msgspec.Struct, frozen=True, tag=True):
+    error: str
+
+
+class Stop(msgspec.Struct, frozen=True, tag=True):
+    pass
+
+
+ToChild = Start | Run | Stop
+ToParent = Ready | Failed | Results | BatchFailed
+
+_encoder = msgspec.msgpack.Encoder()
+_to_child = msgspec.msgpack.Decoder(ToChild)
+_to_parent = msgspec.msgpack.Decoder(ToParent)
+
+
+class ChannelClosed(Exception):
+    """The other side closed the socket (exited, or was killed)."""
+
+
+def send(sock: socket.socket, frame: ToChild | ToParent) -> None:
+    payload = _encoder.encode(frame)
+    sock.sendall(_LENGTH.pack(len(payload)) + payload)
+
+
+def receive_in_child(sock: socket.socket) -> ToChild:
+    frame: ToChild = _to_child.decode(_receive(sock))
+    return frame
+
+
+def receive_in_parent(sock: socket.socket) -> ToParent:
+    frame: ToParent = _to_parent.decode(_receive(sock))
+    return frame
+
+
+def _receive(sock: socket.socket) -> memoryview:
+    (length,) = _LENGTH.unpack(_exactly(sock, _LENGTH.size))
+    if length > MAX_FRAME:
+        raise ChannelClosed(f"frame of {length} bytes: stream corrupted")
+    return _exactly(sock, length)
+
+
+def _exactly(sock: socket.socket, n: int) -> memoryview:
+    buf = memoryview(bytearray(n))
+    got = 0
+    while got < n:
+        read = sock.recv_into(buf[got:])
+        if read == 0:
+            raise ChannelClosed("inference process closed its end")
+        got += read
+    return buf
