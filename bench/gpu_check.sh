@@ -108,13 +108,16 @@ EOF
 
 say "4/5 tests on $TEST_PROVIDER"
 TRIAGED_TEST_PROVIDER=$TEST_PROVIDER timeout 180 "$PY" -m pytest -q -p no:cacheprovider -x \
-  tests/test_batcher.py tests/test_service.py > "$OUT/pytest_$TEST_PROVIDER.txt" 2>&1
+  tests/test_batcher.py tests/test_service.py tests/test_process_runner.py \
+  > "$OUT/pytest_$TEST_PROVIDER.txt" 2>&1
 rc=$?
 tail -5 "$OUT/pytest_$TEST_PROVIDER.txt" | tee -a "$LOG"
 [ $rc -eq 0 ] || die "tests on $TEST_PROVIDER (rc=$rc, see pytest_$TEST_PROVIDER.txt)"
 
 say "5/5 benchmark: $PROVIDERS"
-BENCH_ARGS=(--seconds 4 --rounds 3 --offline-seconds 1.5 --smtp --smtp-seconds 8 --out "$OUT")
+# About 90 s per provider: both runners, one unpaced SMTP round.
+BENCH_ARGS=(--seconds 4 --rounds 3 --offline-seconds 1.5 --runners process,thread
+            --smtp --smtp-seconds 8 --smtp-rounds 1 --smtp-rates 0 --out "$OUT")
 if [ -f "$MODEL" ] && "$PY" -c "from classifier.model import load_model; load_model('$MODEL')" >>"$LOG" 2>&1; then
   BENCH_ARGS+=(--model "$MODEL")
 else

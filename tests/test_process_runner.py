@@ -182,3 +182,11 @@ async def test_hot_swap_stops_the_old_process_and_close_stops_the_new(tmp_path: 
     finally:
         await service.close()
     assert await asyncio.to_thread(wait_gone, new_pid)
+
+
+def test_the_process_runner_takes_its_loader_by_name(tmp_path: Path) -> None:
+    from batching_models import load_echo
+
+    s = ClassifierSettings(model_path=str(write_model(tmp_path / "m.onnx")), runner="process")
+    with pytest.raises(ValueError, match="module:function"):
+        OnnxClassifierService(s, loader=load_echo)
