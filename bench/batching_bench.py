@@ -17,7 +17,7 @@ Parts:
              / wall s), mean batch size, p50/p99 queue wait, p50/p99 classify()
              latency, and the offline throughput at the same (mean) batch
              size for the ratio. Rounds interleave with their offline run.
-  smtp       (--smtp) 64 concurrent SMTP clients (a child process) ->
+  smtp       (--smtp) 64 concurrent SMTP clients (a child process, SCHED_IDLE) ->
              triaged (this process, uvloop) -> smtp-sink, per runner, and the
              same server with the rules classifier for the added latency.
              SMTP, not the classifier, limits this load, so the classifier is
@@ -350,7 +350,18 @@ def _aiosmtpd_sink(port: int) -> None:
     asyncio.run(serve())
 
 
-def _smtp_sink() -> tuple[Any, int]:
+def _harness(args: argparse.Namespace) -> list[str]:
+    """The command prefix for the load generator and the sink.
+
+    In production the senders and the next hop are other machines; here they
+    share triaged's two cores. At SCHED_IDLE they run only on cycles triaged
+    and its inference process leave, which is the nearest a single machine
+    gets to that; "normal" measures the three competing as equals.
+    """
+    return ["chrt", "--idle", "0"] if args.harness_sched == "idle" else []
+
+
+def _smtp_sink(prefix: list[str]) -> tuple[Any, int]:
     import shutil
     import socket
     import subprocess
@@ -363,7 +374,7 @@ def _smtp_sink() -> tuple[Any, int]:
     else:
         print("smtp-sink not installed: using an aiosmtpd sink", flush=True)
         cmd = [sys.executable, __file__, "_sink", str(port)]
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen([*prefix, *cmd])
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
@@ -396,7 +407,7 @@ async def _serve_and_load(kind: str, runner: str, model_path: Path, sink_port: i
     try:
         port = server.addresses[0][1]
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, __file__, "_client", str(port), str(args.clients),
+            *_harness(args), sys.executable, __file__, "_client", str(port), str(args.clients),
             str(args.smtp_seconds), str(args.warmup), str(args.messages), str(rate),
             stdout=asyncio.subprocess.PIPE,
         )
@@ -463,7 +474,7 @@ def run_smtp(model_path: Path, args: argparse.Namespace, model: BatchModel,
     log_file = (Path(os.environ.get("TMPDIR", "/tmp")) / "triaged-batching-smtp.log").open("w")
     configure(LoggingSettings(format="json"), stream=log_file)
     rates = [float(r) for r in args.smtp_rates.split(",")]
-    sink, sink_port = _smtp_sink()
+    sink, sink_port = _smtp_sink(_harness(args))
     rounds: dict[str, list[dict[str, Any]]] = {}
     try:
         for n in range(args.smtp_rounds):
@@ -499,7 +510,8 @@ def run_smtp(model_path: Path, args: argparse.Namespace, model: BatchModel,
     # rules runs: the median throughput) is the one reported in full.
     runs = {name: sorted(rows, key=lambda r: r.get("work_ratio", r["msg_per_s"]))[len(rows) // 2]
             for name, rows in rounds.items()}
-    return {"clients": args.clients, "runs": runs, "rounds": rounds}
+    return {"clients": args.clients, "harness_sched": args.harness_sched, "runs": runs,
+            "rounds": rounds}
 
 
 # -- report --------------------------------------------------------------------
@@ -607,6 +619,10 @@ def markdown(report: dict[str, Any]) -> str:
         sm = report["smtp"]
         rules = next(r for r in sm["runs"].values() if r["kind"] == "rules")
         lines += ["", f"## SMTP: {sm['clients']} concurrent SMTP clients -> triaged -> smtp-sink",
+                  "", f"Load generator and sink scheduling: {sm['harness_sched']}"
+                  + (" (SCHED_IDLE: they run on the cycles triaged leaves, as senders and a next "
+                     "hop on other machines would)" if sm["harness_sched"] == "idle" else
+                     " (they compete with triaged for the same cores)"),
                   "", "| classifier | msg/s | latency p50 | latency p99 | triaged CPU per msg | "
                   "loop lag p99 | client failures |", "|---|---:|---:|---:|---:|---:|---:|"]
         for name, row in sm["runs"].items():
@@ -706,7 +722,9 @@ def main() -> int:
     ap.add_argument("--smtp", action="store_true", help="also run the SMTP part (needs smtp-sink)")
     ap.add_argument("--smtp-seconds", type=float, default=10.0)
     ap.add_argument("--smtp-rounds", type=int, default=3)
-    ap.add_argument("--smtp-rates", default="0,1000",
+    ap.add_argument("--harness-sched", choices=("idle", "normal"), default="idle",
+                    help="scheduling class of the SMTP load generator and the sink")
+    ap.add_argument("--smtp-rates", default="0,500,1000",
                     help="SMTP offered loads in msg/s, all clients together (0: as fast as "
                          "the clients can; a paced load leaves this machine's cores spare)")
     ap.add_argument("--out", help="folder for the .md and .json (default bench/results)")
