@@ -80,16 +80,18 @@ class ProcessModel:
                 wire.send(self._sock, wire.Run(list(raws)))
                 answer = wire.receive_in_parent(self._sock)
             except TimeoutError:
-                self._kill(f"no answer in {self._hang_timeout_s:.0f} s", hung=True)
+                self._kill(f"no answer in {self._hang_timeout_s:.0f} s", force=True)
                 raise ClassifierError("inference process hung; killed") from None
             except (OSError, wire.ChannelClosed, ValueError) as exc:
                 # ValueError: msgspec's DecodeError, a corrupted stream.
                 why = self._kill(f"{type(exc).__name__}: {exc}")
                 raise ClassifierError(f"inference process failed: {why}") from None
+            if not isinstance(answer, wire.Results | wire.BatchFailed):
+                # Out of step with us: nothing it says next can be trusted.
+                self._kill(f"unexpected {type(answer).__name__}", force=True)
+                raise ClassifierError("inference process out of step; killed")
         if isinstance(answer, wire.BatchFailed):
             raise ClassifierError(f"model call failed: {answer.error}")
-        if not isinstance(answer, wire.Results):
-            raise ClassifierError(f"unexpected {type(answer).__name__} from inference process")
         verdicts = [v if isinstance(v, Classification) else ClassifierError(v)
                     for v in answer.verdicts]
         return verdicts, answer.timing
@@ -167,19 +169,21 @@ class ProcessModel:
             raise
         log.warning("classifier.worker_restarted", pid=self.pid, model=self.name_version)
 
-    def _kill(self, why: str, *, hung: bool = False) -> str:
-        """Drop a process that failed mid-batch; the next batch starts a new one."""
+    def _kill(self, why: str, *, force: bool = False) -> str:
+        """Drop a process that failed mid-batch; the next batch starts a new one.
+        `force`: kill it at once (hung or out of step) and keep `why`; else
+        give it a moment to exit and report how it ended."""
         proc, sock = self._proc, self._sock
         self._proc = self._sock = None
         if sock is not None:
             sock.close()
         if proc is not None:
-            if hung:
+            if force:
                 proc.kill()
             status = _reap(proc)
-            if not hung and status is not None and status < 0:
+            if not force and status is not None and status < 0:
                 why = f"killed by {signal.Signals(-status).name}"
-            elif not hung and status:
+            elif not force and status:
                 why = f"exited with status {status}"
         log.error("classifier.worker_failed", pid=proc.pid if proc else None, error=why)
         return why
