@@ -299,8 +299,10 @@ async def test_close_without_drain_fails_queued_requests() -> None:
 async def test_window_closes_a_batch_while_requests_keep_arriving() -> None:
     runner = EchoRunner(FAST)
     # Requests keep coming on every pass of the loop, so the "idle" rule never
-    # fires; the max_wait_ms window must still close the batch.
-    batcher, stats = make(runner, max_batch_size=4096, max_wait_ms=20)
+    # fires; the max_wait_ms window must still close the batch. The queue is
+    # made big enough for however long a slow machine takes to hand the worker
+    # the GIL (a full queue is another test's subject).
+    batcher, stats = make(runner, max_batch_size=4096, max_wait_ms=20, queue_size=1_000_000)
     await batcher.start()
     runner.entered.clear()
     tasks: list[asyncio.Task[int]] = []
