@@ -16,6 +16,8 @@ import signal
 import socket
 import sys
 
+import structlog
+
 from classifier import worker_wire as wire
 from classifier.inference import (
     BatchModel,
@@ -70,6 +72,21 @@ def _serve(sock: socket.socket, model: BatchModel, start: wire.Start) -> None:
         ))
 
 
+def _configure_logging() -> None:
+    """JSON lines on stderr, like `triaged serve` off a terminal: the few lines
+    this process writes itself (a CUDA fallback) land in the same journal."""
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.JSONRenderer(),
+        ],
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+    structlog.contextvars.bind_contextvars(process="inference")
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 1 or not argv[0].isdigit():
         print("usage: python -m classifier.worker_process FD", file=sys.stderr)
@@ -78,6 +95,7 @@ def main(argv: list[str]) -> int:
     # the parent decides when this process stops (it drains first).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _configure_logging()
     sock = socket.socket(fileno=int(argv[0]))
     try:
         started = _start(sock)
