@@ -73,6 +73,10 @@ class ProcessModel:
         with self._lock:
             if self._closed:
                 raise ClassifierError("inference process stopped")
+            if self._proc is not None and self._proc.poll() is not None:
+                # It died between batches (the OOM killer, a stray signal):
+                # start another before this batch instead of failing it.
+                self._kill("exited between batches")
             if self._sock is None:
                 self._restart()
             assert self._sock is not None

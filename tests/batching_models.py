@@ -9,9 +9,11 @@ chain of MatMuls ("h") so that one batch takes measurable time.
 from __future__ import annotations
 
 import os
+import signal
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -145,6 +147,34 @@ def load_echo(path: str, choice: ProviderChoice, threads: int) -> EchoModel:
     process imports it, so it must live in a module, not in a test."""
     del threads
     return EchoModel(path, choice.providers)
+
+
+# A message carrying this header kills the inference process that featurizes
+# it, mid-batch, as a crash in the model runtime would.
+CRASH_HEADER = b"X-Test-Crash-Inference: now"
+
+
+class _CrashingModel:
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.name_version = model.name_version
+        self.manifest = model.manifest
+
+    def featurize(self, raw: bytes) -> np.ndarray:
+        if CRASH_HEADER in raw:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.model.featurize(raw)  # type: ignore[no-any-return]
+
+    def predict(self, batch: Sequence[np.ndarray]) -> list[Classification]:
+        return self.model.predict(batch)  # type: ignore[no-any-return]
+
+
+def load_crashing_model(path: str, choice: ProviderChoice, threads: int) -> _CrashingModel:
+    """A real triaged model ("batching_models:load_crashing_model") that
+    SIGKILLs its own process on a message with CRASH_HEADER."""
+    from classifier.inference import load_onnx_model
+
+    return _CrashingModel(load_onnx_model(path, choice, threads))
 
 
 def write_model(path: Path, **kwargs: object) -> Path:

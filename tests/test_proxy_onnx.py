@@ -23,7 +23,7 @@ import msgspec
 import numpy as np
 import onnx
 import pytest
-from batching_models import EchoModel, tiny_message, train_tiny_model, write_model
+from batching_models import CRASH_HEADER, EchoModel, tiny_message, train_tiny_model, write_model
 from conftest import CaptureServer, SmtpTestClient, StartTriaged, base_settings
 from triaged_proc import TriagedProcess
 
@@ -284,3 +284,65 @@ def test_settings_default_to_the_onnx_classifier() -> None:
     # The proxy uses the model by default (issue 3), with rule overrides on.
     s = Settings()
     assert s.classifier.kind == "onnx" and s.classifier.rule_overrides
+
+
+# -- the inference process crashing under a real SMTP transaction --------------
+
+
+def _crash_service(tiny: Path) -> OnnxClassifierService:
+    cs = ClassifierSettings(kind="onnx", model_path=str(tiny), provider="cpu", timeout_ms=30_000,
+                            rule_overrides=False, runner="process")
+    return OnnxClassifierService(cs, loader="batching_models:load_crashing_model")
+
+
+def _exited(pid: int) -> bool:
+    """Dead, all its threads gone, not yet reaped by triaged (a zombie)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return "State:\tZ" in status and "Threads:\t1\n" in status
+
+
+def _runner_pid(service: OnnxClassifierService) -> int:
+    pid = getattr(service.runner, "pid", None)
+    assert isinstance(pid, int)
+    return pid
+
+
+@pytest.mark.parametrize("policy", ["accept", "tempfail"])
+async def test_a_crash_in_the_inference_process_follows_the_failure_policy(
+    start_triaged: StartTriaged, capture: CaptureServer, tiny: Path, policy: str
+) -> None:
+    service = _crash_service(tiny)
+    srv = await start_triaged(classifier=service, policy={"on_classifier_error": policy})
+    first = _runner_pid(service)
+    c = await client_for(*srv.addresses[0])
+    crash = CRASH_HEADER + b"\r\n" + tiny_message("primary", 1)
+    code, text = await c.send_message(*ENVELOPE, crash)
+    if policy == "accept":
+        assert code == 250
+        assert len(capture.messages) == 1
+        assert "x-triage-category" not in headers_of(capture.messages[0].data)  # unstamped
+    else:
+        assert (code, text) == (451, "4.7.1 Message could not be classified, try again later")
+        assert capture.messages == []  # not relayed: the sender retries
+    # The next message is classified by a fresh inference process.
+    assert (await c.send_message(*ENVELOPE, tiny_message("updates", 2)))[0] == 250
+    stamped = headers_of(capture.messages[-1].data)
+    assert stamped["x-triage-model"] == "tiny/1"
+    assert _runner_pid(service) != first
+    await c.close()
+
+
+async def test_an_inference_process_killed_between_batches_costs_no_message(
+    start_triaged: StartTriaged, capture: CaptureServer, tiny: Path
+) -> None:
+    service = _crash_service(tiny)
+    srv = await start_triaged(classifier=service, policy={"on_classifier_error": "tempfail"})
+    first = _runner_pid(service)
+    os.kill(first, signal.SIGKILL)
+    while not _exited(first):  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    c = await client_for(*srv.addresses[0])
+    assert (await c.send_message(*ENVELOPE, tiny_message("forums", 3)))[0] == 250
+    assert headers_of(capture.messages[-1].data)["x-triage-model"] == "tiny/1"
+    assert _runner_pid(service) != first
+    await c.close()
