@@ -32,8 +32,8 @@ class ClassifierSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True
     device_id: Annotated[int, Meta(ge=0)] = 0
     intra_op_num_threads: Annotated[int, Meta(ge=0, le=256)] = 1
     # Where features and the model run. "process": an inference process of
-    # its own (its own GIL and core; a crash or hang there costs one batch and
-    # the process is restarted). "thread": the inference thread of this
-    # process, sharing the GIL with SMTP (small hosts, debugging).
+    # its own (its own GIL and core; after a crash or hang it is restarted, and
+    # only the message that crashed it fails). "thread": the inference thread
+    # of this process, sharing the GIL with SMTP (small hosts, debugging).
     runner: Literal["process", "thread"] = "process"
     batcher: BatcherSettings = BatcherSettings()

@@ -4,9 +4,10 @@ Why a process: feature extraction is Python and holds the GIL. In one process
 it competed with the SMTP event loop, so under load the batched model call got
 a fraction of a core (bench/results/batching_cpu.md, features on the loop:
 34% of its offline throughput). In a child it has a GIL and a core to itself.
-It also contains failures: a model runtime that crashes or hangs costs the
-batch it was running (a 4xx or an unstamped pass, by policy), the child is
-killed and a fresh one started, and the mail server stays up.
+It also contains failures, and the mail server stays up: when the runtime
+crashes on a batch, a fresh process runs that batch again one message at a
+time, so only a message that crashes it fails (a 4xx or an unstamped pass, by
+policy); a hung process is killed and its batch fails the same way.
 
 `classify_batch` is called from the batcher's worker thread, one batch at a
 time; it blocks on the socket, which releases the GIL.
@@ -23,6 +24,7 @@ import threading
 import time
 from collections.abc import Sequence
 
+import msgspec
 import structlog
 
 from classifier import worker_wire as wire
@@ -71,34 +73,33 @@ class ProcessModel:
         self, raws: Sequence[bytes]
     ) -> tuple[list[Classification | ClassifierError], BatchTiming]:
         with self._lock:
-            if self._closed:
-                raise ClassifierError("inference process stopped")
-            if self._proc is not None and self._proc.poll() is not None:
-                # It died between batches (the OOM killer, a stray signal):
-                # start another before this batch instead of failing it.
-                self._kill("exited between batches")
-            if self._sock is None:
-                self._restart()
-            assert self._sock is not None
             try:
-                wire.send(self._sock, wire.Run(list(raws)))
-                answer = wire.receive_in_parent(self._sock)
-            except TimeoutError:
-                self._kill(f"no answer in {self._hang_timeout_s:.0f} s", force=True)
-                raise ClassifierError("inference process hung; killed") from None
-            except (OSError, wire.ChannelClosed, ValueError) as exc:
-                # ValueError: msgspec's DecodeError, a corrupted stream.
-                why = self._kill(f"{type(exc).__name__}: {exc}")
-                raise ClassifierError(f"inference process failed: {why}") from None
-            if not isinstance(answer, wire.Results | wire.BatchFailed):
-                # Out of step with us: nothing it says next can be trusted.
-                self._kill(f"unexpected {type(answer).__name__}", force=True)
-                raise ClassifierError("inference process out of step; killed")
-        if isinstance(answer, wire.BatchFailed):
-            raise ClassifierError(f"model call failed: {answer.error}")
-        verdicts = [v if isinstance(v, Classification) else ClassifierError(v)
-                    for v in answer.verdicts]
-        return verdicts, answer.timing
+                answer = self._exchange(raws)
+            except _Crashed as crash:
+                if len(raws) == 1:
+                    raise ClassifierError(str(crash)) from None
+                # One message may have crashed it (a runtime bug it triggers):
+                # run each alone in a fresh process, so that one fails alone
+                # and the rest still get their verdicts.
+                log.warning("classifier.batch_crashed_isolating", size=len(raws))
+                return self._one_by_one(raws)
+        return _unpack(answer)
+
+    def _one_by_one(
+        self, raws: Sequence[bytes]
+    ) -> tuple[list[Classification | ClassifierError], BatchTiming]:
+        verdicts: list[Classification | ClassifierError] = []
+        timings: list[BatchTiming] = []
+        for raw in raws:
+            try:
+                (verdict,), timing = _unpack(self._exchange([raw]))
+            except ClassifierError as exc:  # _Crashed included: this one alone
+                verdicts.append(ClassifierError(str(exc)))
+                continue
+            verdicts.append(verdict)
+            timings.append(timing)
+        rows = [msgspec.structs.astuple(t) for t in timings] or [(0.0, 0.0, 0.0, 0.0)]
+        return verdicts, BatchTiming(*(sum(column) for column in zip(*rows, strict=True)))
 
     def close(self) -> None:
         """Ask the process to exit (after the batch it is running), then reap it."""
@@ -120,6 +121,33 @@ class ProcessModel:
                 proc.wait()
 
     # -- internals (lock held) ----------------------------------------------------
+
+    def _exchange(self, raws: Sequence[bytes]) -> wire.Results | wire.BatchFailed:
+        """One Run and its answer; raises _Crashed when the process died on it."""
+        if self._closed:
+            raise ClassifierError("inference process stopped")
+        if self._proc is not None and self._proc.poll() is not None:
+            # It died between batches (the OOM killer, a stray signal):
+            # start another before this batch instead of failing it.
+            self._kill("exited between batches")
+        if self._sock is None:
+            self._restart()
+        assert self._sock is not None
+        try:
+            wire.send(self._sock, wire.Run(list(raws)))
+            answer = wire.receive_in_parent(self._sock)
+        except TimeoutError:
+            self._kill(f"no answer in {self._hang_timeout_s:.0f} s", force=True)
+            raise ClassifierError("inference process hung; killed") from None
+        except (OSError, wire.ChannelClosed, ValueError) as exc:
+            # ValueError: msgspec's DecodeError, a corrupted stream.
+            why = self._kill(f"{type(exc).__name__}: {exc}")
+            raise _Crashed(f"inference process failed: {why}") from None
+        if not isinstance(answer, wire.Results | wire.BatchFailed):
+            # Out of step with us: nothing it says next can be trusted.
+            self._kill(f"unexpected {type(answer).__name__}", force=True)
+            raise ClassifierError("inference process out of step; killed")
+        return answer
 
     def _launch(self) -> None:
         ours, theirs = socket.socketpair()
@@ -191,6 +219,20 @@ class ProcessModel:
                 why = f"exited with status {status}"
         log.error("classifier.worker_failed", pid=proc.pid if proc else None, error=why)
         return why
+
+
+class _Crashed(ClassifierError):
+    """The inference process died while it had our batch."""
+
+
+def _unpack(
+    answer: wire.Results | wire.BatchFailed,
+) -> tuple[list[Classification | ClassifierError], BatchTiming]:
+    if isinstance(answer, wire.BatchFailed):
+        raise ClassifierError(f"model call failed: {answer.error}")
+    verdicts = [v if isinstance(v, Classification) else ClassifierError(v)
+                for v in answer.verdicts]
+    return verdicts, answer.timing
 
 
 def _reap(proc: subprocess.Popen[bytes]) -> int | None:

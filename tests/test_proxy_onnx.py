@@ -3,8 +3,9 @@
 A tiny model is trained here through the real `triaged train` (seconds), so
 these tests do not depend on models/default.onnx. They check that the verdict
 stamped into the relayed message is the model's, that the batcher's metrics
-reach prometheus, that a full classifier queue maps to the failure policy, and
-that SIGHUP swaps the model of a running `triaged serve` with mail flowing.
+reach prometheus, that a full classifier queue and a crashing inference
+process map to the failure policy, and that SIGHUP swaps the model of a
+running `triaged serve` with mail flowing.
 """
 
 from __future__ import annotations
