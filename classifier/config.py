@@ -25,8 +25,6 @@ class ClassifierSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True
     rule_overrides: bool = True
     # Deadline for one classification, queue wait included.
     timeout_ms: Annotated[float, Meta(gt=0, le=60_000)] = 2000.0
-    # Text read from a message's body parts for features.
-    text_max_bytes: Annotated[int, Meta(ge=256, le=1 << 24)] = 16384
     # "auto": CUDA when onnxruntime-gpu and a GPU are present, else CPU.
     provider: Literal["auto", "cpu", "cuda"] = "auto"
     device_id: Annotated[int, Meta(ge=0)] = 0
