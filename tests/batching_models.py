@@ -149,6 +149,13 @@ def load_echo(path: str, choice: ProviderChoice, threads: int) -> EchoModel:
     return EchoModel(path, choice.providers)
 
 
+def process_exited(pid: int) -> bool:
+    """Dead with all its threads gone, not yet reaped by its parent (a zombie):
+    what the parent's next poll() sees as exited."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return "State:\tZ" in status and "Threads:\t1\n" in status
+
+
 # A message carrying this header kills the inference process that featurizes
 # it, mid-batch, as a crash in the model runtime would.
 CRASH_HEADER = b"X-Test-Crash-Inference: now"

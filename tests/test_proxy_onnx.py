@@ -24,7 +24,14 @@ import msgspec
 import numpy as np
 import onnx
 import pytest
-from batching_models import CRASH_HEADER, EchoModel, tiny_message, train_tiny_model, write_model
+from batching_models import (
+    CRASH_HEADER,
+    EchoModel,
+    process_exited,
+    tiny_message,
+    train_tiny_model,
+    write_model,
+)
 from conftest import CaptureServer, SmtpTestClient, StartTriaged, base_settings
 from triaged_proc import TriagedProcess
 
@@ -296,12 +303,6 @@ def _crash_service(tiny: Path) -> OnnxClassifierService:
     return OnnxClassifierService(cs, loader="batching_models:load_crashing_model")
 
 
-def _exited(pid: int) -> bool:
-    """Dead, all its threads gone, not yet reaped by triaged (a zombie)."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    return "State:\tZ" in status and "Threads:\t1\n" in status
-
-
 def _runner_pid(service: OnnxClassifierService) -> int:
     pid = getattr(service.runner, "pid", None)
     assert isinstance(pid, int)
@@ -340,7 +341,7 @@ async def test_an_inference_process_killed_between_batches_costs_no_message(
     srv = await start_triaged(classifier=service, policy={"on_classifier_error": "tempfail"})
     first = _runner_pid(service)
     os.kill(first, signal.SIGKILL)
-    while not _exited(first):  # noqa: ASYNC110
+    while not process_exited(first):  # noqa: ASYNC110
         await asyncio.sleep(0.01)
     c = await client_for(*srv.addresses[0])
     assert (await c.send_message(*ENVELOPE, tiny_message("forums", 3)))[0] == 250
