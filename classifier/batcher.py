@@ -8,11 +8,13 @@ safety they lack):
 - One worker thread both collects batches and runs them, as Triton's dynamic
   batcher does. Collection used to be a coroutine, and on a loop saturated by
   SMTP and feature extraction every coroutine waits its turn: the loop's lag
-  (tens of ms) landed in the queue wait (bench/results/batching_cpu.md). The
+  (tens of ms) landed in the queue wait
+  (bench/results/batching_cpu_thread_features_on_loop.md). The
   worker waits on a condition variable instead, so a batch starts as soon as
   the worker is free and the window ends, however busy the loop is.
-  onnxruntime releases the GIL inside session.run, so the loop keeps serving
-  sockets meanwhile. Only one batch runs at a time; requests that arrive
+  The runner releases the GIL while it works (waiting on the inference
+  process's socket, or inside onnxruntime's session.run), so the loop keeps
+  serving sockets meanwhile. Only one batch runs at a time; requests that arrive
   meanwhile queue up, so batches form naturally under load.
 - When the worker is free it takes what is queued (up to max_batch_size) and
   then keeps collecting only while requests keep arriving and the first
@@ -158,9 +160,8 @@ class Batcher(Generic[In, Out]):
             self._cond.notify()
         return await call.future
 
-    def check_room(self) -> None:
-        """Raise BatcherClosed or Overloaded now if a submit would; callers
-        that prepare an item (features) check first so a refusal costs nothing."""
+    def _check_room(self) -> None:
+        """Raise BatcherClosed, or Overloaded at once on a full queue."""
         if self._closing or self._thread is None:
             raise BatcherClosed("classifier is not running")
         if len(self._queue) >= self._settings.queue_size:
@@ -180,7 +181,7 @@ class Batcher(Generic[In, Out]):
         the deadline (timeout_ms, else the batcher's) passes first, and
         ClassifierError when its batch failed.
         """
-        self.check_room()
+        self._check_room()
         loop = asyncio.get_running_loop()
         timeout_s = self._timeout_s if timeout_ms is None else timeout_ms / 1000.0
         submitted = time.perf_counter()

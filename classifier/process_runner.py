@@ -2,7 +2,7 @@
 
 Why a process: feature extraction is Python and holds the GIL. In one process
 it competed with the SMTP event loop, so under load the batched model call got
-a fraction of a core (bench/results/batching_cpu.md, features on the loop:
+a fraction of a core (bench/results/batching_cpu_thread_features_on_loop.md:
 34% of its offline throughput). In a child it has a GIL and a core to itself.
 It also contains failures, and the mail server stays up: when the runtime
 crashes on a batch, a fresh process runs that batch again one message at a

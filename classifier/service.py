@@ -43,7 +43,7 @@ from classifier.inference import (
     classify_batch,
     labels_of,
     load_and_warm,
-    load_onnx_model,
+    resolve_loader,
 )
 from classifier.process_runner import ProcessModel
 from classifier.providers import ProviderChoice, log_choice
@@ -57,7 +57,7 @@ log = structlog.get_logger("triaged.classifier")
 # (SMTP). A thread waiting for the GIL gets it only after the holder has run a
 # whole switch interval, so at 5 ms every batch paid up to a few of those in
 # queue wait. Process-wide, so it is set only where it was measured to help:
-# bench/results/batching_cpu.md.
+# bench/results/batching_cpu_thread_features_on_loop.md.
 SWITCH_INTERVAL_S = 0.0005
 
 # A batch the inference process has not answered in this many request
@@ -231,7 +231,7 @@ class OnnxClassifierService:
             start = wire.Start(path, loader, s.provider, s.device_id, s.intra_op_num_threads,
                                s.rule_overrides)
             return await asyncio.to_thread(ProcessModel.spawn, start, hang_timeout_s=hang_s)
-        fn: ModelLoader = load_onnx_model if loader == DEFAULT_LOADER else _as_loader(loader)
+        fn: ModelLoader = resolve_loader(loader) if isinstance(loader, str) else loader
 
         def load() -> ThreadRunner:
             model, choice = load_and_warm(path, s.provider, s.device_id,
@@ -274,14 +274,6 @@ class OnnxClassifierService:
             self._loop.call_soon_threadsafe(self._metrics.batch_work, *work)
         except RuntimeError:  # loop closed
             pass
-
-
-def _as_loader(loader: ModelLoader | str) -> ModelLoader:
-    if isinstance(loader, str):
-        from classifier.inference import resolve_loader
-
-        return resolve_loader(loader)
-    return loader
 
 
 __all__ = ["ModelLoader", "OnnxClassifierService", "Runner", "ThreadRunner"]

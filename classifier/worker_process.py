@@ -43,11 +43,7 @@ def _start(sock: socket.socket) -> tuple[BatchModel, wire.Start] | None:
         message = str(exc) if isinstance(exc, ClassifierError) else f"{type(exc).__name__}: {exc}"
         wire.send(sock, wire.Failed(message))
         return None
-    labels = labels_of(model)
-    wire.send(sock, wire.Ready(
-        model.name_version, sorted(labels) if labels is not None else None,
-        choice.kind, choice.reason, choice.device_id,
-    ))
+    wire.send(sock, wire.Ready(model.name_version, choice.kind, choice.reason, choice.device_id))
     return model, start
 
 

@@ -43,7 +43,6 @@ class Start(msgspec.Struct, frozen=True, tag=True):
 
 class Ready(msgspec.Struct, frozen=True, tag=True):
     name_version: str
-    labels: list[str] | None
     provider: Literal["cuda", "cpu"]
     provider_reason: str
     device_id: int | None
