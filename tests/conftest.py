@@ -14,11 +14,46 @@ from typing import Any
 
 import msgspec
 import pytest
+import uvloop
 from kafka_broker import TANSU, TOPIC, KafkaBroker
 
 from classifier.config import ClassifierSettings
 from proxy.settings import ListenerSettings, ServerSettings, Settings, UpstreamSettings
 from proxy.transaction import TransactionRecord
+
+# Every async test runs on both event loops: the stdlib one and uvloop, which is
+# what `triaged serve` runs in production (proxy/server.py serve_forever).
+# Transports, timers and signal handling differ between them (issue 9 finding 1
+# only showed on uvloop). Test ids end in [asyncio] / [uvloop]; a test that only
+# needs one loop says `@pytest.mark.asyncio(loop_factories=["uvloop"])`.
+LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop,
+    "uvloop": uvloop.new_event_loop,
+}
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    return LOOP_FACTORIES
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "xfail_uvloop(reason): the [uvloop] variant is a known strict xfail (a bug not yet fixed)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`@pytest.mark.xfail_uvloop(reason=...)`: strict xfail on the uvloop variant only,
+    so it flips to a failure (XPASS strict) the moment the bug is fixed."""
+    for item in items:
+        mark = item.get_closest_marker("xfail_uvloop")
+        callspec = getattr(item, "callspec", None)
+        if mark is None or callspec is None:
+            continue
+        if callspec.params.get("_asyncio_loop_factory") is LOOP_FACTORIES["uvloop"]:
+            reason = mark.kwargs.get("reason") or (mark.args[0] if mark.args else "")
+            item.add_marker(pytest.mark.xfail(strict=True, reason=reason))
 
 
 class Captured(msgspec.Struct):
@@ -253,7 +288,7 @@ StartTriaged = Callable[..., Awaitable[Any]]
 
 
 @pytest.fixture
-async def start_triaged(capture: CaptureServer) -> AsyncIterator[StartTriaged]:
+async def start_triaged(capture: CaptureServer, request: pytest.FixtureRequest) -> AsyncIterator[StartTriaged]:
     """Start a real triaged (the importable Server) in this loop; stopped at teardown.
 
     Keyword arguments are per-section overrides, e.g. server={"max_recipients": 2};
@@ -273,8 +308,17 @@ async def start_triaged(capture: CaptureServer) -> AsyncIterator[StartTriaged]:
         return srv
 
     yield start
+    # A test whose uvloop variant is a known xfail may leave a server whose
+    # stop() raises for the same bug; that must not turn into a teardown error.
+    known_bug = request.node.get_closest_marker("xfail_uvloop") is not None and isinstance(
+        asyncio.get_running_loop(), uvloop.Loop
+    )
     for srv in started:
-        await srv.stop(drain_timeout_s=1.0)
+        try:
+            await srv.stop(drain_timeout_s=1.0)
+        except Exception:
+            if not known_bug:
+                raise
 
 
 @pytest.fixture

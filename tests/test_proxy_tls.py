@@ -3,13 +3,9 @@ triaged to the next hop (opportunistic or required)."""
 
 from __future__ import annotations
 
-import asyncio
 import ssl
 
-import uvloop
-from conftest import CaptureServer, ListSink, SmtpTestClient, StartTriaged, base_settings
-
-from proxy.server import Server
+from conftest import CaptureServer, ListSink, SmtpTestClient, StartTriaged
 
 MESSAGE = b"From: a@example.org\r\nSubject: tls\r\n\r\nsecret body\r\n"
 
@@ -42,27 +38,6 @@ async def test_client_starttls(start_triaged: StartTriaged, capture: CaptureServ
     assert code == 250
     assert "STARTTLS" not in ext and not any(e.startswith("AUTH") for e in ext)
     assert capture.messages[0].data.endswith(MESSAGE)
-
-
-def test_client_starttls_under_uvloop(tls_files: tuple[str, str]) -> None:
-    """Production runs uvloop; aiosmtpd swaps transports at STARTTLS."""
-
-    async def main() -> int:
-        capture = CaptureServer()
-        await capture.start()
-        cert, key = tls_files
-        srv = Server(base_settings(capture.url, server={"tls_cert_file": cert, "tls_key_file": key}))
-        await srv.start()
-        try:
-            _, code = await starttls_transaction(*srv.addresses[0])
-        finally:
-            await srv.stop(drain_timeout_s=1.0)
-            await capture.stop()
-        assert len(capture.messages) == 1
-        return code
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        assert runner.run(main()) == 250
 
 
 async def test_upstream_opportunistic_starttls(
