@@ -21,7 +21,9 @@ from proxy.verdict import Verdict
 
 log = structlog.get_logger("triaged")
 
-_SEVERITY: dict[str, int] = {"accept": 0, "tag": 1, "tempfail": 2, "reject": 3}
+# A quarantine beats a tag (the message is held, not delivered) and loses to
+# tempfail and reject (nothing is taken in).
+_SEVERITY: dict[str, int] = {"accept": 0, "tag": 1, "quarantine": 2, "tempfail": 3, "reject": 4}
 
 
 class Pipeline:
@@ -76,7 +78,7 @@ class Pipeline:
             busy=busy,
         )
 
-    def _policy(self, c: Classification) -> tuple[Literal["accept", "tag", "reject", "tempfail"], str]:
+    def _policy(self, c: Classification) -> tuple[Action, str]:
         p = self.settings.policy
         category_action: Action = p.category_actions.get(c.category, "accept")
         spam_action: Action = p.spam_action if c.spam else "accept"

@@ -22,6 +22,7 @@ import structlog
 from classifier.types import Classifier, ClassifierError
 from proxy import logs
 from proxy.metrics import Metrics
+from proxy.milter.listener import MilterContext, MilterListener, drain_milter
 from proxy.pipeline import Pipeline
 from proxy.settings import ConfigError, Settings, split_host_port
 from proxy.smtp.session import RelayContext, TriageSMTP
@@ -96,6 +97,8 @@ class Server:
         self.addresses: list[tuple[str, int]] = []
         self.metrics_port: int | None = None
         self.ctx: RelayContext | None = None
+        self.milter: MilterContext | None = None
+        self.milter_listeners: list[MilterListener] = []
 
     async def start(self) -> None:
         s = self.settings
@@ -104,9 +107,14 @@ class Server:
         self.ctx = ctx = RelayContext(s, self.pipeline, self.upstream, self.metrics, _server_tls(s))
         loop = asyncio.get_running_loop()
         try:
+            # Milter body bytes count against the same budget as SMTP DATA.
+            self.milter = MilterContext(s, self.pipeline, ctx, self.metrics)
             for listener in s.server.listeners:
-                if listener.protocol != "smtp":
-                    raise RuntimeError(f"listener {listener.address}: milter front end not available")
+                if listener.protocol == "milter":
+                    milter = MilterListener(self.milter, listener)
+                    self.milter_listeners.append(milter)
+                    await milter.start()
+                    continue
                 host, port = split_host_port(listener.address)
                 srv = await loop.create_server(
                     lambda listener=listener: TriageSMTP(ctx, listener),  # type: ignore[misc]
@@ -126,7 +134,11 @@ class Server:
         if s.metrics.listen:
             host, port = split_host_port(s.metrics.listen)
             self.metrics_port = self.metrics.serve(host, port)
-        log.info("started", listeners=[f"{h}:{p}" for h, p in self.addresses], upstream=_redact(s.upstream.url))
+        log.info(
+            "started",
+            listeners=[f"{h}:{p}" for h, p in self.addresses] + [m.describe() for m in self.milter_listeners],
+            upstream=_redact(s.upstream.url),
+        )
 
     async def stop(self, drain_timeout_s: float | None = None) -> None:
         """Stop accepting, drain open transactions, close everything."""
@@ -134,6 +146,11 @@ class Server:
         ctx = self.ctx
         for srv in self._servers:
             srv.close()
+        for milter in self.milter_listeners:
+            milter.close()
+        milter_drain = (
+            asyncio.create_task(drain_milter(self.milter, timeout)) if self.milter is not None else None
+        )
         if ctx is not None:
             ctx.draining = True
             for conn in list(ctx.connections):
@@ -145,6 +162,8 @@ class Server:
                 await asyncio.sleep(0.05)
             for conn in list(ctx.connections):
                 conn.shutdown()
+        if milter_drain is not None:
+            await milter_drain
         await self._close_servers()
         await self.upstream.close()
         await self.classifier.close()
@@ -152,6 +171,10 @@ class Server:
         log.info("stopped")
 
     async def _close_servers(self) -> None:
+        for milter in self.milter_listeners:
+            milter.close()
+            await milter.wait_closed()
+        self.milter_listeners.clear()
         for srv in self._servers:
             srv.close()
         for srv in self._servers:

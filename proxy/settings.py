@@ -23,11 +23,16 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class ListenerSettings(_Section, frozen=True):
-    # "host:port"; port 0 picks a free port (tests).
+    # "host:port"; port 0 picks a free port (tests). A milter listener also
+    # takes Postfix's notation: "inet:host:port" or "unix:/path/to/socket".
     address: str = "127.0.0.1:10025"
     protocol: Literal["smtp", "milter"] = "smtp"
     # Expect a PROXY v1/v2 header first (behind HAProxy `send-proxy-v2`).
     proxy_protocol: bool = False
+    # unix: sockets only: permissions and owner, so that Postfix's smtpd (the
+    # postfix user, maybe chrooted) can connect. Owner "" keeps ours.
+    socket_mode: Annotated[str, Meta(pattern="^0?[0-7]{3}$")] = "0660"
+    socket_owner: str = ""  # "user" or "user:group"
 
 
 class ServerSettings(_Section, frozen=True):
@@ -77,13 +82,16 @@ class StampingSettings(_Section, frozen=True):
     model_header: str = "X-Triage-Model"
 
 
-Action = Literal["accept", "tag", "reject", "tempfail"]
+# "quarantine": milter mode puts the message in the MTA's hold queue
+# (SMFIR_QUARANTINE); SMTP proxy mode has no hold queue and answers 451 4.7.1,
+# so the message waits, deferred, at the sending MTA.
+Action = Literal["accept", "tag", "quarantine", "reject", "tempfail"]
 
 
 class PolicySettings(_Section, frozen=True):
     # What to do with a category (missing categories: accept).
     # "tag" prefixes the Subject with subject_tag; "reject" is 550 5.7.1;
-    # "tempfail" is 451 4.7.1.
+    # "tempfail" is 451 4.7.1; "quarantine": see Action above.
     category_actions: dict[str, Action] = msgspec.field(default_factory=dict)
     spam_action: Action = "accept"
     subject_tag: str = "[{category}]"
@@ -175,6 +183,21 @@ def split_host_port(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def listener_address(listener: ListenerSettings) -> tuple[str, int] | str:
+    """(host, port) for TCP, or the socket path of a milter "unix:" listener."""
+    address = listener.address
+    if listener.protocol == "milter":
+        if address.startswith("unix:"):
+            path = address.removeprefix("unix:")
+            if not path.startswith("/"):
+                raise ValueError("unix: needs an absolute socket path")
+            return path
+        address = address.removeprefix("inet:")
+    elif address.startswith(("inet:", "unix:")):
+        raise ValueError("inet:/unix: addresses are for milter listeners")
+    return split_host_port(address)
+
+
 def validate(s: Settings) -> list[str]:
     """Checks msgspec types cannot express; one "key: problem" per error."""
     import ipaddress
@@ -185,7 +208,7 @@ def validate(s: Settings) -> list[str]:
         errors.append("server.listeners: at least one listener is needed")
     for i, listener in enumerate(s.server.listeners):
         try:
-            split_host_port(listener.address)
+            listener_address(listener)
         except ValueError as exc:
             errors.append(f"server.listeners[{i}].address: {exc}, got {listener.address!r}")
     for key in ("allowed_clients", "xforward_clients"):

@@ -8,13 +8,15 @@ are always 4xx so the sending MTA keeps the mail and retries.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import msgspec
 
 from classifier.types import Classification
+from proxy.milter import codec as milter
 
-Action = Literal["accept", "tag", "reject", "tempfail", "error"]
+Action = Literal["accept", "tag", "quarantine", "reject", "tempfail", "error"]
 
 
 class Verdict(msgspec.Struct, frozen=True):
@@ -44,6 +46,9 @@ INTERNAL_ERROR = "451 4.3.0 Internal error, try again later"
 SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 POLICY_REJECT = "550 5.7.1 Message rejected by policy"
 POLICY_TEMPFAIL = "451 4.7.1 Message deferred by policy, try again later"
+# SMTP proxy mode has no hold queue: a quarantined message stays with the
+# sending MTA (its deferred queue, where the postmaster can look) by a 4xx.
+POLICY_HOLD = "451 4.7.1 Message held by policy, try again later"
 CLASSIFIER_TEMPFAIL = "451 4.7.1 Message could not be classified, try again later"
 # DESIGN.md 4: a full queue answers at once with 4.3.2 (system not accepting).
 CLASSIFIER_BUSY = "451 4.3.2 Classifier busy, try again later"
@@ -113,6 +118,8 @@ def reply_for_verdict(verdict: Verdict) -> str | None:
         return POLICY_REJECT
     if verdict.action == "tempfail":
         return POLICY_TEMPFAIL
+    if verdict.action == "quarantine":
+        return POLICY_HOLD
     if verdict.action == "error":
         return CLASSIFIER_BUSY if verdict.busy else CLASSIFIER_TEMPFAIL
     return None
@@ -123,3 +130,66 @@ def reply_code(reply: str) -> int:
         return int(reply[:3])
     except ValueError:
         return 0
+
+
+# -- milter (Postfix MILTER_README; libmilter smfi_insheader/smfi_chgheader) -----
+
+
+def quarantine_reason(verdict: Verdict) -> str:
+    """The text Postfix logs with milter-hold (no addresses, no content)."""
+    c = verdict.classification
+    if c is None:
+        return "triaged: held by policy"
+    return f"triaged: category {c.category} score {c.score:.3f}"
+
+
+def milter_response(
+    verdict: Verdict,
+    fields: Sequence[tuple[str, str]],
+    headers: Sequence[tuple[bytes, bytes]],
+    remove: Iterable[str],
+    *,
+    leading_space: bool,
+) -> tuple[list[milter.Modification], milter.Reply]:
+    """The end-of-message answer: header changes, then the final reply.
+
+    `headers` are (name, value) as the MTA sent them; `leading_space` is
+    SMFIP_HDR_LEADSPC (values carry their own leading space, ours must too).
+    Forged copies of our fields go first, by CHGHEADER with an empty value at
+    their per-name index (1-based, names compared case-insensitively, also
+    with whitespace before the colon), highest index first so no deletion
+    shifts another. Our fields then go in at index 0, last one first, so they
+    end up on top in `fields` order (above any DKIM-Signature, like the SMTP
+    path). A refusal carries no changes.
+    """
+    refusal = reply_for_verdict(verdict) if verdict.action != "quarantine" else None
+    if refusal is not None:
+        return [], milter.ReplyCode(refusal)
+    lead = " " if leading_space else ""
+    mods: list[milter.Modification] = []
+    names = {n.lower().encode() for n in remove}
+    seen: dict[bytes, int] = {}
+    deletions: list[milter.ChangeHeader] = []
+    subject: tuple[bytes, bytes] | None = None
+    for name, value in headers:
+        key = name.strip().lower()
+        seen[key] = seen.get(key, 0) + 1
+        if key in names:
+            deletions.append(milter.ChangeHeader(seen[key], name, b""))
+        elif key == b"subject" and subject is None:
+            subject = (name, value)
+    deletions.sort(key=lambda d: -d.index)
+    mods.extend(deletions)
+    tag = verdict.subject_tag if verdict.action == "tag" else ""
+    if tag:
+        if subject is None:
+            mods.append(milter.AddHeader("Subject", lead + tag))
+        elif tag.encode().lower() not in subject[1].lower():  # don't stack tags on replies
+            new = lead.encode() + tag.encode() + b" " + subject[1].lstrip(b" ")
+            mods.append(milter.ChangeHeader(1, subject[0], new))
+    for field_name, field_value in reversed(fields):
+        # A CR or LF in a value (a model name, say) must not start a new field.
+        mods.append(milter.InsertHeader(0, field_name, lead + " ".join(field_value.splitlines())))
+    if verdict.action == "quarantine":
+        mods.append(milter.Quarantine(quarantine_reason(verdict)))
+    return mods, milter.CONTINUE
