@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from feature_checks import features_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from classifier.features import FEATURE_VERSION, FeatureParams, extract
+from classifier.features import FEATURE_VERSION, FeatureParams
 from classifier.labels import strip_leaks
 
 P = FeatureParams()
@@ -46,45 +47,49 @@ LIST = (
 )
 
 
-def _check(ids: np.ndarray, p: FeatureParams = P) -> None:
+def _check(raw: bytes, p: FeatureParams = P) -> np.ndarray:
+    """The ids of `raw` (never the error sentinel), well formed."""
+    ids = features_of(raw, p)
     assert ids.dtype == np.int64 and ids.ndim == 1
     assert ids.shape[0] >= p.struct_slots
     assert ids.min() >= 0 and ids.max() < p.buckets
     assert (ids[p.struct_slots :] > 0).all()  # text part is never padded
+    assert ids[0] > 0  # every message yields structure tokens (prec:, ct:, ...)
+    return ids
 
 
 def test_deterministic_and_well_formed() -> None:
-    a, b = extract(PLAIN, P), extract(PLAIN, P)
-    _check(a)
+    a, b = _check(PLAIN), features_of(PLAIN, P)
     assert np.array_equal(a, b)
     assert (a[: P.struct_slots] > 0).sum() >= 5  # structure tokens present
 
 
 def test_list_headers_and_mime_change_structure_tokens() -> None:
-    plain = set(extract(PLAIN, P)[: P.struct_slots].tolist()) - {0}
-    lst = set(extract(LIST, P)[: P.struct_slots].tolist()) - {0}
+    plain = set(features_of(PLAIN, P)[: P.struct_slots].tolist()) - {0}
+    lst = set(features_of(LIST, P)[: P.struct_slots].tolist()) - {0}
     assert len(lst - plain) >= 5
     # quoted-printable decoded: "build breaks" are words, not "build=20breaks"
-    words = extract(b"Subject: x\n\nbuild breaks", P)[P.struct_slots :]
-    assert set(words.tolist()) <= set(extract(LIST, P)[P.struct_slots :].tolist())
+    words = features_of(b"Subject: x\n\nbuild breaks", P)[P.struct_slots :]
+    assert set(words.tolist()) <= set(features_of(LIST, P)[P.struct_slots :].tolist())
 
 
 def test_case_and_digits_fold() -> None:
-    a = extract(b"Subject: s\n\nInvoice 12345 READY", P)[P.struct_slots :]
-    b = extract(b"Subject: s\n\ninvoice 99999 ready", P)[P.struct_slots :]
-    assert np.array_equal(a, b)
+    a = features_of(b"Subject: s\n\nInvoice 12345 READY", P)[P.struct_slots :]
+    b = features_of(b"Subject: s\n\ninvoice 99999 ready", P)[P.struct_slots :]
+    assert a.shape[0] > 0 and np.array_equal(a, b)  # text read, then folded
 
 
 def test_hash_params_change_ids() -> None:
     other = FeatureParams(seed=7)
-    assert not np.array_equal(extract(PLAIN, P), extract(PLAIN, other))
+    assert not np.array_equal(features_of(PLAIN, P), features_of(PLAIN, other))
     small = FeatureParams(buckets=1024)
-    _check(extract(PLAIN, small), small)
+    _check(PLAIN, small)
 
 
 def test_text_cap_bounds_tokens() -> None:
     body = b" ".join(b"word%d" % i for i in range(200_000))
-    ids = extract(b"Subject: big\n\n" + body, P)
+    ids = features_of(b"Subject: big\n\n" + body, P)
+    assert P.struct_slots + P.max_body_tokens <= ids.shape[0]  # the body was read up to the cap
     assert ids.shape[0] <= P.struct_slots + 64 + 16 + 2 * P.max_body_tokens
 
 
@@ -93,7 +98,7 @@ def test_leak_headers_do_not_change_features() -> None:
         b"X-Keywords: spam\nX-Status: RO\nX-Folder: \\inbox\n"
         b"Received: from x by spamassassin.taint.org with fetchmail\n" + PLAIN
     )
-    assert np.array_equal(extract(leaky, P), extract(PLAIN, P))
+    assert np.array_equal(features_of(leaky, P), features_of(PLAIN, P))
     assert b"X-Keywords" not in strip_leaks(leaky) and b"taint.org" not in strip_leaks(leaky)
 
 
@@ -128,7 +133,7 @@ NASTY = [
 
 @pytest.mark.parametrize("raw", NASTY, ids=range(len(NASTY)))
 def test_nasty_inputs_never_raise(raw: bytes) -> None:
-    _check(extract(raw, P))
+    _check(raw)
 
 
 def test_random_mutations_of_real_mail_never_raise() -> None:
@@ -148,13 +153,13 @@ def test_random_mutations_of_real_mail_never_raise() -> None:
             raw = raw.replace(b"boundary", b"boundry").replace(b"--", b"-")
         else:
             raw = raw.replace(b"charset=", b"charset=x-bogus-")
-        _check(extract(bytes(raw), P))
+        _check(bytes(raw))
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=4096))
 def test_hypothesis_bytes(raw: bytes) -> None:
-    _check(extract(raw, P))
+    _check(raw)
 
 
 @settings(max_examples=200, deadline=None)
@@ -183,7 +188,7 @@ def test_hypothesis_bytes(raw: bytes) -> None:
     )
 )
 def test_hypothesis_structured(parts: list[bytes]) -> None:
-    _check(extract(b"".join(parts), P))
+    _check(b"".join(parts))
 
 
 def test_feature_version_is_positive_int() -> None:
@@ -214,7 +219,6 @@ def test_python_only_codecs_are_not_run_on_mail() -> None:
     sender's bytes (and warn); it is read as latin-1 like an unknown charset."""
     import warnings
 
-    from classifier.features import FeatureParams, extract
 
     body = b"caf\\xe9 \\N{BULLET} \\q"
     def message(charset: str) -> bytes:
@@ -223,5 +227,5 @@ def test_python_only_codecs_are_not_run_on_mail() -> None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        escaped = extract(message("unicode_escape"), FeatureParams())
-    assert list(escaped) == list(extract(message("x-no-such-charset"), FeatureParams()))
+        escaped = features_of(message("unicode_escape"), P)
+    assert list(escaped) == list(features_of(message("x-no-such-charset"), P))

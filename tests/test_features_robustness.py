@@ -24,10 +24,10 @@ import time
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
-from typing import cast
 
 import numpy as np
 import pytest
+from feature_checks import error_ids
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -42,8 +42,7 @@ MEM_CAP = 64 << 20  # tracemalloc peak for one message
 # sender name (200 chars) give at most ~600 tokens (a non-ASCII char is a
 # 2-byte token); the body at most max_body_tokens unigrams plus as many bigrams.
 MAX_LEN = P.struct_slots + 2 * P.max_body_tokens + 1024
-# What extract returns when something inside raised: bytes(object()) fails.
-ERROR_IDS = extract(cast(bytes, object()), P)
+ERROR_IDS = error_ids(P)  # what extract returns when something inside raised
 
 
 def check(raw: bytes, params: FeatureParams = P) -> float:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from batching_models import process_exited, provider_setting, write_model
+from waiting import wait_until, wait_until_blocking
 
 from classifier import worker_wire as wire
 from classifier.batch_metrics import BatchStats
@@ -37,12 +38,11 @@ def alive(pid: int) -> bool:
 
 
 def wait_gone(pid: int, within_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        if not alive(pid):
-            return True
-        time.sleep(0.02)
-    return False
+    try:
+        wait_until_blocking(lambda: not alive(pid), within_s, interval=0.02)
+    except AssertionError:
+        return False
+    return True
 
 
 def test_a_batch_runs_in_another_process(tmp_path: Path) -> None:
@@ -77,9 +77,7 @@ def test_a_process_killed_between_batches_is_replaced_before_the_next(tmp_path: 
         first = model.pid
         assert first is not None
         os.kill(first, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while not process_exited(first) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until_blocking(lambda: process_exited(first), what="the killed inference process is gone")
         # Noticed before the batch is sent: the batch is not lost.
         verdicts, _ = model.classify_batch([b"2"])
         assert isinstance(verdicts[0], Classification) and verdicts[0].category == "2"
@@ -146,8 +144,7 @@ async def test_service_survives_a_crashed_inference_process(tmp_path: Path) -> N
         assert isinstance(runner, ProcessModel) and runner.pid is not None
         first = runner.pid
         load = [asyncio.create_task(service.classify(b"%d" % i)) for i in range(200)]
-        while stats.items < 40:  # noqa: ASYNC110
-            await asyncio.sleep(0.005)
+        await wait_until(lambda: stats.items >= 40, 30, interval=0.005)
         os.kill(first, signal.SIGKILL)
         results = await asyncio.gather(*load, return_exceptions=True)
         after = await asyncio.gather(*(service.classify(b"%d" % i) for i in range(50)))

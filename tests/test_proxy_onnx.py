@@ -34,6 +34,7 @@ from batching_models import (
 )
 from conftest import CaptureServer, SmtpTestClient, StartTriaged, base_settings
 from triaged_proc import TriagedProcess
+from waiting import wait_until
 
 from classifier.config import BatcherSettings, ClassifierSettings
 from classifier.inference import BatchModel
@@ -155,11 +156,9 @@ async def fill_the_queue(srv: object, model: GatedEcho) -> list[asyncio.Task[tup
     host, port = srv.addresses[0]  # type: ignore[attr-defined]
     held = [await client_for(host, port), await client_for(host, port)]
     tasks = [asyncio.create_task(held[0].send_message(*ENVELOPE, tiny_message("primary", 1)))]
-    while not model.entered.is_set():  # noqa: ASYNC110 - a thread's event, polled
-        await asyncio.sleep(0.01)
+    await wait_until(model.entered.is_set, what="the model holds a batch")
     tasks.append(asyncio.create_task(held[1].send_message(*ENVELOPE, tiny_message("primary", 2))))
-    while service.queue_depth < 1:  # noqa: ASYNC110
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: service.queue_depth >= 1, what="one message queued")
     return tasks
 
 
@@ -227,11 +226,10 @@ level = "info"
 
 
 async def wait_for_log(proc: TriagedProcess, needle: str, count: int = 1) -> None:
-    for _ in range(600):
-        if proc.log_tail(1 << 20).count(needle) >= count:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{needle!r} not logged; log:\n{proc.log_tail()}")
+    try:
+        await wait_until(lambda: proc.log_tail(1 << 20).count(needle) >= count, 30, interval=0.05)
+    except AssertionError:
+        raise AssertionError(f"{needle!r} not logged; log:\n{proc.log_tail()}") from None
 
 
 async def test_sighup_swaps_the_model_of_a_running_server(
@@ -255,8 +253,7 @@ async def test_sighup_swaps_the_model_of_a_running_server(
             await c.close()
 
         flowing = asyncio.create_task(flow())
-        while len(capture.messages) < 5:  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
+        await wait_until(lambda: len(capture.messages) >= 5, 30)
         # Replace the file as an operator would (rename over it), then HUP.
         with_version(tiny, tmp_path / "new.onnx", "2")
         os.replace(tmp_path / "new.onnx", model)
@@ -264,15 +261,13 @@ async def test_sighup_swaps_the_model_of_a_running_server(
         proc.proc.send_signal(signal.SIGHUP)
         await wait_for_log(proc, '"classifier_reloaded"')
         mark = len(capture.messages)
-        while len(capture.messages) < mark + 5:  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
+        await wait_until(lambda: len(capture.messages) >= mark + 5, 30)
         # A broken file: the reload fails, the running model stays.
         model.write_bytes(b"not a model")
         proc.proc.send_signal(signal.SIGHUP)
         await wait_for_log(proc, '"classifier_reload_failed"')
         mark2 = len(capture.messages)
-        while len(capture.messages) < mark2 + 5:  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
+        await wait_until(lambda: len(capture.messages) >= mark2 + 5, 30)
         stop.set()
         await flowing
     finally:
@@ -342,8 +337,7 @@ async def test_an_inference_process_killed_between_batches_costs_no_message(
     srv = await start_triaged(classifier=service, policy={"on_classifier_error": "tempfail"})
     first = _runner_pid(service)
     os.kill(first, signal.SIGKILL)
-    while not process_exited(first):  # noqa: ASYNC110
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: process_exited(first), what="the killed inference process is gone")
     c = await client_for(*srv.addresses[0])
     assert (await c.send_message(*ENVELOPE, tiny_message("forums", 3)))[0] == 250
     assert headers_of(capture.messages[-1].data)["x-triage-model"] == "tiny/1"

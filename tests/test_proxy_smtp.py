@@ -8,6 +8,7 @@ import hashlib
 import pytest
 import structlog
 from conftest import CaptureServer, ListSink, SmtpTestClient, StartTriaged
+from waiting import wait_until
 
 from classifier.types import Classification, ClassifierError
 from proxy.settings import ListenerSettings
@@ -474,8 +475,8 @@ async def test_idle_and_data_timeouts_close_the_session(
     assert (await slow.cmd("DATA"))[0] == 354
     slow.writer.write(b"Subject: never finished\r\n")
     assert await asyncio.wait_for(slow.reader.read(), 5) == b""
-    await asyncio.sleep(0.05)
-    assert capture.messages == [] and srv.ctx.inflight_bytes == 0
+    await wait_until(lambda: srv.ctx.inflight_bytes == 0, what="reserved DATA bytes returned")
+    assert capture.messages == []
     await idle.close()
     await slow.close()
 
@@ -520,8 +521,7 @@ async def test_client_vanishing_mid_command_returns_the_pool_slot(
     srv = await start_triaged(upstream={"pool_size": 1, "connect_timeout_s": 2.0})
     gone = await client_for(srv)
     gone.writer.write(b"MAIL FROM:<a@example.org>\r\n")
-    while "MAIL" not in capture.commands:  # noqa: ASYNC110 - polled, a few ms
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: "MAIL" in capture.commands, what="MAIL reached the next hop")
     await gone.close()  # hangs up while triaged waits for the next hop
     capture.stall_on = ""
     c = await client_for(srv)
@@ -549,9 +549,7 @@ async def test_client_vanishing_mid_data_returns_the_reserved_bytes(
     assert (await c.cmd("DATA"))[0] == 354
     c.writer.write(b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 3000)  # 3 MB, no end
     await c.writer.drain()
-    while srv.ctx.inflight_bytes < 2_000_000:  # noqa: ASYNC110 - polled, a few ms
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: srv.ctx.inflight_bytes >= 2_000_000, what="2 MB of DATA reserved")
     await c.close()
-    while srv.ctx.connections:  # noqa: ASYNC110 - polled, a few ms
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: not srv.ctx.connections, what="the connection is gone")
     assert srv.ctx.inflight_bytes == 0 and capture.messages == []
