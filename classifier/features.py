@@ -27,6 +27,8 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
+from classifier import headers
+
 # Bump when tokens or hashing change: a model trained on other ids is refused.
 FEATURE_VERSION: Final = 3
 
@@ -104,7 +106,6 @@ def _to_ids(h: npt.NDArray[np.uint64], p: FeatureParams) -> IdArray:
 
 # --- header and MIME parsing ---------------------------------------------------
 
-_UNFOLD = re.compile(rb"\r?\n[ \t]+")
 _PARAM = re.compile(r'([A-Za-z0-9*_.-]+)\s*=\s*(?:"([^"]*)"|([^;\s]+))')
 _ADDR = re.compile(r"<?([^<>\s@\"]+)@([A-Za-z0-9.\-]+)>?")
 _DKIM_D = re.compile(r"(?:^|;)\s*d\s*=\s*([A-Za-z0-9.\-]+)")
@@ -123,26 +124,12 @@ _WANTED = frozenset(
     }
 )  # fmt: skip
 _KEYS = {v: n for n in _WANTED for v in (n.encode(), n.title().encode(), n.upper().encode())}
-# One C-level scan picks the wanted fields (with continuation lines) out of the head.
-# One C-level scan finds every field (with its continuation lines); a dict
-# lookup keeps the wanted ones. Faster than one big case-insensitive alternation.
-_FIELD = re.compile(rb"^([A-Za-z][A-Za-z0-9-]*)[ \t]*:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.M)
 
 
 def _split_head(raw: bytes, p: FeatureParams) -> tuple[bytes, bytes]:
-    """Head and body at the first empty line (LF or CRLF), the head capped."""
-    limit = p.header_max_bytes
-    e = raw.find(b"\n\n", 0, limit)
-    # A CRLF blank line ("\n\r\n") only matters if it comes first.
-    e2 = raw.find(b"\n\r\n", 0, e + 2 if e >= 0 else limit)
-    if e2 >= 0 and (e < 0 or e2 < e):
-        e, end = e2, e2 + 3
-    else:
-        end = e + 2
-    if e < 0:
-        return raw[:limit], b""
-    start = e - 1 if e > 0 and raw[e - 1] == 13 else e  # drop the line's CR too
-    return raw[:start], raw[end:]
+    """Head and body at the first empty line (classifier.headers), the head capped."""
+    end, start = headers.split(raw, p.header_max_bytes)
+    return raw[:end], raw[start:]
 
 
 # Field name as written -> wanted key, or None for a field we skip; "" = not seen yet.
@@ -166,7 +153,9 @@ def _parse_headers(head: bytes, p: FeatureParams) -> dict[str, str]:
     out: dict[str, str] = {}
     n = 0
     names = _NAMES
-    for name, value in _FIELD.findall(head):
+    # One C-level scan finds every field (with its continuation lines); a dict
+    # lookup keeps the wanted ones. Faster than one big case-insensitive alternation.
+    for name, value in headers.FIELD.findall(head):
         key = names.get(name, "")
         if not key:
             if key is None:
@@ -185,9 +174,7 @@ def _parse_headers(head: bytes, p: FeatureParams) -> dict[str, str]:
         if key not in _VALUED:
             out[key] = ""
             continue
-        if b"\n" in value:
-            value = _UNFOLD.sub(b" ", value)
-        value = value.strip()
+        value = headers.unfold(value)
         try:  # raw 8-bit headers are mostly UTF-8 today (RFC 6532); else latin-1
             text = value.decode("utf-8")
         except UnicodeDecodeError:
@@ -305,6 +292,14 @@ def _walk(
             _walk(_parse_headers(part_head, p), part_body, depth + 1, p, out)
         return
     if ctype == "message/rfc822" and depth < p.max_depth:
+        # Some MTAs put a stray empty line between the part's header and the
+        # message it carries (sisimai's lhost-x3 DSNs): read past one, as the
+        # model was trained to. Only here: a top-level message that starts
+        # with an empty line has no header, for stamping and features alike.
+        if body[:1] == b"\n":
+            body = body[1:]
+        elif body[:2] == b"\r\n":
+            body = body[2:]
         inner_head, inner_body = _split_head(body, p)
         out.append(_Leaf(ctype, "", "", False, "", b""))
         _walk(_parse_headers(inner_head, p), inner_body, depth + 1, p, out)

@@ -7,24 +7,30 @@ headers mark a discussion list (RFC 2369). Only these two rules override;
 the spam verdict always stays the model's, and an override only applies when
 the model knows the target category (a site's own label set may not).
 
-The fields come from classifier.rules.header_fields, a small scanner over the
-header block (microseconds), not a second email.parser pass.
+The fields come from classifier.headers, a small scanner over the header block
+(microseconds), not a second email.parser pass.
 """
 
 from __future__ import annotations
 
 import msgspec
 
-from classifier.rules import header_fields
+from classifier import headers
 from classifier.types import Classification
 
 # How sure the rule is; stamped as X-Triage-Score for an overridden category.
 _SURE = 0.9
 
+# The fields the two rules read (lower case).
+_WANTED = frozenset(
+    {b"return-path", b"content-type", b"from", b"list-post", b"mailing-list", b"x-beenthere",
+     b"x-mailman-version", b"precedence"}
+)  # fmt: skip
+
 
 def sure_category(raw: bytes) -> str | None:
     """"updates" for a bounce/DSN, "forums" for discussion-list mail, else None."""
-    fields = header_fields(raw)
+    fields = headers.fields(headers.head(raw), _WANTED)
     # Bounces first: a DSN about a list post is still a bounce.
     if fields.get(b"return-path", b"").replace(b" ", b"") == b"<>":
         return "updates"

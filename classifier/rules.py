@@ -1,7 +1,7 @@
 """Header-rule classifier ("rules/1"): the first classifier and later the fallback.
 
-It reads only the header block, with a small unfolding scanner instead of the
-email package: it is on every message's path and the whole parse costs a few
+It reads only the header block, with classifier.headers instead of the email
+package: it is on every message's path and the whole parse costs a few
 microseconds. Rules, first match wins:
 
 1. bounces (null Return-Path, multipart/report, MAILER-DAEMON) -> updates
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 
+from classifier import headers
 from classifier.types import Classification
 
 MODEL = "rules/1"
@@ -69,30 +70,10 @@ _BULK_MAILER = re.compile(
 def header_fields(raw: bytes) -> dict[bytes, bytes]:
     """The wanted header fields of `raw`, unfolded; first occurrence wins.
 
-    The header block ends at the first empty line (RFC 5322 section 2.1).
+    Where the header ends and what a field is: classifier.headers (LF or CRLF,
+    whitespace before the colon, folding), the same reader stamping uses.
     """
-    end = raw.find(b"\r\n\r\n")
-    lf_end = raw.find(b"\n\n")
-    if end < 0 or (0 <= lf_end < end):
-        end = lf_end
-    block = raw if end < 0 else raw[:end]
-    fields: dict[bytes, bytes] = {}
-    name = b""
-    for line in block.splitlines():
-        if not line:
-            break
-        if line[:1] in (b" ", b"\t"):
-            if name:  # continuation of a wanted field
-                fields[name] += b" " + line.strip()
-            continue
-        head, colon, value = line.partition(b":")
-        key = head.strip().lower()
-        if colon and key in _WANTED and key not in fields:
-            fields[key] = value.strip()
-            name = key
-        else:
-            name = b""
-    return fields
+    return headers.fields(headers.head(raw), _WANTED)
 
 
 def classify_headers(fields: dict[bytes, bytes]) -> tuple[str, float]:

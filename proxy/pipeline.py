@@ -14,6 +14,7 @@ from typing import Literal
 
 import structlog
 
+from classifier import headers
 from classifier.types import Classification, Classifier, ClassifierError, Overloaded
 from proxy.settings import Action, Settings
 from proxy.transaction import TransactionRecord, TransactionSink
@@ -169,14 +170,7 @@ class Pipeline:
         return record
 
 
-def message_id_of(header_block_lower: bytes, header_block: bytes) -> str:
-    """Raw Message-ID value ("" when absent), from an already-lowered block."""
-    i = header_block_lower.find(b"\nmessage-id:")
-    if i < 0:
-        if not header_block_lower.startswith(b"message-id:"):
-            return ""
-        i = -1
-    start = i + 1 + len(b"message-id:")
-    end = header_block.find(b"\n", start)
-    value = header_block[start : end if end >= 0 else None].strip()
-    return value.decode("ascii", "replace")
+def message_id_of(raw: bytes) -> str:
+    """Raw Message-ID value of a message, unfolded ("" when absent)."""
+    value = headers.field(headers.head(raw), b"message-id")
+    return "" if value is None else value.decode("ascii", "replace")

@@ -10,9 +10,9 @@ import structlog
 from conftest import CaptureServer, ListSink, SmtpTestClient, StartTriaged
 from waiting import wait_until
 
+from classifier import headers
 from classifier.types import Classification, ClassifierError
 from proxy.settings import ListenerSettings
-from proxy.smtp.stamp import header_end
 
 MESSAGE = (
     b"From: Alice <alice@example.org>\r\n"
@@ -85,7 +85,7 @@ async def test_forged_triage_headers_are_removed(
     c = await client_for(srv)
     assert (await c.send_message("a@example.org", ["b@example.net"], forged))[0] == 250
     data = capture.messages[0].data
-    head = data[: header_end(data)]
+    head = headers.head(data)
     assert head.lower().count(b"x-triage-category") == 1
     assert b"X-Triage-Category: forums\r\n" in head
     assert b"evil" not in data and b"continued" not in data and b"1.000" not in data

@@ -34,7 +34,7 @@ from proxy.pipeline import Pipeline, message_id_of
 from proxy.proxyproto import ProxyError, ProxyHeader, parse
 from proxy.settings import ListenerSettings, Settings
 from proxy.smtp.client import UpstreamError
-from proxy.smtp.stamp import header_end, stamp
+from proxy.smtp.stamp import stamp
 from proxy.smtp.upstream import Hop, Upstream
 
 log = structlog.get_logger("triaged.smtp")
@@ -463,13 +463,11 @@ class TriageSMTP(SMTP):
                     await self.reset_hop()  # DATA refused before 354 leaves MAIL open
                     outcome = "error"
                 reply = V.passthrough(answer.code, answer.message)
-        end = header_end(content)
-        block = content[: end if end >= 0 else len(content)]
         pipeline.finish(
             front_end="smtp",
             peer=self.peer_host,
             queue_id=self.xforward.get("IDENT") or f"{_QUEUE_PREFIX}.{next(_queue_ids):x}",
-            message_id=message_id_of(block.lower(), block),
+            message_id=message_id_of(content),
             client_address=self._record_client(),
             sender=envelope.mail_from or "",
             recipients=envelope.rcpt_tos,
