@@ -23,6 +23,9 @@ from typing import Literal, Protocol
 # draining on close ("drain").
 CloseReason = Literal["full", "timeout", "idle", "drain"]
 
+# Why a message got the header-rules fallback verdict (BatcherMetrics.fallback).
+FallbackReason = Literal["timeout", "error"]
+
 # (wall seconds, CPU seconds) of one piece of work.
 Work = tuple[float, float]
 
@@ -56,6 +59,11 @@ class BatcherMetrics(Protocol):
     def error(self, size: int) -> None:
         """A batch of `size` requests failed (exception or output mismatch)."""
 
+    def fallback(self, reason: FallbackReason) -> None:
+        """One message got the header-rules verdict because the model gave
+        none: its deadline passed ("timeout") or its batch or the inference
+        process failed ("error")."""
+
 
 class NullMetrics:
     """Hooks that do nothing: the default."""
@@ -82,6 +90,9 @@ class NullMetrics:
         pass
 
     def error(self, size: int) -> None:
+        pass
+
+    def fallback(self, reason: FallbackReason) -> None:
         pass
 
 
@@ -112,6 +123,7 @@ class BatchStats:
     timeouts: int = 0
     overloads: int = 0
     errors: int = 0
+    fallbacks: Counter[str] = field(default_factory=Counter)  # by FallbackReason
     items: int = 0  # requests handed to the worker, all batches
 
     def batch(self, size: int, reason: CloseReason) -> None:
@@ -148,6 +160,9 @@ class BatchStats:
     def error(self, size: int) -> None:
         del size
         self.errors += 1
+
+    def fallback(self, reason: FallbackReason) -> None:
+        self.fallbacks[reason] += 1
 
     @property
     def batches(self) -> int:

@@ -23,7 +23,8 @@ class ClassifierSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True
     model_path: str = "models/default.onnx"
     # Header rules override the model where they are sure (list headers -> forums, ...).
     rule_overrides: bool = True
-    # Deadline for one classification, queue wait included.
+    # Deadline for one classification, queue wait included (the batcher owns
+    # it); past it the message gets the header rules' verdict.
     timeout_ms: Annotated[float, Meta(gt=0, le=60_000)] = 2000.0
     # "auto": CUDA when onnxruntime-gpu and a GPU are present, else CPU.
     provider: Literal["auto", "cpu", "cuda"] = "auto"

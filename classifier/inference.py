@@ -84,6 +84,22 @@ def resolve_loader(ref: str) -> ModelLoader:
     return loader
 
 
+def prefix_bytes_of(model: BatchModel) -> int | None:
+    """How many leading bytes of a message the model's verdict depends on;
+    None when the model does not say (it then gets whole messages).
+
+    Features read `raw[:raw_max_bytes]` and nothing past it (the first line
+    of classifier.features._prepare), and the overrides read the header
+    block, which features cap far below that (header_max_bytes). So a message
+    cut here gets the verdict of the whole message
+    (tests/test_bounded_prefix.py checks it on the corpus), and the classifier
+    never ships or holds more than this per message, however large the mail.
+    """
+    features = getattr(getattr(model, "manifest", None), "features", None)
+    limit = getattr(features, "raw_max_bytes", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
 def labels_of(model: BatchModel) -> frozenset[str] | None:
     """The category head's classes, for the overrides; None when unknown."""
     labels = getattr(getattr(model, "manifest", None), "labels", None)
@@ -128,17 +144,22 @@ def _load_on(path: str, choice: ProviderChoice, threads: int, loader: ModelLoade
 
 def classify_batch(
     model: BatchModel,
-    raws: Sequence[bytes],
+    views: Sequence[bytes | memoryview],
     *,
     overrides: bool,
     labels: frozenset[str] | None,
 ) -> tuple[list[Classification | ClassifierError], BatchTiming]:
-    """Verdicts for `raws`, in order; one unparseable message fails alone.
+    """Verdicts for `views` (messages or their prefixes), in order; one
+    unparseable message fails alone.
 
     Raises ClassifierError when the model call itself fails or answers the
     wrong number of rows: that fails the whole batch.
     """
     t0, c0 = time.perf_counter(), time.thread_time()
+    # Features and overrides search bytes; a view (a prefix, or a slice of
+    # the frame the inference process received) is copied here once, and
+    # only up to the model's prefix_bytes.
+    raws = [v if isinstance(v, bytes) else bytes(v) for v in views]
     results: list[Classification | ClassifierError | None] = [None] * len(raws)
     features, slots = _featurize(model, raws, results)
     t1, c1 = time.perf_counter(), time.thread_time()
@@ -189,5 +210,6 @@ __all__ = [
     "labels_of",
     "load_and_warm",
     "load_onnx_model",
+    "prefix_bytes_of",
     "resolve_loader",
 ]

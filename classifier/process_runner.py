@@ -55,6 +55,7 @@ class ProcessModel:
         self._closed = False
         self.name_version = ""
         self.choice = ProviderChoice("cpu", [], "not started")
+        self.prefix_bytes: int | None = None  # what the model reads (Ready says)
 
     @classmethod
     def spawn(cls, start: wire.Start, *, hang_timeout_s: float) -> ProcessModel:
@@ -70,7 +71,7 @@ class ProcessModel:
         return self._proc.pid if self._proc is not None else None
 
     def classify_batch(
-        self, raws: Sequence[bytes]
+        self, raws: Sequence[bytes | memoryview]
     ) -> tuple[list[Classification | ClassifierError], BatchTiming]:
         with self._lock:
             try:
@@ -86,7 +87,7 @@ class ProcessModel:
         return _unpack(answer)
 
     def _one_by_one(
-        self, raws: Sequence[bytes]
+        self, raws: Sequence[bytes | memoryview]
     ) -> tuple[list[Classification | ClassifierError], BatchTiming]:
         verdicts: list[Classification | ClassifierError] = []
         timings: list[BatchTiming] = []
@@ -122,7 +123,7 @@ class ProcessModel:
 
     # -- internals (lock held) ----------------------------------------------------
 
-    def _exchange(self, raws: Sequence[bytes]) -> wire.Results | wire.BatchFailed:
+    def _exchange(self, raws: Sequence[bytes | memoryview]) -> wire.Results | wire.BatchFailed:
         """One Run and its answer; raises _Crashed when the process died on it."""
         if self._closed:
             raise ClassifierError("inference process stopped")
@@ -134,7 +135,9 @@ class ProcessModel:
             self._restart()
         assert self._sock is not None
         try:
-            wire.send(self._sock, wire.Run(list(raws)))
+            # Views of the prefixes the service cut: encoded straight into
+            # the frame, never copied on their own.
+            wire.send(self._sock, wire.Run([memoryview(r) for r in raws]))
             answer = wire.receive_in_parent(self._sock)
         except TimeoutError:
             self._kill(f"no answer in {self._hang_timeout_s:.0f} s", force=True)
@@ -186,6 +189,7 @@ class ProcessModel:
         self._proc, self._sock = proc, ours
         self.name_version = answer.name_version
         self.choice = ProviderChoice(answer.provider, [], answer.provider_reason, answer.device_id)
+        self.prefix_bytes = answer.prefix_bytes
 
     def _restart(self) -> None:
         now = time.monotonic()

@@ -6,14 +6,24 @@
     await service.reload()           # hot swap (SIGHUP)
     await service.close()            # drains the queue, stops the runner
 
-classify() only queues the raw message: the batcher's worker thread hands
-each batch to a runner, which featurizes it, calls the model once and applies
-the header-rule overrides (classifier/inference.py):
+classify() queues a view of the message's first `prefix_bytes` (what the
+model reads at all: classifier.inference.prefix_bytes_of), never a copy of
+the whole message; the batcher's worker thread hands each batch to a runner,
+which featurizes it, calls the model once and applies the header-rule
+overrides (classifier/inference.py):
 
 - "process" (the default): an inference process per model
   (classifier/process_runner.py). Features are Python and hold a GIL; there
   they hold their own, so the SMTP loop and the model never wait for each other.
 - "thread": the worker thread of this process runs the same code.
+
+The deadline (`timeout_ms`) has one owner, the batcher: it counts every
+miss (metrics.timeout). A message the model gives no verdict for, because its
+deadline passed or its batch or the inference process failed, gets the
+header-rules verdict instead (classifier/rules.py), stamped with the model
+name FALLBACK_MODEL and counted (metrics.fallback); the log says when the
+service starts and stops degrading, not per message. Only a full queue
+(Overloaded, answered at once) and a closed service raise.
 
 Each request carries the runner it was submitted to, and the worker groups a
 batch by runner: a batch never mixes models, a request is never answered by a
@@ -25,14 +35,16 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import structlog
 
+from classifier import rules
 from classifier import worker_wire as wire
-from classifier.batch_metrics import BatcherMetrics, NullMetrics
+from classifier.batch_metrics import BatcherMetrics, FallbackReason, NullMetrics
 from classifier.batcher import Batcher, BatcherClosed
 from classifier.config import ClassifierSettings
 from classifier.inference import (
@@ -43,11 +55,12 @@ from classifier.inference import (
     classify_batch,
     labels_of,
     load_and_warm,
+    prefix_bytes_of,
     resolve_loader,
 )
 from classifier.process_runner import ProcessModel
 from classifier.providers import ProviderChoice, log_choice
-from classifier.types import Classification, ClassifierError
+from classifier.types import Classification, ClassifierError, DeadlineExceeded, Overloaded
 
 log = structlog.get_logger("triaged.classifier")
 
@@ -66,6 +79,18 @@ SWITCH_INTERVAL_S = 0.0005
 HANG_TIMEOUTS = 4
 HANG_MIN_S = 10.0
 
+# X-Triage-Model of a verdict the header rules gave because the model could
+# not: "name/version" like every model name, and not "rules/1", so a reader
+# can tell a degraded verdict from a site that runs the rules on purpose.
+FALLBACK_MODEL = "rules-fallback/1"
+# The rules read the header block only; they get at most this much of a
+# message (features read no header past 64 KiB either: header_max_bytes).
+FALLBACK_HEAD_BYTES = 1 << 16
+# "Recovered" is logged at the first model verdict after this long without a
+# fallback, so a model that misses some deadlines logs a pair of lines per
+# quiet period, not one per message.
+RECOVERED_AFTER_S = 1.0
+
 
 class Runner(Protocol):
     """Runs whole batches for one loaded model (from the worker thread)."""
@@ -76,8 +101,12 @@ class Runner(Protocol):
     @property
     def choice(self) -> ProviderChoice: ...
 
+    @property
+    def prefix_bytes(self) -> int | None:
+        """Bytes of a message the model reads (None: all); the rest is never sent."""
+
     def classify_batch(
-        self, raws: Sequence[bytes]
+        self, raws: Sequence[bytes | memoryview]
     ) -> tuple[list[Classification | ClassifierError], BatchTiming]: ...
 
     def close(self) -> None: ...
@@ -90,11 +119,12 @@ class ThreadRunner:
         self.model = model
         self.choice = choice
         self.name_version = model.name_version
+        self.prefix_bytes = prefix_bytes_of(model)
         self._overrides = overrides
         self._labels = labels_of(model)
 
     def classify_batch(
-        self, raws: Sequence[bytes]
+        self, raws: Sequence[bytes | memoryview]
     ) -> tuple[list[Classification | ClassifierError], BatchTiming]:
         return classify_batch(self.model, raws, overrides=self._overrides, labels=self._labels)
 
@@ -112,7 +142,14 @@ class _Current:
 @dataclass(slots=True)
 class _Item:
     target: _Current
-    raw: bytes
+    raw: bytes | memoryview  # the prefix the model reads, a view: no copy
+
+
+def _prefix(raw: bytes, limit: int | None) -> bytes | memoryview:
+    """The first `limit` bytes of `raw` as a view (slicing bytes would copy)."""
+    if limit is None or len(raw) <= limit:
+        return raw
+    return memoryview(raw)[:limit]
 
 
 class OnnxClassifierService:
@@ -136,6 +173,10 @@ class OnnxClassifierService:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reload_lock = asyncio.Lock()
         self._stopping: set[asyncio.Task[None]] = set()  # runners being stopped
+        # Fallback state, for one log line per change (see _fallback).
+        self._degraded_since: float | None = None  # monotonic; None: the model answers
+        self._last_fallback = 0.0
+        self._fallbacks = 0  # in the current degraded spell
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -168,16 +209,25 @@ class OnnxClassifierService:
             await asyncio.gather(*self._stopping, return_exceptions=True)
 
     async def classify(self, raw: bytes) -> Classification:
+        """The model's verdict, or the header rules' when the model gives none
+        in time. Raises Overloaded (full queue) and BatcherClosed only."""
         batcher, current = self._batcher, self._current
         if batcher is None or current is None:
             raise BatcherClosed("classifier is not running")
         current.pending += 1
         try:
-            return await batcher.submit(_Item(current, raw))
+            verdict = await batcher.submit(_Item(current, _prefix(raw, current.runner.prefix_bytes)))
+        except (Overloaded, BatcherClosed):
+            raise
+        except ClassifierError as exc:  # DeadlineExceeded included: the batcher counted it
+            return self._fallback(raw, exc)
         finally:
             current.pending -= 1
             if current.retired and current.pending == 0:
                 self._stop(current.runner)
+        if self._degraded_since is not None:
+            self._maybe_recovered()
+        return verdict
 
     async def reload(self, path: str | None = None) -> str:
         """Load `path` (default: the current model file) and swap it in.
@@ -220,7 +270,37 @@ class OnnxClassifierService:
     def queue_depth(self) -> int:
         return self._batcher.depth if self._batcher is not None else 0
 
+    @property
+    def degraded(self) -> bool:
+        """True from a fallback verdict until the model answers again."""
+        return self._degraded_since is not None
+
     # -- internals ---------------------------------------------------------
+
+    def _fallback(self, raw: bytes, exc: ClassifierError) -> Classification:
+        reason: FallbackReason = "timeout" if isinstance(exc, DeadlineExceeded) else "error"
+        self._metrics.fallback(reason)
+        now = time.monotonic()
+        self._last_fallback = now
+        self._fallbacks += 1
+        if self._degraded_since is None:
+            self._degraded_since = now
+            log.warning("classifier.degraded", reason=reason, error=str(exc),
+                        fallback=FALLBACK_MODEL)
+        # Slicing copies at most FALLBACK_HEAD_BYTES; the rules search bytes.
+        category, score = rules.classify_headers(rules.header_fields(raw[:FALLBACK_HEAD_BYTES]))
+        return Classification(category=category, score=score, model=FALLBACK_MODEL)
+
+    def _maybe_recovered(self) -> None:
+        assert self._degraded_since is not None
+        now = time.monotonic()
+        if now - self._last_fallback < RECOVERED_AFTER_S:
+            return
+        log.info("classifier.recovered", degraded_s=round(now - self._degraded_since, 3),
+                 fallbacks=self._fallbacks, model=self.model_name)
+        self._degraded_since = None
+        self._fallbacks = 0
+
 
     async def _open(self, path: str) -> Runner:
         s = self._settings
@@ -276,4 +356,4 @@ class OnnxClassifierService:
             pass
 
 
-__all__ = ["ModelLoader", "OnnxClassifierService", "Runner", "ThreadRunner"]
+__all__ = ["FALLBACK_MODEL", "ModelLoader", "OnnxClassifierService", "Runner", "ThreadRunner"]

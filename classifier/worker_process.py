@@ -24,6 +24,7 @@ from classifier.inference import (
     classify_batch,
     labels_of,
     load_and_warm,
+    prefix_bytes_of,
     resolve_loader,
 )
 from classifier.types import ClassifierError
@@ -43,7 +44,8 @@ def _start(sock: socket.socket) -> tuple[BatchModel, wire.Start] | None:
         message = str(exc) if isinstance(exc, ClassifierError) else f"{type(exc).__name__}: {exc}"
         wire.send(sock, wire.Failed(message))
         return None
-    wire.send(sock, wire.Ready(model.name_version, choice.kind, choice.reason, choice.device_id))
+    wire.send(sock, wire.Ready(model.name_version, choice.kind, choice.reason, choice.device_id,
+                               prefix_bytes_of(model)))
     return model, start
 
 

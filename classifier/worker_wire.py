@@ -46,6 +46,9 @@ class Ready(msgspec.Struct, frozen=True, tag=True):
     provider: Literal["cuda", "cpu"]
     provider_reason: str
     device_id: int | None
+    # How much of a message the model reads (inference.prefix_bytes_of);
+    # None: all of it. triaged ships only that prefix in each Run.
+    prefix_bytes: int | None
 
 
 class Failed(msgspec.Struct, frozen=True, tag=True):
@@ -53,7 +56,10 @@ class Failed(msgspec.Struct, frozen=True, tag=True):
 
 
 class Run(msgspec.Struct, frozen=True, tag=True):
-    raws: list[bytes]
+    # Views, not bytes: the parent encodes slices of the messages it holds
+    # without copying them first, and the child decodes views into the frame
+    # it received (msgspec decodes memoryview fields without a copy).
+    raws: list[memoryview]
 
 
 class Results(msgspec.Struct, frozen=True, tag=True):
@@ -83,8 +89,12 @@ class ChannelClosed(Exception):
 
 
 def send(sock: socket.socket, frame: ToChild | ToParent) -> None:
-    payload = _encoder.encode(frame)
-    sock.sendall(_LENGTH.pack(len(payload)) + payload)
+    # One buffer for the length and the payload: a Run carries up to a batch
+    # of message prefixes, and `header + payload` would copy all of it again.
+    buf = bytearray(_LENGTH.size)
+    _encoder.encode_into(frame, buf, _LENGTH.size)
+    _LENGTH.pack_into(buf, 0, len(buf) - _LENGTH.size)
+    sock.sendall(buf)
 
 
 def receive_in_child(sock: socket.socket) -> ToChild:

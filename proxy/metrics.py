@@ -7,7 +7,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from classifier.batch_metrics import CloseReason, Work
+from classifier.batch_metrics import CloseReason, FallbackReason, Work
 from proxy.transaction import TransactionRecord
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -55,6 +55,12 @@ class BatcherPrometheus:
         self.batch_errors = Counter(
             "triaged_classifier_batch_errors", "Requests in batches that failed", registry=r
         )
+        # Degraded verdicts: stamped by the header rules (X-Triage-Model:
+        # rules-fallback/1) because the model gave none in time or failed.
+        self.fallbacks = Counter(
+            "triaged_classifier_fallbacks", "Verdicts from the header-rules fallback, by why",
+            ["reason"], registry=r,
+        )
 
     def batch(self, size: int, reason: CloseReason) -> None:
         self.batch_size.observe(size)
@@ -85,6 +91,9 @@ class BatcherPrometheus:
 
     def error(self, size: int) -> None:
         self.batch_errors.inc(size)
+
+    def fallback(self, reason: FallbackReason) -> None:
+        self.fallbacks.labels(reason).inc()
 
 
 class Metrics:

@@ -1,4 +1,11 @@
-"""One `decide()` for every front end: classify under a deadline, apply policy.
+"""One `decide()` for every front end: classify, apply policy.
+
+The classification deadline (`classifier.timeout_ms`) belongs to the
+classifier, which knows about its queue and counts its misses
+(triaged_classifier_timeouts); an ONNX classifier answers a miss with its
+header-rules fallback. `decide()` only keeps a safety net far behind it, for
+a classifier that ignores its own deadline (a bug): the net then fires alone,
+so a miss is never counted twice.
 
 Front ends (SMTP now, milter later) call `decide(raw)` for a Verdict, turn it
 into headers with `stamp_fields()`, and report the outcome with `finish()`,
@@ -22,6 +29,11 @@ from proxy.verdict import Verdict
 
 log = structlog.get_logger("triaged")
 
+# The safety net fires this long after the classifier's own deadline would
+# have: late enough that a working classifier always answers first.
+SAFETY_NET_FACTOR = 2.0
+SAFETY_NET_MIN_S = 1.0
+
 # A quarantine beats a tag (the message is held, not delivered) and loses to
 # tempfail and reject (nothing is taken in).
 _SEVERITY: dict[str, int] = {"accept": 0, "tag": 1, "quarantine": 2, "tempfail": 3, "reject": 4}
@@ -37,7 +49,8 @@ class Pipeline:
         self.settings = settings
         self.classifier = classifier
         self.sinks = list(sinks)
-        self._timeout_s = settings.classifier.timeout_ms / 1000.0
+        timeout_s = settings.classifier.timeout_ms / 1000.0
+        self._safety_net_s = max(timeout_s * SAFETY_NET_FACTOR, timeout_s + SAFETY_NET_MIN_S)
         st = settings.stamping
         # Incoming copies of every field we stamp are removed (no forging).
         self.our_fields = (
@@ -52,9 +65,13 @@ class Pipeline:
     async def decide(self, raw: bytes) -> Verdict:
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self._timeout_s):
+            async with asyncio.timeout(self._safety_net_s):
                 result = await self.classifier.classify(raw)
-        except (TimeoutError, ClassifierError) as exc:
+        except TimeoutError:
+            # Only a classifier that overran its own deadline gets here.
+            log.error("classifier_overran_deadline", waited_s=self._safety_net_s)
+            return self._on_error("TimeoutError", started)
+        except ClassifierError as exc:
             return self._on_error(type(exc).__name__, started, busy=isinstance(exc, Overloaded))
         except Exception as exc:  # a classifier bug must not lose mail
             log.exception("classifier_crashed", error=type(exc).__name__)

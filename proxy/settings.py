@@ -96,7 +96,9 @@ class PolicySettings(_Section, frozen=True):
     spam_action: Action = "accept"
     subject_tag: str = "[{category}]"
     spam_subject_tag: str = "[SPAM]"
-    # Classifier failed or timed out: pass unstamped ("accept") or 451 ("tempfail").
+    # No verdict at all: pass unstamped ("accept") or 451 ("tempfail"). An ONNX
+    # model that misses its deadline or is down gets the header rules' verdict
+    # instead (classifier/service.py); this applies when even that cannot answer.
     on_classifier_error: Literal["accept", "tempfail"] = "accept"
 
 

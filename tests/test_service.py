@@ -26,7 +26,7 @@ from classifier.config import BatcherSettings, ClassifierSettings
 from classifier.inference import BatchModel
 from classifier.model import load_model
 from classifier.providers import Provider, ProviderChoice
-from classifier.service import SWITCH_INTERVAL_S, OnnxClassifierService
+from classifier.service import FALLBACK_MODEL, SWITCH_INTERVAL_S, OnnxClassifierService
 from classifier.types import Classification, ClassifierError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,8 +107,11 @@ async def test_classify_batches_and_answers_each_caller(tmp_path: Path, runner: 
     assert max(stats.batch_sizes) > 1
 
 
-async def test_a_message_that_cannot_be_featurized_fails_alone(tmp_path: Path, runner: str) -> None:
-    service = echo_service(write_model(tmp_path / "m.onnx"), runner)
+async def test_a_message_that_cannot_be_featurized_falls_back_alone(
+    tmp_path: Path, runner: str
+) -> None:
+    stats = BatchStats()
+    service = echo_service(write_model(tmp_path / "m.onnx"), runner, stats=stats)
     await service.start()
     try:
         results = await asyncio.gather(
@@ -118,8 +121,10 @@ async def test_a_message_that_cannot_be_featurized_fails_alone(tmp_path: Path, r
     finally:
         await service.close()
     assert isinstance(results[0], Classification) and results[0].category == "1"
-    assert isinstance(results[1], ClassifierError)
+    # The model gave it no verdict: the header rules did, and say so.
+    assert isinstance(results[1], Classification) and results[1].model == FALLBACK_MODEL
     assert isinstance(results[2], Classification) and results[2].category == "3"
+    assert stats.fallbacks == {"error": 1}
 
 
 async def test_hot_swap_under_load_loses_nothing(tmp_path: Path, runner: str) -> None:
