@@ -14,8 +14,7 @@ model.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from email.parser import BytesParser
 from email.policy import compat32
 from pathlib import Path
@@ -23,7 +22,8 @@ from typing import Any
 
 import pytest
 from batching_models import tiny_message, train_tiny_model
-from conftest import CaptureServer, SmtpTestClient, base_settings
+from conftest import CaptureServer, SmtpTestClient
+from onnx_server import onnx_settings, served
 
 from classifier import worker_wire as wire
 from classifier.batch_metrics import BatchStats
@@ -179,28 +179,12 @@ def big_messages(count: int, size: int) -> Iterator[bytes]:
         yield padded(tiny_message(kinds[n % 3], n), size)
 
 
-@contextlib.asynccontextmanager
-async def onnx_server(capture: CaptureServer, model: Path, **classifier: Any) -> AsyncIterator[Server]:
-    """A real server that builds its own ONNX classifier (and so reports its
-    metrics to prometheus), on an inference process by default."""
-    settings = base_settings(capture.url, classifier={
-        "kind": "onnx", "model_path": str(model), "provider": "cpu", "runner": "process",
-        **classifier,
-    })
-    srv = Server(settings)
-    await srv.start()
-    try:
-        yield srv
-    finally:
-        await srv.stop(drain_timeout_s=1.0)
-
-
 async def test_twenty_concurrent_large_messages_are_all_stamped_by_the_model(
     capture: CaptureServer, tiny: Path
 ) -> None:
     """20 x 4 MB at once through the real server and inference process
     (bench/big_messages.py does 20 x 20 MB and measures memory)."""
-    async with onnx_server(capture, tiny) as srv:
+    async with served(onnx_settings(capture, tiny)) as srv:
         await _twenty_large(srv, capture)
 
 

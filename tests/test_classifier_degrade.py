@@ -18,7 +18,7 @@ import contextlib
 import os
 import signal
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from email.parser import BytesParser
 from email.policy import compat32
 from pathlib import Path
@@ -28,6 +28,7 @@ import pytest
 import structlog
 from batching_models import load_echo, tiny_message, train_tiny_model, write_model
 from conftest import CaptureServer, SmtpTestClient, base_settings
+from onnx_server import onnx_settings, served
 
 import classifier.service as service_mod
 from classifier.batch_metrics import BatchStats
@@ -39,7 +40,6 @@ from classifier.service import FALLBACK_MODEL, OnnxClassifierService
 from classifier.types import Classification
 from proxy.metrics import Metrics
 from proxy.pipeline import Pipeline
-from proxy.server import Server
 
 ENVELOPE = ("sender@example.org", ["rcpt@example.net"])
 
@@ -97,21 +97,18 @@ async def test_a_slow_model_counts_one_timeout_and_the_rules_stamp_the_message(
 ) -> None:
     metrics = Metrics()  # the prometheus adapter the server would give it
     held = _Held()
-    section = {"kind": "onnx", "model_path": str(tiny), "provider": "cpu", "runner": "thread",
-               "timeout_ms": 300.0}
-    settings = base_settings(capture.url, classifier=section)  # the pipeline reads it too
+    settings = onnx_settings(capture, tiny, runner="thread", timeout_ms=300.0)
     service = OnnxClassifierService(settings.classifier, metrics=metrics.batcher, loader=held)
-    srv = Server(settings, classifier=service)
-    await srv.start()
-    held.armed = True
-    try:
-        c = await client_for(*srv.addresses[0])
-        message = tiny_message("updates", 1).replace(b"From: ", b"List-Post: <mailto:l@x>\r\nFrom: ")
-        code, _ = await c.send_message(*ENVELOPE, message)
-        await c.close()
-    finally:
-        held.release.set()
-        await srv.stop(drain_timeout_s=1.0)
+    async with served(settings, service) as srv:
+        held.armed = True
+        try:
+            c = await client_for(*srv.addresses[0])
+            message = tiny_message("updates", 1).replace(
+                b"From: ", b"List-Post: <mailto:l@x>\r\nFrom: ")
+            code, _ = await c.send_message(*ENVELOPE, message)
+            await c.close()
+        finally:
+            held.release.set()
     assert code == 250
     stamped = headers_of(capture.messages[0].data)
     assert stamped["x-triage-model"] == FALLBACK_MODEL
@@ -172,24 +169,10 @@ def inference_children() -> list[int]:
     return pids
 
 
-@contextlib.asynccontextmanager
-async def onnx_server(capture: CaptureServer, model: Path, **classifier: Any) -> AsyncIterator[Server]:
-    settings = base_settings(capture.url, classifier={
-        "kind": "onnx", "model_path": str(model), "provider": "cpu", "runner": "process",
-        **classifier,
-    })
-    srv = Server(settings)
-    await srv.start()
-    try:
-        yield srv
-    finally:
-        await srv.stop(drain_timeout_s=1.0)
-
-
 async def test_killing_the_inference_process_in_a_loop_leaves_no_message_unstamped(
     capture: CaptureServer, tiny: Path
 ) -> None:
-    async with onnx_server(capture, tiny, timeout_ms=1000.0) as srv:
+    async with served(onnx_settings(capture, tiny, timeout_ms=1000.0)) as srv:
         done = asyncio.Event()
         kills = 0
 
