@@ -310,3 +310,19 @@ def test_readme_shows_the_tested_milter_lines() -> None:
     for block in (MILTER_MAIN_CF, MILTER_TRIAGED_TOML):
         text = block.format(milter="inet:127.0.0.1:8891")
         assert text in readme, f"README.md lacks, verbatim:\n{text}"
+
+
+@pytest.fixture
+def stopped_accepting(sink: SmtpSink) -> Iterator[MilterSetup]:
+    yield from _setup(sink, start_triaged=False, main_cf={"milter_default_action": "accept"})
+
+
+@pytest.mark.timeout(120)
+def test_default_action_accept_lets_mail_through_unstamped(stopped_accepting: MilterSetup, sink: SmtpSink) -> None:
+    """The other choice README describes: mail flows on, without categories."""
+    msg = message("accept", 0)
+    send(stopped_accepting.front, [msg])
+    (d,) = sink.wait_for(1, timeout=60)
+    ours = [v for k, v in headers(d) if k.lower() == "x-triage-category"]
+    assert ours == ["forged"]  # nothing filtered it: not even the forged copy went
+    assert body_of(d.data) == body_of(msg)

@@ -417,3 +417,61 @@ def test_milter_listener_addresses_decode() -> None:
     assert [listener_address(x) for x in s.server.listeners] == [
         ("127.0.0.1", 8891), "/run/triaged/milter", ("127.0.0.1", 8892)
     ]
+
+
+def test_twenty_mta_connections_share_batches_of_the_onnx_model(run: Run[None]) -> None:
+    """20 smtpd processes at once feed one micro-batcher (the default model,
+    its inference process); a generous max_wait_ms makes sharing certain."""
+    from classifier.config import BatcherSettings
+
+    repo = Path(__file__).resolve().parent.parent
+
+    async def body() -> None:
+        settings = milter_settings()
+        classifier = ClassifierSettings(
+            kind="onnx", model_path=str(repo / "models" / "default.onnx"), timeout_ms=30_000,
+            batcher=BatcherSettings(max_batch_size=64, max_wait_ms=300),
+        )
+        settings = msgspec.structs.replace(settings, classifier=classifier)
+        sink = ListSink()
+        srv = Server(settings, sinks=[sink])
+        await srv.start()
+        try:
+            clients = [await MilterClient.connect(address(srv)) for _ in range(20)]
+            for cl in clients:
+                await cl.negotiate()
+            answers = await asyncio.gather(*(
+                cl.message(HEADERS, BODY, queue_id=b"Q%d" % i) for i, cl in enumerate(clients)
+            ))
+            for cl in clients:
+                await cl.close()
+        finally:
+            await srv.stop(drain_timeout_s=1.0)
+        assert all(a[-1] == (b"c", b"") for a in answers)
+        assert len(sink.records) == 20 and all(r.model and r.category for r in sink.records)
+        hist = srv.metrics.batcher.batch_size.collect()[0].samples
+        count = next(s.value for s in hist if s.name.endswith("_count"))
+        total = next(s.value for s in hist if s.name.endswith("_sum"))
+        assert total == 20 and count < 20, (count, total)  # fewer model calls than messages
+
+    run(body)
+
+
+async def test_quarantine_in_smtp_proxy_mode_is_451_and_nothing_is_relayed(
+    start_triaged: Any, capture: Any
+) -> None:
+    """The SMTP proxy has no hold queue: the message waits at the sender."""
+    from conftest import SmtpTestClient
+
+    srv = await start_triaged(policy={"category_actions": {"forums": "quarantine"}})
+    host, port = srv.addresses[0]
+    client = await SmtpTestClient.connect(host, port)
+    await client.reply()
+    await client.cmd("EHLO client.example.test")
+    code, text = await client.send_message(
+        "alice@example.test", ["bob@example.test"],
+        b"From: a@example.test\r\nList-Id: <l.example.test>\r\nSubject: hi\r\n\r\nbody\r\n",
+    )
+    await client.close()
+    assert (code, text) == (451, "4.7.1 Message held by policy, try again later")
+    assert capture.messages == []
