@@ -73,6 +73,7 @@ class MilterConnection:
 
     async def run(self) -> None:
         s = self.ctx.settings.server
+        negotiated = False
         try:
             while not self.proto.closed:
                 stage = "message" if self.busy else "idle"
@@ -89,6 +90,10 @@ class MilterConnection:
                     return
                 try:
                     events = self.proto.receive(data)
+                    if not negotiated and self.proto.negotiated:
+                        negotiated = True
+                        log.debug("milter_negotiated", peer=self.peer,
+                                  actions=hex(self.proto.actions), protocol=hex(self.proto.protocol))
                     await self._handle(events)
                 except c.ProtocolError as exc:
                     log.warning("milter_protocol_error", peer=self.peer, error=str(exc))
