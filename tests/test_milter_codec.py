@@ -269,3 +269,22 @@ def test_fuzz_well_framed_packets_of_known_commands(packets: list[tuple[int, byt
             p.reply_end_of_message([], c.CONTINUE)
     except c.ProtocolError:
         pass
+
+
+def test_commands_before_a_bad_packet_are_handled_then_the_error_comes() -> None:
+    p = negotiated()
+    events = p.receive(MAIL + HEADER + EOM + pkt(b"Z", b"junk"))
+    assert [type(e) for e in events] == [c.Mail, c.Header, c.EndOfMessage]
+    with pytest.raises(c.ProtocolError, match="unknown command"):
+        p.reply_end_of_message([], c.CONTINUE)
+    assert p.data_to_send().endswith(b"\x00\x00\x00\x01c")  # the answer is still there to send
+    with pytest.raises(c.ProtocolError):
+        p.receive(MAIL)  # and the connection stays failed
+
+
+def test_a_bad_packet_after_non_final_commands_is_raised_after_them() -> None:
+    p = negotiated()
+    events = p.receive(MAIL + pkt(b"Z"))
+    assert [type(e) for e in events] == [c.Mail]
+    with pytest.raises(c.ProtocolError):
+        p.raise_error()

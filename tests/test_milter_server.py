@@ -476,3 +476,28 @@ async def test_quarantine_in_smtp_proxy_mode_is_451_and_nothing_is_relayed(
     await client.close()
     assert (code, text) == (451, "4.7.1 Message held by policy, try again later")
     assert capture.messages == []
+
+
+def test_garbage_right_after_a_message_still_gets_that_message_answered(run: Run[None]) -> None:
+    sink = ListSink()
+
+    async def body() -> None:
+        srv = await started(milter_settings(), sinks=[sink])
+        try:
+            client = await MilterClient.connect(address(srv))
+            await client.negotiate()
+            w = client.writer
+            w.write(pkt(b"M", z(b"<a@example.test>")) + pkt(b"L", z(b"Subject", b" x")))
+            w.write(pkt(b"B", BODY) + pkt(b"E") + pkt(b"Z", b"garbage"))  # one read, most likely
+            packets = []
+            while True:
+                code, _ = await client.read_packet()
+                packets.append(code)
+                if code == b"c":
+                    break
+            assert await client.closed()
+        finally:
+            await srv.stop(drain_timeout_s=1.0)
+        assert len(sink.records) == 1 and sink.records[0].verdict == "accept"
+
+    run(body)

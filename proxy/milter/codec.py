@@ -273,40 +273,51 @@ class Decoder:
     """Feed it bytes as they arrive; it returns every complete command.
 
     Split and coalesced packets are both fine. A length over `max_packet`,
-    a zero length, an unknown command or a malformed body raise ProtocolError;
-    the caller closes the connection. `pending` says whether a packet is
-    half-received (EOF then means a truncated packet).
+    a zero length, an unknown command or a malformed body is a ProtocolError;
+    the caller closes the connection. Commands that arrived before the bad
+    packet in the same read are returned first, and the error is raised by
+    `raise_error()` (or the next `feed`), so a message that was complete
+    still gets its answer. `pending` says whether a packet is half-received
+    (EOF then means a truncated packet).
     """
 
     max_packet: int = MAX_PACKET
     _buf: bytearray = field(default_factory=bytearray)
+    _error: ProtocolError | None = None
 
     @property
     def pending(self) -> bool:
         return bool(self._buf)
 
+    def raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
     def feed(self, data: bytes) -> list[Command]:
+        self.raise_error()
         buf = self._buf
         buf += data
         out: list[Command] = []
         pos = 0
         n = len(buf)
-        while n - pos >= 4:
-            (length,) = _LEN.unpack_from(buf, pos)
-            if length == 0 or length > self.max_packet:
-                self._buf = bytearray()
-                raise ProtocolError(f"packet length {length} out of range 1..{self.max_packet}")
-            end = pos + 4 + length
-            if end > n:
-                break
-            cmd = buf[pos + 4]
-            payload = bytes(buf[pos + 5 : end])
-            pos = end
-            try:
+        try:
+            while n - pos >= 4:
+                (length,) = _LEN.unpack_from(buf, pos)
+                if length == 0 or length > self.max_packet:
+                    raise ProtocolError(f"packet length {length} out of range 1..{self.max_packet}")
+                end = pos + 4 + length
+                if end > n:
+                    break
+                cmd = buf[pos + 4]
+                payload = bytes(buf[pos + 5 : end])
+                pos = end
                 out.append(decode_command(cmd, payload))
-            except ProtocolError:
-                self._buf = bytearray()
+        except ProtocolError as exc:
+            self._buf = bytearray()  # nothing after a bad packet is trusted
+            self._error = exc
+            if not out:
                 raise
+            return out
         if pos:
             del buf[:pos]
         return out

@@ -95,6 +95,7 @@ class MilterConnection:
                         log.debug("milter_negotiated", peer=self.peer,
                                   actions=hex(self.proto.actions), protocol=hex(self.proto.protocol))
                     await self._handle(events)
+                    self.proto.raise_error()
                 except c.ProtocolError as exc:
                     log.warning("milter_protocol_error", peer=self.peer, error=str(exc))
                     return
@@ -120,8 +121,10 @@ class MilterConnection:
             eom = False
             for ev in events:
                 if isinstance(ev, c.Header):
+                    self._begin()
                     msg.add_header(ev.name, ev.value)
                 elif isinstance(ev, c.Body):
+                    self._begin()
                     msg.add_body(ev.chunk)
                 elif isinstance(ev, c.Macros):
                     self._begin()
@@ -149,9 +152,11 @@ class MilterConnection:
             except Exception as exc:  # a bug of ours: 451, never its text
                 log.exception("milter_error", peer=self.peer, error=type(exc).__name__)
                 mods, reply, outcome, verdict = [], c.ReplyCode(V.INTERNAL_ERROR), "error", None
-            events = self.proto.reply_end_of_message(mods, reply)
             self._finish(reply, outcome, verdict)
-            await self._flush()
+            try:
+                events = self.proto.reply_end_of_message(mods, reply)
+            finally:
+                await self._flush()  # the answer goes out even if what follows it is garbage
             if not events:
                 return
 

@@ -144,6 +144,18 @@ class MilterProtocol:
     # -- internals --------------------------------------------------------------
 
     def _run(self) -> list[Event]:
+        events = self._process()
+        if not events:
+            self.raise_error()
+        return events
+
+    def raise_error(self) -> None:
+        """A bad packet came after the last good command: ProtocolError now,
+        once everything before it was handled (and answered)."""
+        if not self._queue and not self.awaiting_eom_reply:
+            self._decoder.raise_error()
+
+    def _process(self) -> list[Event]:
         events: list[Event] = []
         queue = self._queue
         while queue and not self.awaiting_eom_reply and not self.closed:
