@@ -154,7 +154,9 @@ class Server:
         if ctx is not None:
             ctx.draining = True
             for conn in list(ctx.connections):
-                if conn.hop is None and not conn.in_data:
+                # Idle sessions go now; a transaction in progress may finish
+                # (each session closes itself after its last reply).
+                if conn.idle:
                     conn.shutdown()
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout

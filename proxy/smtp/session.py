@@ -23,7 +23,7 @@ import ssl
 import time
 from collections.abc import Sequence
 from itertools import count
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -155,6 +155,7 @@ class TriageSMTP(SMTP):
         self.reserved = 0  # bytes of this session's DATA counted in ctx.inflight_bytes
         self._in_ehlo = False
         self._rejected = False
+        self.busy = False  # a command is waiting for the next hop
 
     # -- connection life -------------------------------------------------
 
@@ -179,8 +180,9 @@ class TriageSMTP(SMTP):
             # Answer at once without starting a session (RFC 5321 3.1).
             log.info("connection_refused", peer=self.peer_host, reply=refusal[:9])
             self._rejected = True
-            assert isinstance(transport, asyncio.WriteTransport)
-            transport.write(refusal.encode() + b"\r\n")
+            # Not isinstance(transport, asyncio.WriteTransport): uvloop's
+            # transports do not derive from asyncio's classes.
+            cast(asyncio.WriteTransport, transport).write(refusal.encode() + b"\r\n")
             transport.close()
             return
         ctx.connections.add(self)
@@ -243,11 +245,25 @@ class TriageSMTP(SMTP):
             self.transport.close()
 
     def shutdown(self) -> None:
-        """Drain: close an idle session now with 421 (RFC 5321 3.8)."""
+        """Drain: close the session now with 421 (RFC 5321 3.8).
+
+        Written through the StreamWriter, which also follows a STARTTLS
+        switch; the transport is closed, so nothing the client still sends
+        (the rest of a message body) is ever read as commands.
+        """
         if self.transport is not None and not self.transport.is_closing():
-            assert isinstance(self.transport, asyncio.WriteTransport)
-            self.transport.write(V.SHUTTING_DOWN.encode() + b"\r\n")
+            self._writer.write(V.SHUTTING_DOWN.encode() + b"\r\n")
             self.transport.close()
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.in_data or bool(self.envelope is not None and self.envelope.mail_from)
+
+    @property
+    def idle(self) -> bool:
+        """Between commands (or inside a partial line) with no transaction
+        open: a drain may close it at once."""
+        return not self.busy and not self.in_transaction
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # Fast path for the plain "<local@domain> PARAMS" nearly all MTAs
@@ -264,6 +280,9 @@ class TriageSMTP(SMTP):
         if isinstance(status, str) and not self._in_ehlo and "\r\n" not in status:
             status = V.with_enhanced(status)
         await super().push(status)
+        if self.ctx.draining and not self._in_ehlo and self.idle and status[:3] != "221":
+            # Draining: the command this answered was the last (RFC 5321 3.8).
+            self.shutdown()
 
     async def handle_exception(self, error: Exception) -> str:
         log.exception("session_error", peer=self.peer_host, error=type(error).__name__)
@@ -275,6 +294,8 @@ class TriageSMTP(SMTP):
             await super().smtp_EHLO(hostname)
         finally:
             self._in_ehlo = False
+        if self.ctx.draining and self.idle:
+            self.shutdown()
 
     # -- transaction state -------------------------------------------------
 
@@ -355,7 +376,15 @@ class TriageSMTP(SMTP):
         self._reset_timeout(ctx.settings.server.data_timeout_s)
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
-            content, refusal = await self._read_data()
+            try:
+                content, refusal = await self._read_data()
+            except Exception as exc:
+                # Where the body ends is unknown now: answering and reading
+                # on would take the rest of it as commands. Close instead.
+                log.error("data_read_failed", peer=self.peer_host, error=type(exc).__name__)
+                self._writer.write(V.DATA_READ_FAILED.encode() + b"\r\n")
+                self._close()
+                return
             self._reset_timeout()
             if refusal is not None:
                 await self.reset_hop()
@@ -522,6 +551,15 @@ class RelayHandler:
     async def handle_MAIL(
         self, server: TriageSMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
+        server.busy = True  # a drain lets the next hop's answer reach the client
+        try:
+            return await self._mail(server, envelope, address, options)
+        finally:
+            server.busy = False
+
+    async def _mail(
+        self, server: TriageSMTP, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
         ctx = self.ctx
         if ctx.draining:
             return V.SHUTTING_DOWN
@@ -559,6 +597,15 @@ class RelayHandler:
     async def handle_RCPT(
         self, server: TriageSMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
+        server.busy = True  # a drain lets the next hop's answer reach the client
+        try:
+            return await self._rcpt(server, envelope, address, options)
+        finally:
+            server.busy = False
+
+    async def _rcpt(
+        self, server: TriageSMTP, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
         ctx = self.ctx
         if len(envelope.rcpt_tos) >= ctx.settings.server.max_recipients:
             return V.TOO_MANY_RECIPIENTS
@@ -580,7 +627,11 @@ class RelayHandler:
         return V.passthrough(reply.code, reply.message)
 
     async def handle_RSET(self, server: TriageSMTP, session: Session, envelope: Envelope) -> str:
-        await server.reset_hop()
+        server.busy = True
+        try:
+            await server.reset_hop()
+        finally:
+            server.busy = False
         server.xforward = {}
         return "250 2.0.0 Ok"
 
