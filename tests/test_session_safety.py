@@ -245,9 +245,9 @@ def test_sigterm_drains_idle_mid_command_and_mid_data_clients() -> None:
         assert _rest(partial) == SHUTDOWN
         # Command-like body lines stay body lines; the message completes.
         mid_data.sendall(b"RSET\r\nQUIT\r\nline three\r\n.\r\n")
-        final = _reply(mid_data)
-        assert final.startswith(b"250 "), final
-        assert _rest(mid_data) == SHUTDOWN
+        # Exactly two replies: the next hop's 250, then 421 as the session closes.
+        final, closing, end = _rest(mid_data).split(b"\r\n")
+        assert final.startswith(b"250 2.0.0") and closing + b"\r\n" == SHUTDOWN and end == b"", final
         assert t.proc.wait(20) == 0, t.log_tail()
         [delivery] = sink.wait_for(1)
         assert delivery.data.endswith(b"line one\r\nRSET\r\nQUIT\r\nline three\r\n")
