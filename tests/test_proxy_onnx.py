@@ -92,7 +92,6 @@ async def start_onnx_server(capture: CaptureServer, model: Path, **changes: obje
     return srv
 
 
-@pytest.mark.xfail_uvloop(reason="issue 9 finding 1, fixed by session work")
 async def test_server_stamps_the_models_verdict(capture: CaptureServer, tiny: Path) -> None:
     srv = await start_onnx_server(capture, tiny)
     try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 
-import pytest
 import structlog
 from conftest import CaptureServer, ListSink, SmtpTestClient, StartTriaged
 from waiting import wait_until
@@ -186,7 +185,6 @@ async def test_inflight_byte_bound_is_4xx(start_triaged: StartTriaged, capture: 
     await c.close()
 
 
-@pytest.mark.xfail_uvloop(reason="issue 9 finding 2, fixed by session work")
 async def test_connection_limit_is_421_at_once(start_triaged: StartTriaged) -> None:
     srv = await start_triaged(server={"max_connections": 1})
     first = await client_for(srv)
@@ -209,7 +207,6 @@ async def test_max_recipients_is_452(start_triaged: StartTriaged) -> None:
     await c.close()
 
 
-@pytest.mark.xfail_uvloop(reason="issue 9 finding 2, fixed by session work")
 async def test_client_not_allowlisted_gets_554(start_triaged: StartTriaged) -> None:
     srv = await start_triaged(server={"allowed_clients": ["10.0.0.0/8"]})
     host, port = srv.addresses[0]
@@ -414,7 +411,6 @@ async def test_maildir_delivery_is_atomic_and_complete(start_triaged: StartTriag
     await c.close()
 
 
-@pytest.mark.xfail_uvloop(reason="issue 9 finding 1, fixed by session work")
 async def test_stop_drains_and_refuses_new_mail(start_triaged: StartTriaged, capture: CaptureServer) -> None:
     srv = await start_triaged()
     idle = await client_for(srv)

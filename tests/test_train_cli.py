@@ -140,7 +140,6 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "not a directory" in capsys.readouterr().err
 
 
-@pytest.mark.xfail_uvloop(reason="issue 9 finding 1, fixed by session work")
 async def test_retrained_model_served_by_the_proxy(tree: Path, tmp_path: Path) -> None:
     """The site-training path end to end: their folders -> `triaged train` ->
     `triaged evaluate` -> `triaged serve`'s Server stamps their categories and
