@@ -69,7 +69,9 @@ class CaptureServer:
 
     refuse_rcpt: recipient -> reply line; data_reply: final reply after DATA;
     stall_on: "greeting" | "MAIL" | "RCPT" | "DATA-END" (never answers);
-    drop_on: a command after which the connection is closed without a reply.
+    drop_on: a command after which the connection is closed without a reply;
+    reply_delay_s: a slow next hop, this long before each reply after DATA;
+    kill(): the next hop dies (connections reset), start(port) brings it back.
     """
 
     def __init__(self, *, offer_xforward: bool = True) -> None:
@@ -81,17 +83,30 @@ class CaptureServer:
         self.stall_on = ""
         self.drop_on = ""
         self.drop_once = ""  # like drop_on, for the next such command only
+        self.reply_delay_s = 0.0
         self.offer_xforward = offer_xforward
         self.connections = 0
         self.commands: list[str] = []
         self.received = asyncio.Event()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
         self.port = 0
 
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._session, "127.0.0.1", 0, limit=1 << 26)
+    async def start(self, port: int = 0) -> None:
+        self._server = await asyncio.start_server(self._session, "127.0.0.1", port, limit=1 << 26)
         self.port = self._server.sockets[0].getsockname()[1]
+
+    async def kill(self) -> None:
+        """Die as a crashed MTA does: stop listening, reset every connection."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for writer in list(self._writers):
+            writer.transport.abort()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -108,6 +123,7 @@ class CaptureServer:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        self._writers.add(writer)
         self.connections += 1
         try:
             await self._converse(reader, writer)
@@ -115,6 +131,7 @@ class CaptureServer:
             pass
         finally:
             self._tasks.discard(task)
+            self._writers.discard(writer)
             writer.close()
 
     async def _stall(self) -> None:
@@ -169,6 +186,8 @@ class CaptureServer:
                 data = data.replace(b"\r\n..", b"\r\n.")[2:-3]
                 if self.stall_on == "DATA-END":
                     await self._stall()
+                if self.reply_delay_s:
+                    await asyncio.sleep(self.reply_delay_s)
                 if self.data_reply.startswith("2"):
                     self.messages.append(Captured(sender, params, rcpts, data, dict(xforward)))
                     self.received.set()

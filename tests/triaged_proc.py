@@ -57,24 +57,35 @@ def triaged_toml(
     hostname: str = "triaged.test",
     log_level: str = "info",
     extra: str = "",
+    sections: dict[str, str] | None = None,
 ) -> str:
-    """A minimal config: one listener, the rules classifier, events to a file in workdir."""
+    """A minimal config: one listener, the rules classifier, events to a file in workdir.
+
+    `sections` adds lines inside a table: "server", "listener" (the first
+    listener; a further `[[server.listeners]]` table may follow), "upstream",
+    "classifier" (replaces `kind = "rules"`), "events".
+    """
+    s = sections or {}
     return f"""\
 [server]
 hostname = "{hostname}"
+{s.get("server", "")}
 
 [[server.listeners]]
 address = "127.0.0.1:{port}"
+{s.get("listener", "")}
 
 [upstream]
 url = "{upstream_url}"
+{s.get("upstream", "")}
 
 [classifier]
-kind = "rules"
+{s.get("classifier", 'kind = "rules"')}
 
 [events]
 jsonl_path = "{workdir / "events.jsonl"}"
 spool_dir = "{workdir / "spool"}"
+{s.get("events", "")}
 
 [logging]
 format = "json"
@@ -94,13 +105,16 @@ class TriagedProcess:
         log_level: str = "info",
         extra_toml: str = "",
         python_args: tuple[str, ...] = (),
+        sections: dict[str, str] | None = None,
     ) -> None:
         self.port = port or free_port()
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="triaged-run-")
         self.workdir = workdir or Path(self._tmp.name)  # type: ignore[union-attr]
         self.config_path = self.workdir / "triaged.toml"
         self.config_path.write_text(
-            triaged_toml(self.port, upstream_url, self.workdir, log_level=log_level, extra=extra_toml)
+            triaged_toml(
+                self.port, upstream_url, self.workdir, log_level=log_level, extra=extra_toml, sections=sections
+            )
         )
         self.log_path = self.workdir / "triaged.log"
         self._python_args = python_args
@@ -143,6 +157,26 @@ class TriagedProcess:
                 proc.kill()
                 proc.wait()
         return proc.returncode
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "not running"
+        return self.proc.pid
+
+    def children(self) -> list[int]:
+        """Child processes (the inference process when classifier.runner = "process")."""
+        pids: list[int] = []
+        try:
+            for tid in os.listdir(f"/proc/{self.pid}/task"):
+                with open(f"/proc/{self.pid}/task/{tid}/children") as f:
+                    pids.extend(int(p) for p in f.read().split())
+        except OSError:
+            pass
+        return pids
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None, "not running"
+        self.proc.send_signal(sig)
 
     def log_tail(self, limit: int = 4000) -> str:
         try:
