@@ -12,6 +12,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+# Imported up front: hypothesis's pytest plugin otherwise imports it at session
+# end, and CPython 3.11.7's ast.parse (pytest's assertion rewriting) can then
+# fail with "SystemError: AST constructor recursion depth mismatch" after a
+# RecursionError inside a test run (seen on subset runs without hypothesis tests).
+import hypothesis  # noqa: F401
 import msgspec
 import pytest
 import uvloop

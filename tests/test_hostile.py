@@ -378,7 +378,6 @@ async def test_control_characters_in_a_quoted_sender_are_refused(make_rig: MakeR
 FORGED = [b"X-Triage-Spam\t: no\r\n", b"X-Triage-Category  : primary\r\n", b"x-triage-model\t :forged/1\r\n"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 finding 3: forged headers with whitespace before the colon survive")
 async def test_forged_stamp_fields_with_space_before_the_colon_are_removed(make_rig: MakeRig) -> None:
     rig = await make_rig()
     for i, forged in enumerate(FORGED):  # one variant per message: each alone must go
@@ -391,7 +390,6 @@ async def test_forged_stamp_fields_with_space_before_the_colon_are_removed(make_
         assert rest == entry.raw.replace(forged, b""), f"{forged!r} reached the next hop"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 finding 4: a bare-LF message loses body lines")
 async def test_bare_lf_message_keeps_its_body_or_is_refused(make_rig: MakeRig) -> None:
     rig = await make_rig()
     raw = (b"From: a@ledger.test\nSubject: bare LF\nMessage-ID: <bare@x.test>\n\n"
