@@ -24,7 +24,7 @@ class TransactionRecord(msgspec.Struct, frozen=True):
     model: str | None
     classifier_latency_ms: float
     total_latency_ms: float
-    verdict: str  # accept | tag | reject | tempfail | error
+    verdict: str  # accept | tag | quarantine | reject | tempfail | error
     reply_code: int  # the SMTP code the client got
 
 
