@@ -213,6 +213,8 @@ def validate(s: Settings) -> list[str]:
             listener_address(listener)
         except ValueError as exc:
             errors.append(f"server.listeners[{i}].address: {exc}, got {listener.address!r}")
+        if listener.protocol == "milter" and listener.proxy_protocol:
+            errors.append(f"server.listeners[{i}].proxy_protocol: not supported on milter listeners")
     for key in ("allowed_clients", "xforward_clients"):
         for i, cidr in enumerate(getattr(s.server, key)):
             try:

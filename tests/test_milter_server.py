@@ -398,6 +398,7 @@ def test_drain_finishes_the_message_in_flight_and_closes_idle_connections(run: R
         ('address = "inet:127.0.0.1:1"\nprotocol = "smtp"', "for milter listeners"),
         ('address = "inet:127.0.0.1"\nprotocol = "milter"', "expected host:port"),
         ('address = "unix:/run/x.sock"\nprotocol = "milter"\nsocket_mode = "999"', "socket_mode"),
+        ('address = "inet:127.0.0.1:1"\nprotocol = "milter"\nproxy_protocol = true', "not supported on milter"),
     ],
 )
 def test_milter_listener_config_errors_name_the_key(listener: str, error: str) -> None:
@@ -499,5 +500,19 @@ def test_garbage_right_after_a_message_still_gets_that_message_answered(run: Run
         finally:
             await srv.stop(drain_timeout_s=1.0)
         assert len(sink.records) == 1 and sink.records[0].verdict == "accept"
+
+    run(body)
+
+
+def test_tcp_peers_outside_allowed_clients_are_closed(run: Run[None]) -> None:
+    async def body() -> None:
+        srv = await started(milter_settings(server={"allowed_clients": ["192.0.2.0/24"]}))
+        try:
+            with structlog.testing.capture_logs() as logs:
+                client = await MilterClient.connect(address(srv))
+                assert await client.closed()
+            assert [e["event"] for e in logs if e["event"].startswith("milter_")] == ["milter_connection_denied"]
+        finally:
+            await srv.stop(drain_timeout_s=1.0)
 
     run(body)

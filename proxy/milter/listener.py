@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import grp
+import ipaddress
 import os
 import pwd
 import socket
@@ -49,6 +50,17 @@ class MilterContext:
         self.metrics = metrics
         self.connections: set[MilterConnection] = set()
         self.draining = False
+        # TCP peers must be in server.allowed_clients, like SMTP clients.
+        self.allowed = tuple(ipaddress.ip_network(c, strict=False) for c in settings.server.allowed_clients)
+
+    def allows(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address.partition("%")[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.allowed)
 
 
 class MilterConnection:
@@ -244,6 +256,10 @@ class MilterListener:
         peer_info = writer.get_extra_info("peername")
         peer = str(peer_info[0]) if isinstance(peer_info, tuple) else "unix"
         ctx = self.ctx
+        if isinstance(peer_info, tuple) and not ctx.allows(peer):
+            log.warning("milter_connection_denied", peer=peer)
+            writer.close()
+            return
         if ctx.draining or len(ctx.connections) >= ctx.settings.server.max_connections:
             # Closing before negotiation: the MTA applies milter_default_action.
             log.info("milter_connection_refused", peer=peer, draining=ctx.draining)
