@@ -305,7 +305,7 @@ level = "warning"
 """
 
 
-def run(tree: Path, count: int, size_mib: float) -> Result:
+def run(tree: Path, count: int, size_mib: float, env_extra: dict[str, str]) -> Result:
     body = attachment(int(size_mib * MIB))
     msgs = [message(n, body) for n in range(count)]
     expected = {str(n): hashlib.sha256(h + b + TAIL).hexdigest() for n, (h, b) in enumerate(msgs)}
@@ -315,7 +315,7 @@ def run(tree: Path, count: int, size_mib: float) -> Result:
         work = Path(tmp)
         (work / "triaged.toml").write_text(config(port, sink.port, work))
         log = (work / "triaged.log").open("wb")
-        env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONUNBUFFERED": "1", **env_extra}
         proc = subprocess.Popen([str(TRIAGED), "serve", "--config", str(work / "triaged.toml")],
                                 cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
         sampler = Sampler(proc.pid)
@@ -421,10 +421,13 @@ def main() -> int:
     ap.add_argument("--size-mib", type=float, default=20.0)
     ap.add_argument("--tree", action="append", type=Path,
                     help="checkout(s) whose proxy/ and classifier/ triaged runs (default: this one)")
+    ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                    help="set in triaged's environment (e.g. MALLOC_MMAP_THRESHOLD_=131072)")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--out", type=Path, default=BENCH / "results" / "big_messages")
     args = ap.parse_args()
-    results = [run(tree.resolve(), args.count, args.size_mib) for tree in (args.tree or [REPO])]
+    env = dict(item.split("=", 1) for item in args.env)
+    results = [run(tree.resolve(), args.count, args.size_mib, env) for tree in (args.tree or [REPO])]
     text = report(results)
     print(text)
     if not args.no_write:

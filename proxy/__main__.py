@@ -28,8 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from proxy.malloc import fix_mmap_threshold
     from proxy.server import serve_forever
     from proxy.settings import ConfigError, load_settings
+
+    fix_mmap_threshold()  # large messages' buffers go back to the kernel when freed
 
     try:
         settings = load_settings(args.config)

@@ -12,6 +12,14 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+from collections.abc import Sequence
+
+from proxy.smtp.dotstuff import Piece, ends_with_crlf, stuffed
+
+# A message up to _SMALL bytes goes out in one write; a larger one in
+# views of _WRITE_CHUNK, each after the transport drained (see data()).
+_SMALL = 1 << 16
+_WRITE_CHUNK = 1 << 20
 
 
 class UpstreamError(Exception):
@@ -130,21 +138,34 @@ class SmtpClient:
         self._send(line.encode("utf-8", "surrogateescape") + b"\r\n")
         return await self._read_reply(self.command_timeout_s)
 
-    async def data(self, content: bytes) -> Reply:
-        """DATA with dot-stuffing (RFC 5321 4.5.2); the final reply."""
+    async def data(self, pieces: Sequence[Piece]) -> Reply:
+        """DATA with dot-stuffing (RFC 5321 4.5.2); the final reply.
+
+        The message comes in pieces (proxy/smtp/stamp.py `stamp_pieces`).
+        Most mail is small and goes out in one write. A large message goes
+        out in views of at most _WRITE_CHUNK bytes, each written once the
+        transport's buffer has drained: nothing copies it, and the transport
+        never holds more than a chunk of it (issue 9, finding 7).
+        """
         reply = await self.command("DATA")
         if reply.code != 354:
             return reply
-        if content.startswith(b"."):
-            content = b"." + content
-        content = content.replace(b"\r\n.", b"\r\n..")
-        if content and not content.endswith(b"\r\n"):
-            content += b"\r\n"
-        self._send(content + b".\r\n")
-        self.transactions += 1
-        if len(content) > 1 << 16:  # let the socket buffer drain under the deadline
+        if sum(len(p) for p in pieces) <= _SMALL:
+            content = b"".join(pieces)
+            if content.startswith(b"."):
+                content = b"." + content
+            content = content.replace(b"\r\n.", b"\r\n..")
+            if content and not content.endswith(b"\r\n"):
+                content += b"\r\n"
+            self._send(content + b".\r\n")
+        else:
             try:
                 async with asyncio.timeout(self.data_timeout_s):
+                    for piece in stuffed(pieces):
+                        for at in range(0, len(piece), _WRITE_CHUNK):
+                            self._send(piece[at : at + _WRITE_CHUNK])
+                            await self.writer.drain()  # at once below the high-water mark
+                    self._send(b".\r\n" if ends_with_crlf(pieces) else b"\r\n.\r\n")
                     await self.writer.drain()
             except TimeoutError:
                 self.close()
@@ -152,6 +173,7 @@ class SmtpClient:
             except OSError as exc:
                 self.close()
                 raise UpstreamError(f"connection lost: {type(exc).__name__}") from None
+        self.transactions += 1
         return await self._read_reply(self.data_timeout_s)
 
     async def xforward(self, attrs: dict[str, str]) -> None:
@@ -207,7 +229,7 @@ class SmtpClient:
 
     # -- wire ----------------------------------------------------------
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, data: Piece) -> None:
         if self.broken or self.writer.is_closing():
             self.broken = True
             raise UpstreamError("connection closed")

@@ -34,7 +34,7 @@ from proxy.pipeline import Pipeline, message_id_of
 from proxy.proxyproto import ProxyError, ProxyHeader, parse
 from proxy.settings import ListenerSettings, Settings
 from proxy.smtp.client import UpstreamError
-from proxy.smtp.stamp import stamp
+from proxy.smtp.stamp import stamp_pieces
 from proxy.smtp.upstream import Hop, Upstream
 
 log = structlog.get_logger("triaged.smtp")
@@ -469,7 +469,7 @@ class TriageSMTP(SMTP):
             await self.reset_hop()
             reply = refusal
         else:
-            stamped = stamp(
+            stamped = stamp_pieces(
                 content,
                 pipeline.stamp_fields(verdict),
                 pipeline.our_fields,

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from classifier import headers
+from proxy.smtp.dotstuff import Piece
 
 
 def _tag_subject(block: bytes, tag: bytes, eol: bytes) -> bytes:
@@ -28,13 +29,16 @@ def _tag_subject(block: bytes, tag: bytes, eol: bytes) -> bytes:
     return block[:at] + tag + b" " + block[at:]
 
 
-def stamp(
+def stamp_pieces(
     raw: bytes,
     fields: Sequence[tuple[str, str]],
     remove: Iterable[str],
     subject_tag: str = "",
-) -> bytes:
-    """`raw` with `fields` on top and incoming fields named in `remove` gone.
+) -> list[Piece]:
+    """`raw` with `fields` on top and incoming fields named in `remove` gone,
+    as pieces to send in order (proxy/smtp/client.py `data`): the new fields,
+    the header block, and a view of the rest of `raw`. Nothing of a large
+    body is copied (issue 9, finding 7).
 
     Called with no `fields` too (a message passed unclassified): forged copies
     of our fields must go then as well.
@@ -50,5 +54,15 @@ def stamp(
     if subject_tag:
         changed = _tag_subject(changed, subject_tag.encode("utf-8"), eol)
     if changed is block:
-        return new + raw
-    return b"".join((new, changed, memoryview(raw)[end:]))  # one copy of a big body, not two
+        return [new, raw]
+    return [new, changed, memoryview(raw)[end:]]
+
+
+def stamp(
+    raw: bytes,
+    fields: Sequence[tuple[str, str]],
+    remove: Iterable[str],
+    subject_tag: str = "",
+) -> bytes:
+    """`stamp_pieces` joined: the stamped message as one bytes object."""
+    return b"".join(stamp_pieces(raw, fields, remove, subject_tag))

@@ -11,6 +11,7 @@ import os
 import socket
 import ssl
 import time
+from collections.abc import Sequence
 from itertools import count
 from pathlib import Path
 from typing import Protocol
@@ -20,6 +21,7 @@ import structlog
 
 from proxy.settings import UpstreamSettings
 from proxy.smtp.client import Reply, SmtpClient, UpstreamError
+from proxy.smtp.dotstuff import Piece
 
 log = structlog.get_logger("triaged.upstream")
 
@@ -34,7 +36,7 @@ class Hop(Protocol):
     async def xforward(self, attrs: dict[str, str]) -> None: ...
     async def mail(self, sender: str, options: list[str]) -> Reply: ...
     async def rcpt(self, recipient: str, options: list[str]) -> Reply: ...
-    async def data(self, content: bytes) -> Reply: ...
+    async def data(self, pieces: Sequence[Piece]) -> Reply: ...
     async def rset(self) -> bool: ...
 
 
@@ -177,10 +179,10 @@ class MaildirHop:
     async def rset(self) -> bool:
         return True
 
-    async def data(self, content: bytes) -> Reply:
+    async def data(self, pieces: Sequence[Piece]) -> Reply:
         sender = self.sender if self.sender.startswith("<") else f"<{self.sender}>"
         try:
-            name = await asyncio.to_thread(_deliver, self.path, sender, content)
+            name = await asyncio.to_thread(_deliver, self.path, sender, b"".join(pieces))
         except OSError as exc:
             log.error("maildir_write_failed", error=exc.strerror)
             return Reply(451, "4.3.0 Mailbox write failed, try again later")
