@@ -1,7 +1,7 @@
 """Twenty concurrent 20 MiB messages through `triaged serve` (issue 9, finding 7).
 
     .venv/bin/python bench/big_messages.py                  # the recorded run
-    .venv/bin/python bench/big_messages.py --tree /tmp/old  # the same against another checkout
+    .venv/bin/python bench/big_messages.py --tree before=/tmp/old --tree after=.  # two checkouts
     .venv/bin/python bench/big_messages.py --count 4 --size-mib 4 --no-write   # while developing
 
 Starts the real `triaged serve` (the bundled model, inference process, the
@@ -269,6 +269,7 @@ class Result:
     byte_identical: int
     model: str
     wall_s: float
+    load_avg_1m: float  # of the machine as the messages were sent (other work shares it)
     idle_rss_mib: float
     peak_above_idle_mib: float
     bound_mib: float
@@ -305,7 +306,7 @@ level = "warning"
 """
 
 
-def run(tree: Path, count: int, size_mib: float, env_extra: dict[str, str]) -> Result:
+def run(label: str, tree: Path, count: int, size_mib: float, env_extra: dict[str, str]) -> Result:
     body = attachment(int(size_mib * MIB))
     msgs = [message(n, body) for n in range(count)]
     expected = {str(n): hashlib.sha256(h + b + TAIL).hexdigest() for n, (h, b) in enumerate(msgs)}
@@ -334,6 +335,7 @@ def run(tree: Path, count: int, size_mib: float, env_extra: dict[str, str]) -> R
             async def all_at_once() -> list[tuple[int, str]]:
                 return await asyncio.gather(*(send(port, h, b + TAIL) for h, b in msgs))
 
+            load = os.getloadavg()[0]
             t0 = time.monotonic()
             replies = asyncio.run(all_at_once())
             wall = time.monotonic() - t0
@@ -357,7 +359,7 @@ def run(tree: Path, count: int, size_mib: float, env_extra: dict[str, str]) -> R
     model_names = sorted({m for m in models if m and m != FALLBACK_MODEL})
     peak_above = max(during) - idle_rss
     return Result(
-        tree=str(tree),
+        tree=label,
         count=count,
         size_mib=size_mib,
         max_inflight_data_bytes=MAX_INFLIGHT,
@@ -370,6 +372,7 @@ def run(tree: Path, count: int, size_mib: float, env_extra: dict[str, str]) -> R
         byte_identical=sum(expected.get(k) == r.sha256 for k, r in received.items()),
         model=",".join(model_names),
         wall_s=round(wall, 2),
+        load_avg_1m=round(load, 2),
         idle_rss_mib=round(idle_rss / MIB, 1),
         peak_above_idle_mib=round(peak_above / MIB, 1),
         bound_mib=round(1.5 * MAX_INFLIGHT / MIB, 1),
@@ -398,17 +401,25 @@ def report(results: list[Result]) -> str:
         f"Python {platform.python_version()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
         "| tree | accepted | stamped by model | by fallback | unstamped | byte-identical | "
-        "wall s | idle MiB | peak above idle MiB | bound MiB | within | peak triaged MiB | "
+        "wall s | load | idle MiB | peak above idle MiB | bound MiB | within | peak triaged MiB | "
         "peak inference MiB | left above idle after 3 s MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r.tree} | {r.accepted}/{r.count} | {r.stamped_model} | {r.stamped_fallback} | "
-            f"{r.unstamped} | {r.byte_identical} | {r.wall_s} | {r.idle_rss_mib} | "
+            f"{r.unstamped} | {r.byte_identical} | {r.wall_s} | {r.load_avg_1m} | {r.idle_rss_mib} | "
             f"{r.peak_above_idle_mib} | {r.bound_mib} | {'yes' if r.within_bound else 'NO'} | "
             f"{r.peak_triaged_mib} | {r.peak_inference_mib} | {r.left_above_idle_mib} |"
         )
+    lines += [
+        "",
+        "Each row is one run (rounds interleave the trees). \"stamped by model\" counts "
+        "messages whose X-Triage-Model is the model's; \"by fallback\": stamped "
+        "rules-fallback/1 after the model missed its deadline. The load column is the "
+        "machine's 1-minute load average when the messages were sent: other work shares "
+        "these cores, and deadlines are missed under it.",
+    ]
     for r in results:
         if r.refused:
             lines.append(f"\nRefused ({r.tree}): " + "; ".join(sorted(set(r.refused))))
@@ -419,15 +430,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--count", type=int, default=20)
     ap.add_argument("--size-mib", type=float, default=20.0)
-    ap.add_argument("--tree", action="append", type=Path,
+    ap.add_argument("--tree", action="append", metavar="[LABEL=]PATH",
                     help="checkout(s) whose proxy/ and classifier/ triaged runs (default: this one)")
+    ap.add_argument("--rounds", type=int, default=1, help="runs per tree, interleaved")
     ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                     help="set in triaged's environment (e.g. MALLOC_MMAP_THRESHOLD_=131072)")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--out", type=Path, default=BENCH / "results" / "big_messages")
     args = ap.parse_args()
     env = dict(item.split("=", 1) for item in args.env)
-    results = [run(tree.resolve(), args.count, args.size_mib, env) for tree in (args.tree or [REPO])]
+    trees = [(t.partition("=")[0], Path(t.partition("=")[2])) if "=" in t else (t, Path(t))
+             for t in (args.tree or [str(REPO)])]
+    results = [run(label, path.resolve(), args.count, args.size_mib, env)
+               for _ in range(args.rounds) for label, path in trees]
     text = report(results)
     print(text)
     if not args.no_write:
