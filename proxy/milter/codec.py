@@ -201,9 +201,11 @@ def _text(b: bytes) -> str:
 
 
 def _decode_macros(data: bytes) -> Macros:
-    if not data:
-        raise ProtocolError("macro: no command code")
-    parts = _strings(data[1:], "macro") if len(data) > 1 else []
+    if len(data) <= 1:
+        if not data:
+            raise ProtocolError("macro: no command code")
+        return Macros(data[0], {})  # Postfix sends one before most steps, often empty
+    parts = _strings(data[1:], "macro")
     if len(parts) % 2:
         raise ProtocolError("macro: name without value")
     values = {_text(parts[i]): _text(parts[i + 1]) for i in range(0, len(parts), 2)}

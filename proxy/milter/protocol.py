@@ -50,29 +50,23 @@ WANTED_MACROS = {
 }
 VERSION = 6
 
-# Which step each NR_* flag silences.
-_NO_REPLY_FLAG = {
-    c.CONNECT: c.SMFIP_NR_CONN,
-    c.HELO: c.SMFIP_NR_HELO,
-    c.MAIL: c.SMFIP_NR_MAIL,
-    c.RCPT: c.SMFIP_NR_RCPT,
-    c.DATA: c.SMFIP_NR_DATA,
-    c.HEADER: c.SMFIP_NR_HDR,
-    c.EOH: c.SMFIP_NR_EOH,
-    c.BODY: c.SMFIP_NR_BODY,
-    c.UNKNOWN: c.SMFIP_NR_UNKN,
+# Per command type: the NR_* flag that spares its answer (0: it never gets
+# one) and whether the filter is shown it. OPTNEG, QUIT and end-of-message
+# are handled on their own.
+_STEPS: dict[type, tuple[int, bool]] = {
+    c.Macros: (0, True),
+    c.Abort: (0, True),
+    c.Mail: (c.SMFIP_NR_MAIL, True),
+    c.Rcpt: (c.SMFIP_NR_RCPT, True),
+    c.Header: (c.SMFIP_NR_HDR, True),
+    c.Body: (c.SMFIP_NR_BODY, True),
+    c.Connect: (c.SMFIP_NR_CONN, False),
+    c.Helo: (c.SMFIP_NR_HELO, False),
+    c.Data: (c.SMFIP_NR_DATA, False),
+    c.EndOfHeaders: (c.SMFIP_NR_EOH, False),
+    c.UnknownSmtp: (c.SMFIP_NR_UNKN, False),
 }
-_CODE_OF: dict[type, int] = {
-    c.Connect: c.CONNECT,
-    c.Helo: c.HELO,
-    c.Mail: c.MAIL,
-    c.Rcpt: c.RCPT,
-    c.Data: c.DATA,
-    c.Header: c.HEADER,
-    c.EndOfHeaders: c.EOH,
-    c.Body: c.BODY,
-    c.UnknownSmtp: c.UNKNOWN,
-}
+_CONTINUE = c.CONTINUE.encode()
 _ACTION_OF: dict[type, int] = {
     c.AddHeader: c.SMFIF_ADDHDRS,
     c.InsertHeader: c.SMFIF_ADDHDRS,
@@ -158,8 +152,17 @@ class MilterProtocol:
     def _process(self) -> list[Event]:
         events: list[Event] = []
         queue = self._queue
+        out = self._out
         while queue and not self.awaiting_eom_reply and not self.closed:
             cmd = queue.popleft()
+            step = _STEPS.get(type(cmd))
+            if step is not None and self.negotiated:  # the common case, by table
+                flag, shown = step
+                if flag and not self.protocol & flag:
+                    out += _CONTINUE
+                if shown:
+                    events.append(cmd)  # type: ignore[arg-type]  # the table says it is an Event
+                continue
             if isinstance(cmd, c.OptNeg):
                 self._negotiate(cmd)
                 continue
@@ -171,15 +174,8 @@ class MilterProtocol:
                 else:
                     self.closed = True
                 events.append(cmd)
-                continue
-            if isinstance(cmd, c.EndOfMessage):
+            elif isinstance(cmd, c.EndOfMessage):
                 self.awaiting_eom_reply = True
-                events.append(cmd)
-                continue
-            code = _CODE_OF.get(type(cmd))
-            if code is not None and not self.protocol & _NO_REPLY_FLAG[code]:
-                self._out += c.CONTINUE.encode()
-            if isinstance(cmd, c.Macros | c.Mail | c.Rcpt | c.Header | c.Body | c.Abort):
                 events.append(cmd)
         return events
 
