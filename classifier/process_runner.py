@@ -6,8 +6,9 @@ a fraction of a core (bench/results/batching_cpu_thread_features_on_loop.md:
 34% of its offline throughput). In a child it has a GIL and a core to itself.
 It also contains failures, and the mail server stays up: when the runtime
 crashes on a batch, a fresh process runs that batch again one message at a
-time, so only a message that crashes it fails (a 4xx or an unstamped pass, by
-policy); a hung process is killed and its batch fails the same way.
+time, so only a message that crashes it fails (the service gives it the
+header rules' verdict instead); a hung process is killed and its batch fails
+the same way.
 
 `classify_batch` is called from the batcher's worker thread, one batch at a
 time; it blocks on the socket, which releases the GIL.

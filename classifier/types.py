@@ -22,7 +22,8 @@ class Classification(msgspec.Struct, frozen=True):
 
 
 class ClassifierError(Exception):
-    """Classification failed; the proxy applies `on_classifier_error`."""
+    """Classification failed. The ONNX service answers it with its header-rules
+    fallback, except Overloaded; what reaches the proxy gets `on_classifier_error`."""
 
 
 class Overloaded(ClassifierError):
