@@ -39,7 +39,6 @@ from classifier.inference import (
 from classifier.model import LoadedModel, load_model
 from classifier.providers import ProviderChoice
 from classifier.service import OnnxClassifierService
-from proxy.server import Server
 
 CORPUS = Path(__file__).resolve().parent.parent / "data-cache/spamassassin/package/data"
 MIB = 1 << 20
@@ -180,34 +179,35 @@ def big_messages(count: int, size: int) -> Iterator[bytes]:
 
 
 async def test_twenty_concurrent_large_messages_are_all_stamped_by_the_model(
-    capture: CaptureServer, tiny: Path
+    capture: CaptureServer, tiny: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """20 x 4 MB at once through the real server and inference process
-    (bench/big_messages.py does 20 x 20 MB and measures memory)."""
-    async with served(onnx_settings(capture, tiny)) as srv:
-        await _twenty_large(srv, capture)
+    """20 x 4 MiB at once through the real server and inference process: all
+    stamped by the model, byte-identical below the stamp, and no more than the
+    model's prefix of any crossed to the inference process.
+    bench/big_messages.py does 20 x 20 MiB at the shipped 2 s deadline and
+    measures memory; here the deadline is long, so a busy CI machine cannot
+    turn a model verdict into a fallback one."""
+    recorder = _Recorder()
+    monkeypatch.setattr(wire, "send", recorder)
+    async with served(onnx_settings(capture, tiny, timeout_ms=60_000.0)) as srv:
+        messages = list(big_messages(20, 4 * MIB))
 
+        async def send(raw: bytes) -> tuple[int, str]:
+            client = await SmtpTestClient.connect(*srv.addresses[0])
+            try:
+                assert (await client.reply())[0] == 220
+                assert (await client.cmd("EHLO client.test"))[0] == 250
+                return await client.send_message(*ENVELOPE, raw)
+            finally:
+                await client.close()
 
-async def _twenty_large(srv: Server, capture: CaptureServer) -> None:
-    messages = list(big_messages(20, 4 * MIB))
-
-    async def send(raw: bytes) -> tuple[int, str]:
-        client = await SmtpTestClient.connect(*srv.addresses[0])
-        try:
-            assert (await client.reply())[0] == 220
-            assert (await client.cmd("EHLO client.test"))[0] == 250
-            return await client.send_message(*ENVELOPE, raw)
-        finally:
-            await client.close()
-
-    replies = await asyncio.gather(*(send(m) for m in messages))
+        replies = await asyncio.gather(*(send(m) for m in messages))
     assert [code for code, _ in replies] == [250] * 20
     assert len(capture.messages) == 20
     by_id = {headers_of(m)["message-id"]: m for m in messages}
     for got in capture.messages:
         stamped = headers_of(got.data)
-        assert stamped["x-triage-model"] == "tiny/1", stamped  # the model's verdict in time
+        assert stamped["x-triage-model"] == "tiny/1", stamped  # the model's, not the fallback's
         original = by_id[stamped["message-id"]]
         assert got.data.endswith(original)  # byte-identical below our headers
-    assert srv.settings.classifier.timeout_ms == 2000.0  # the shipped deadline
-    assert srv.metrics.registry.get_sample_value("triaged_classifier_timeouts_total") == 0
+    assert len(recorder.sizes) == 20 and max(recorder.sizes) == MIB

@@ -288,7 +288,6 @@ async def test_concurrent_large_messages_lose_nothing(make_rig: MakeRig, request
     assert r["report"].accepted >= 1
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 finding 7: big messages go unclassified, memory over its bound")
 async def test_concurrent_large_messages_are_stamped_within_the_memory_bound(
     make_rig: MakeRig, request: pytest.FixtureRequest
 ) -> None:
@@ -588,7 +587,6 @@ async def test_inference_process_killed_in_a_loop_loses_no_mail(
     assert report.accepted >= 10
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 finding 8: a crash-looping inference process leaves mail unstamped")
 async def test_inference_process_killed_in_a_loop_mail_stays_stamped(
     make_rig: MakeRig, request: pytest.FixtureRequest
 ) -> None:
