@@ -89,6 +89,8 @@ class CaptureServer:
         self.drop_on = ""
         self.drop_once = ""  # like drop_on, for the next such command only
         self.reply_delay_s = 0.0
+        # Set: each accepted message goes here instead of `messages` (a long soak keeps none).
+        self.on_message: Callable[[Captured], None] | None = None
         self.offer_xforward = offer_xforward
         self.connections = 0
         self.commands: list[str] = []
@@ -194,7 +196,11 @@ class CaptureServer:
                 if self.reply_delay_s:
                     await asyncio.sleep(self.reply_delay_s)
                 if self.data_reply.startswith("2"):
-                    self.messages.append(Captured(sender, params, rcpts, data, dict(xforward)))
+                    captured = Captured(sender, params, rcpts, data, dict(xforward))
+                    if self.on_message is not None:
+                        self.on_message(captured)
+                    else:
+                        self.messages.append(captured)
                     self.received.set()
                 xforward = {}
                 writer.write(self.data_reply.encode() + b"\r\n")

@@ -24,6 +24,7 @@ sampler over a process tree (`RssSampler`). Nothing here imports pytest.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import os
 import random
@@ -97,11 +98,25 @@ def split_stamp(data: bytes, names: Sequence[bytes] = STAMP_FIELDS) -> tuple[dic
 @dataclass
 class Sent:
     mid: str
-    raw: bytes
+    raw: bytes  # a long run may drop it once sent (`Load(keep_raw=False)`): the digest stays
     code: int | None = None  # the final reply the client saw; None: none seen
     text: str = ""
     failure: str = ""  # "eof", "timeout", "reset", ... when no reply came
     latency_s: float = 0.0
+    digest: bytes = b""
+    created: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        if not self.digest:
+            self.digest = hashlib.sha256(self.raw).digest()
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One copy at the sink, reduced to what the ledger compares."""
+
+    digest: bytes  # of the message below our stamp
+    stamped: bool
 
 
 @dataclass
@@ -183,6 +198,8 @@ class Ledger:
         self.run = run or f"r{os.getpid()}x{next(_run_ids)}"
         self.entries: dict[str, Sent] = {}
         self._n = itertools.count()
+        self._at_sink: dict[str, list[Seen]] = {}
+        self._odd: list[str] = []
 
     def new(self, size: int = 2048, *, extra_headers: bytes = b"") -> Sent:
         n = next(self._n)
@@ -192,22 +209,45 @@ class Ledger:
         return entry
 
     def check(self, deliveries: Iterable[bytes], names: Sequence[bytes] = STAMP_FIELDS) -> LedgerReport:
-        rep = LedgerReport()
-        at_sink: dict[str, list[bytes]] = {}
+        """The report for these deliveries (everything the sink holds)."""
+        at_sink: dict[str, list[Seen]] = {}
+        odd: list[str] = []
         for data in deliveries:
-            fields, rest = split_stamp(data, names)
-            m = _MID.search(rest)
-            if m is None:
+            self._observe(at_sink, odd, data, names)
+        return self._report(at_sink, odd)
+
+    def observe(self, data: bytes, names: Sequence[bytes] = STAMP_FIELDS) -> None:
+        """Streaming form for long runs: note one delivery now, keep only its digest."""
+        self._observe(self._at_sink, self._odd, data, names)
+
+    @property
+    def observed(self) -> int:
+        """How many deliveries `observe` was given."""
+        return sum(len(v) for v in self._at_sink.values()) + len(self._odd)
+
+    def report(self) -> LedgerReport:
+        """The report over everything `observe` was given."""
+        return self._report(self._at_sink, self._odd)
+
+    def _observe(
+        self, at_sink: dict[str, list[Seen]], odd: list[str], data: bytes, names: Sequence[bytes]
+    ) -> None:
+        fields, rest = split_stamp(data, names)
+        m = _MID.search(rest)
+        mid = m.group(1).decode() if m else ""
+        if mid in self.entries:
+            seen = Seen(hashlib.sha256(rest).digest(), b"x-triage-category" in fields)
+            at_sink.setdefault(mid, []).append(seen)
+        else:
+            odd.append(mid)
+
+    def _report(self, at_sink: dict[str, list[Seen]], odd: list[str]) -> LedgerReport:
+        rep = LedgerReport()
+        for mid in odd:
+            if mid.startswith(self.run + "."):
+                rep.phantom.append(mid)
+            else:
                 rep.foreign += 1
-                continue
-            mid = m.group(1).decode()
-            if mid not in self.entries:
-                if mid.startswith(self.run + "."):
-                    rep.phantom.append(mid)
-                else:
-                    rep.foreign += 1
-                continue
-            at_sink.setdefault(mid, []).append(data)
         for mid, e in self.entries.items():
             rep.sent += 1
             copies = at_sink.get(mid, [])
@@ -224,10 +264,9 @@ class Ledger:
                     continue
                 if len(copies) > 1:
                     rep.duplicated.append(mid)
-                fields, rest = split_stamp(copies[0], names)
-                if rest != e.raw:
+                if copies[0].digest != e.digest:
                     rep.altered.append(mid)
-                if b"x-triage-category" not in fields:
+                if not copies[0].stamped:
                     rep.unstamped.append(mid)
             elif 400 <= e.code < 500:
                 rep.tempfailed += 1
@@ -387,9 +426,11 @@ class Load:
         size: int = 2048,
         rate_per_s: float | None = None,
         timeout_s: float = 30.0,
+        keep_raw: bool = True,
     ) -> None:
         self.host, self.port, self.ledger = host, port, ledger
         self.clients, self.size, self.rate, self.timeout_s = clients, size, rate_per_s, timeout_s
+        self.keep_raw = keep_raw
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -423,7 +464,10 @@ class Load:
                     await asyncio.sleep(0.05)  # refused or down: an MTA retries later
                     continue
             entry = self.ledger.new(self.size)
-            if not await transact(conn, entry):
+            carry_on = await transact(conn, entry)
+            if not self.keep_raw:
+                entry.raw = b""
+            if not carry_on:
                 await conn.close()
                 conn = None
             elif entry.code != 250:

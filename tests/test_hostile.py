@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from attacks import idle_mail_holder, slowloris
 from conftest import CaptureServer
 from kafka_broker import TANSU, TOPIC, KafkaBroker
 from ledger import (
@@ -38,7 +39,6 @@ from ledger import (
     Probe,
     Refused,
     RssSampler,
-    Sent,
     SmtpConn,
     send_one,
     split_stamp,
@@ -156,32 +156,6 @@ def probe_ok(summary: dict[str, object]) -> bool:
 # --- slow and idle clients ---------------------------------------------------------------
 
 
-async def slow_write(conn: SmtpConn, data: bytes, gap_s: float) -> None:
-    for i in range(len(data)):
-        conn.writer.write(data[i : i + 1])
-        await conn.writer.drain()
-        await asyncio.sleep(gap_s)
-
-
-async def slowloris(rig: Rig, entry: Sent, gap_s: float) -> None:
-    """A whole transaction one byte at a time (each byte its own TCP segment)."""
-    try:
-        conn = await SmtpConn.open(HOST, rig.port, ehlo=False)
-        for line in (b"EHLO slow.test\r\n", b"MAIL FROM:<slow@ledger.test>\r\n",
-                     b"RCPT TO:<rcpt@ledger.test>\r\n", b"DATA\r\n"):
-            await slow_write(conn, line, gap_s)
-            code, text = await conn.reply()
-            if code not in (250, 354):
-                entry.code, entry.text = code, text
-                return
-        stuffed = (b"\r\n" + entry.raw).replace(b"\r\n.", b"\r\n..")[2:] + b".\r\n"
-        await slow_write(conn, stuffed, gap_s / 5)
-        entry.code, entry.text = await conn.reply()
-        await conn.close()
-    except NoReply as exc:
-        entry.failure = str(exc)
-
-
 async def test_slowloris_clients_neither_break_framing_nor_block_others(
     make_rig: MakeRig, request: pytest.FixtureRequest
 ) -> None:
@@ -189,7 +163,7 @@ async def test_slowloris_clients_neither_break_framing_nor_block_others(
 
     async def attack() -> None:
         entries = [rig.ledger.new(700) for _ in range(20)]
-        await asyncio.gather(*(slowloris(rig, e, 0.01) for e in entries))
+        await asyncio.gather(*(slowloris(HOST, rig.port, e, 0.01) for e in entries))
         assert all(e.code == 250 for e in entries), [(e.code, e.failure) for e in entries]
 
     report, probe = await under_attack(rig, request, attack)
@@ -226,29 +200,11 @@ async def test_idle_mail_holders_do_not_starve_everyone(
     make_rig: MakeRig, request: pytest.FixtureRequest
 ) -> None:
     rig = await make_rig(upstream="pool_size = 4")
-    holders: list[tuple[SmtpConn, Sent]] = []
-
     async def attack() -> None:
-        for _ in range(8):  # twice pool_size, each after MAIL, then silent
-            conn = await SmtpConn.open(HOST, rig.port)
-            entry = rig.ledger.new(1024)
-            holders.append((conn, entry))
-            code, text = await conn.cmd(b"MAIL FROM:<holder@ledger.test>")
-            if code != 250:
-                entry.code, entry.text = code, text
-        await asyncio.sleep(4)  # longer than connect_timeout_s: a starved probe shows
-        for conn, entry in holders:  # the holders finish: every one gets a real answer
-            if entry.code is None and not entry.failure:
-                try:
-                    code, text = await conn.cmd(b"RCPT TO:<rcpt@ledger.test>")
-                    if code == 250:
-                        code, text = await conn.cmd(b"DATA")
-                        if code == 354:
-                            code, text = await conn.data(entry.raw)
-                    entry.code, entry.text = code, text
-                except NoReply as exc:
-                    entry.failure = str(exc)
-            await conn.close()
+        # Twice pool_size clients send MAIL and go quiet for longer than
+        # connect_timeout_s (a starved probe shows), then finish.
+        entries = [rig.ledger.new(1024) for _ in range(8)]
+        await asyncio.gather(*(idle_mail_holder(HOST, rig.port, e, 4.0) for e in entries))
 
     report, probe = await under_attack(rig, request, attack, clients=1)
     report.assert_balanced()
