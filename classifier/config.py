@@ -36,3 +36,11 @@ class ClassifierSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True
     # of this process, sharing the GIL with SMTP (small hosts, debugging).
     runner: Literal["process", "thread"] = "process"
     batcher: BatcherSettings = BatcherSettings()
+    # authserv-ids (RFC 8601) of the verifiers upstream whose
+    # Authentication-Results fields are believed (OpenDKIM/OpenDMARC/rspamd on
+    # this site's border, e.g. "mx.example.org"). A DMARC, DKIM or SPF failure
+    # they record raises the spam score by fixed log-odds (classifier/auth.py).
+    # Empty: every Authentication-Results field is ignored (anyone can write one).
+    trusted_authserv_ids: list[
+        Annotated[str, Meta(min_length=1, max_length=255, pattern=r"^[^\s;()]+$")]
+    ] = msgspec.field(default_factory=list)

@@ -188,6 +188,28 @@ def evaluate_messages(
     return report
 
 
+def expected_calibration_error(
+    confidence: Sequence[float] | np.ndarray, correct: Sequence[bool] | np.ndarray, bins: int = 15
+) -> float | None:
+    """ECE (Naeini et al. 2015; Guo et al. 2017): equal-width confidence bins,
+    |accuracy - mean confidence| weighted by the share of messages in each bin.
+
+    For the category head: confidence = the top probability, correct = the
+    argmax is the true class. For the spam head: confidence = spam_prob,
+    correct = the message is spam (the reliability of a binary score)."""
+    conf = np.asarray(confidence, dtype=np.float64)
+    ok = np.asarray(correct, dtype=np.float64)
+    if conf.shape[0] == 0:
+        return None
+    idx = np.minimum((conf * bins).astype(np.int64), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            total += float(m.sum()) * abs(float(ok[m].mean()) - float(conf[m].mean()))
+    return round(total / float(conf.shape[0]), 4)
+
+
 def report_dict(r: Report) -> dict[str, Any]:
     out: dict[str, Any] = msgspec.to_builtins(r)
     return out
@@ -197,6 +219,7 @@ __all__ = [
     "Report",
     "compute_report",
     "evaluate_messages",
+    "expected_calibration_error",
     "format_report",
     "predict_messages",
     "report_dict",

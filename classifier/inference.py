@@ -17,6 +17,7 @@ import msgspec
 import numpy.typing as npt
 import structlog
 
+from classifier.auth import adjust as auth_adjust
 from classifier.overrides import apply_override, sure_category
 from classifier.providers import ProviderChoice, ProviderError, choose_providers
 from classifier.types import Classification, ClassifierError
@@ -106,6 +107,12 @@ def labels_of(model: BatchModel) -> frozenset[str] | None:
     return frozenset(labels) if isinstance(labels, list | tuple) else None
 
 
+def spam_threshold_of(model: BatchModel) -> float | None:
+    """The manifest's spam threshold, for the auth adjustment; None when unknown."""
+    t = getattr(getattr(model, "manifest", None), "spam_threshold", None)
+    return float(t) if isinstance(t, int | float) else None
+
+
 def load_and_warm(
     path: str,
     provider: Literal["auto", "cpu", "cuda"],
@@ -148,12 +155,14 @@ def classify_batch(
     *,
     overrides: bool,
     labels: frozenset[str] | None,
+    trusted: frozenset[str] = frozenset(),
 ) -> tuple[list[Classification | ClassifierError], BatchTiming]:
     """Verdicts for `views` (messages or their prefixes), in order; one
     unparseable message fails alone.
 
     Raises ClassifierError when the model call itself fails or answers the
-    wrong number of rows: that fails the whole batch.
+    wrong number of rows: that fails the whole batch. `trusted`: authserv-ids
+    whose Authentication-Results adjust the spam score (classifier/auth.py).
     """
     t0, c0 = time.perf_counter(), time.thread_time()
     # Features and overrides search bytes; a view (a prefix, or a slice of
@@ -168,7 +177,10 @@ def classify_batch(
         raise ClassifierError(
             f"model returned {len(predictions)} results for {len(features)} inputs"
         )
+    threshold = spam_threshold_of(model)
     for i, prediction in zip(slots, predictions, strict=True):
+        if trusted and threshold is not None:
+            prediction = auth_adjust(prediction, raws[i], trusted, threshold)
         results[i] = (
             apply_override(prediction, sure_category(raws[i]), labels) if overrides else prediction
         )

@@ -115,18 +115,28 @@ class Runner(Protocol):
 class ThreadRunner:
     """A model loaded in this process, run by the batcher's worker thread."""
 
-    def __init__(self, model: BatchModel, choice: ProviderChoice, *, overrides: bool) -> None:
+    def __init__(
+        self,
+        model: BatchModel,
+        choice: ProviderChoice,
+        *,
+        overrides: bool,
+        trusted_authserv_ids: Sequence[str] = (),
+    ) -> None:
         self.model = model
         self.choice = choice
         self.name_version = model.name_version
         self.prefix_bytes = prefix_bytes_of(model)
         self._overrides = overrides
         self._labels = labels_of(model)
+        self._trusted = frozenset(a.lower() for a in trusted_authserv_ids)
 
     def classify_batch(
         self, raws: Sequence[bytes | memoryview]
     ) -> tuple[list[Classification | ClassifierError], BatchTiming]:
-        return classify_batch(self.model, raws, overrides=self._overrides, labels=self._labels)
+        return classify_batch(
+            self.model, raws, overrides=self._overrides, labels=self._labels, trusted=self._trusted
+        )
 
     def close(self) -> None:
         pass
@@ -309,14 +319,15 @@ class OnnxClassifierService:
             assert isinstance(loader, str)
             hang_s = max(HANG_MIN_S, HANG_TIMEOUTS * s.timeout_ms / 1000.0)
             start = wire.Start(path, loader, s.provider, s.device_id, s.intra_op_num_threads,
-                               s.rule_overrides)
+                               s.rule_overrides, s.trusted_authserv_ids)
             return await asyncio.to_thread(ProcessModel.spawn, start, hang_timeout_s=hang_s)
         fn: ModelLoader = resolve_loader(loader) if isinstance(loader, str) else loader
 
         def load() -> ThreadRunner:
             model, choice = load_and_warm(path, s.provider, s.device_id,
                                           s.intra_op_num_threads, fn)
-            return ThreadRunner(model, choice, overrides=s.rule_overrides)
+            return ThreadRunner(model, choice, overrides=s.rule_overrides,
+                                trusted_authserv_ids=s.trusted_authserv_ids)
 
         # A thread of its own, not the inference worker: batches go on with
         # the old model meanwhile.

@@ -40,6 +40,10 @@ class TrainConfig(msgspec.Struct, frozen=True):
     average_from: float = 0.5  # average weights over epoch ends from this fraction of training on (0: off)  # drop tokens at random while training: less reliance on any one
     val_fraction: float = 0.1  # by message hash, for the report and the spam threshold
     opset: int = 17
+    # Category loss weight ~ frequency ** -power: 0.5 (1/sqrt) for site
+    # folders; 1.0 (balanced) when one class dwarfs the others, so a big
+    # class does not become everybody's prior (the default model: list mail).
+    class_weight_power: float = 0.5
 
 
 class Weights(msgspec.Struct):
@@ -106,7 +110,7 @@ def fit(
     # Class weights ~ 1/sqrt(frequency): the small classes count for macro-F1.
     known = cat[cat >= 0]
     counts = np.bincount(known, minlength=n_classes).astype(np.float64) + 1.0
-    cw = (counts.sum() / counts) ** 0.5
+    cw = (counts.sum() / counts) ** cfg.class_weight_power
     cw = cw / cw.mean()
     ce = nn.CrossEntropyLoss(weight=torch.tensor(cw, dtype=torch.float32), reduction="sum")
     bce = nn.BCEWithLogitsLoss(reduction="mean")
@@ -199,19 +203,117 @@ def _mean_rows(emb: F32, a: IdArray) -> F32:
     return out
 
 
-def forward(w: Weights, ids: Sequence[IdArray], slots: int) -> tuple[F32, F32]:
-    """The exported graph's math in numpy (for reports during training)."""
+def forward_logits(w: Weights, ids: Sequence[IdArray], slots: int) -> tuple[F32, F32]:
+    """(category logits [N, C], spam logit [N]): the graph before softmax / sigmoid."""
+    if not ids:
+        return np.zeros((0, w.w_cat.shape[1]), np.float32), np.zeros(0, np.float32)
     h = np.stack(
         [np.concatenate([_mean_rows(w.emb, a[:slots]), _mean_rows(w.emb, a[slots:])]) for a in ids]
     )
     if w.w_hid is not None and w.b_hid is not None:
         h = np.maximum(h @ w.w_hid + w.b_hid, 0.0)
-    logits = h @ w.w_cat + w.b_cat
-    logits -= logits.max(axis=1, keepdims=True)
-    p = np.exp(logits)
-    p /= p.sum(axis=1, keepdims=True)
-    s = 1.0 / (1.0 + np.exp(-(h @ w.w_spam + w.b_spam)[:, 0]))
-    return p.astype(np.float32), s.astype(np.float32)
+    logits: F32 = (h @ w.w_cat + w.b_cat).astype(np.float32)
+    z: F32 = (h @ w.w_spam + w.b_spam)[:, 0].astype(np.float32)
+    return logits, z
+
+
+def softmax(logits: npt.NDArray[np.floating[Any]]) -> F32:
+    x = logits - logits.max(axis=1, keepdims=True)
+    p = np.exp(x)
+    out: F32 = (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+    return out
+
+
+def sigmoid(z: npt.NDArray[np.floating[Any]]) -> F32:
+    out: F32 = (1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))).astype(np.float32)
+    return out
+
+
+def forward(w: Weights, ids: Sequence[IdArray], slots: int) -> tuple[F32, F32]:
+    """The exported graph's math in numpy (for reports during training)."""
+    logits, z = forward_logits(w, ids, slots)
+    return softmax(logits), sigmoid(z)
+
+
+# --- calibration ---------------------------------------------------------------
+# Both heads are calibrated on messages the weights were not fitted on, so the
+# stamped scores read as probabilities: a temperature for the category softmax
+# (Guo et al. 2017, "On calibration of modern neural networks"; it keeps the
+# argmax) and Platt scaling for the spam sigmoid (Platt 1999: sigmoid(a*z + b)).
+# Both are affine in the last layer, so they are folded into the head weights
+# (`calibrated`): the exported graph and the runtime do not change.
+
+
+def fit_temperature(logits: F32, y: npt.NDArray[np.int64]) -> float:
+    """The temperature T minimising the NLL of softmax(logits / T) (a 1-D search)."""
+    if logits.shape[0] == 0:
+        return 1.0
+    best_t, best_nll = 1.0, np.inf
+    for t in np.exp(np.linspace(np.log(0.25), np.log(8.0), 121)):
+        x = logits / t
+        x = x - x.max(axis=1, keepdims=True)
+        nll = float(-(x[np.arange(len(y)), y] - np.log(np.exp(x).sum(axis=1))).mean())
+        if nll < best_nll:
+            best_t, best_nll = float(t), nll
+    return round(best_t, 4)
+
+
+def fit_platt(z: F32, y: npt.NDArray[np.bool_]) -> tuple[float, float]:
+    """(a, b) of sigmoid(a*z + b) minimising the log loss on (z, y).
+
+    Targets are Platt's smoothed labels, (n+ + 1)/(n+ + 2) and 1/(n- + 2), so
+    a perfectly separated slice does not send `a` to infinity. A grid over the
+    slope with the (convex, 1-D) best intercept for each: no Newton step in 2-D
+    to diverge on a nearly separable slice."""
+    if z.shape[0] == 0 or y.all() or not y.any():
+        return 1.0, 0.0
+    zz = z.astype(np.float64)
+    n_pos, n_neg = float(y.sum()), float((~y).sum())
+    t = np.where(y, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
+    best = (np.inf, 1.0, 0.0)
+    for a in np.exp(np.linspace(np.log(0.02), np.log(4.0), 81)):
+        b = 0.0
+        for _ in range(30):
+            p = 1.0 / (1.0 + np.exp(-np.clip(a * zz + b, -60, 60)))
+            g, h = float((p - t).sum()), float((p * (1 - p)).sum()) + 1e-9
+            b -= float(np.clip(g / h, -5, 5))
+            if abs(g / h) < 1e-7:
+                break
+        x = np.clip(a * zz + b, -60, 60)
+        loss = float((np.logaddexp(0, x) - t * x).mean())
+        if loss < best[0]:
+            best = (loss, float(a), b)
+    return round(best[1], 5), round(best[2], 5)
+
+
+def calibrated(w: Weights, temperature: float, platt: tuple[float, float]) -> Weights:
+    """`w` with the temperature and Platt scaling folded into the two heads."""
+    a, b = platt
+    return Weights(
+        emb=w.emb,
+        w_hid=w.w_hid,
+        b_hid=w.b_hid,
+        w_cat=(w.w_cat / temperature).astype(np.float32),
+        b_cat=(w.b_cat / temperature).astype(np.float32),
+        w_spam=(w.w_spam * a).astype(np.float32),
+        b_spam=(w.b_spam * a + b).astype(np.float32),
+    )
+
+
+def fp_threshold(
+    scores: F32, ham_sets: Sequence[tuple[npt.NDArray[np.bool_], float]], floor: float = 0.5
+) -> float:
+    """The lowest spam threshold (>= `floor`, grid 0.01) at which, for each
+    (mask of legitimate messages, max FP rate) pair, at most that share of the
+    masked messages scores at or above it: the threshold a false-positive
+    bound allows, not the best F1 (a postmaster counts lost mail, not F1)."""
+    for t in np.arange(floor, 0.996, 0.01):
+        if all(
+            not mask.any() or float((scores[mask] >= t).mean()) <= max_fp
+            for mask, max_fp in ham_sets
+        ):
+            return round(float(t), 3)
+    return 0.995
 
 
 def best_threshold(scores: F32, truth: npt.NDArray[np.bool_]) -> float:
@@ -459,7 +561,14 @@ __all__ = [
     "export",
     "featurize",
     "fit",
+    "calibrated",
+    "fit_platt",
+    "fit_temperature",
     "forward",
+    "forward_logits",
+    "fp_threshold",
+    "sigmoid",
+    "softmax",
     "make_manifest",
     "print_validation",
     "quantize_int8",

@@ -51,6 +51,7 @@ def _start(sock: socket.socket) -> tuple[BatchModel, wire.Start] | None:
 
 def _serve(sock: socket.socket, model: BatchModel, start: wire.Start) -> None:
     labels = labels_of(model)
+    trusted = frozenset(a.lower() for a in start.trusted_authserv_ids)
     while True:
         frame = wire.receive_in_child(sock)
         if isinstance(frame, wire.Stop):
@@ -60,7 +61,7 @@ def _serve(sock: socket.socket, model: BatchModel, start: wire.Start) -> None:
             continue
         try:
             verdicts, timing = classify_batch(
-                model, frame.raws, overrides=start.overrides, labels=labels
+                model, frame.raws, overrides=start.overrides, labels=labels, trusted=trusted
             )
         except Exception as exc:  # the model call failed: this batch only
             wire.send(sock, wire.BatchFailed(f"{type(exc).__name__}: {exc}"))

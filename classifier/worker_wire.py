@@ -39,6 +39,7 @@ class Start(msgspec.Struct, frozen=True, tag=True):
     device_id: int
     threads: int
     overrides: bool
+    trusted_authserv_ids: list[str] = msgspec.field(default_factory=list)  # classifier/auth.py
 
 
 class Ready(msgspec.Struct, frozen=True, tag=True):
