@@ -378,8 +378,27 @@ _FREEMAIL = frozenset(
 _ROLE = re.compile(
     r"(no-?reply|do-?not-?reply|notifications?|alerts?|news(letter)?|info|marketing|"
     r"offers?|deals?|promo|sales|support|service|billing|account|team|hello|mailer-daemon|"
-    r"postmaster|bounces?|root|cron|admin|owner-|-request|-admin)"
+    r"postmaster|bounces?|root|cron|admin|owner-|-request|-admin|orders?|receipts?|"
+    r"tracking|shipment|shipping|security|confirm|bookings?|reservations?|invoices?|"
+    r"rss|feeds?|verify|updates?|auto-?reply)"
 )
+# Role families, so one seen role teaches its kin (the corpora have bounces and
+# RSS feeds, hardly any shop or bank notifications): mail a system sends about
+# something the recipient did or owns, and mail a marketing team sends.
+_ROLE_FAMILY = {
+    **dict.fromkeys(
+        "no-reply noreply do-not-reply donotreply notification notifications alert alerts "
+        "billing account mailer-daemon postmaster bounce bounces root cron order orders "
+        "receipt receipts tracking shipment shipping security confirm booking bookings "
+        "reservation reservations invoice invoices rss feed feeds verify update updates "
+        "auto-reply autoreply".split(),
+        "from-automated",
+    ),
+    **dict.fromkeys(
+        "news newsletter marketing offer offers deal deals promo sales hello info".split(),
+        "from-marketing",
+    ),
+}
 _DIGIT = re.compile(r"[0-9]")
 _ALPHA = re.compile(r"[^\W\d_]")
 _UPPER = re.compile(r"[A-Z\u00c0-\u00de]")
@@ -520,8 +539,11 @@ def _header_tokens(
     org, org_head, dom_a, dom_b = _domain_tokens(dom)
     add("from-has-name" if name else "from-no-name")
     t.extend(dom_a)
+    families = set()
     for role in _ROLE.findall(local)[:3]:
         add("from-role:" + role[0])
+        families.add(_ROLE_FAMILY.get(role[0], "from-role-other"))
+    t.extend(sorted(families))
     if _DIGIT.search(local):
         add("from-local-digits")
     if name and "@" in name:

@@ -118,6 +118,30 @@ def load_spamassassin(
 # --- Enron (primary) -------------------------------------------------------------
 
 
+_X_FROM = re.compile(rb"(?mi)^x-from:[ \t]*([^<\r\n]*)")
+_FROM_BARE = re.compile(rb"(?mi)^from:[ \t]*([^\s<>\"]+@[^\s<>\"]+)[ \t]*(\r?\n)")
+
+
+def restore_display_name(raw: bytes) -> bytes:
+    """`From: Name <addr>` for an Enron message whose export moved the name to X-From.
+
+    The Enron export wrote the bare address in From and the display name in
+    X-From (stripped as a leak). Left so, no person-to-person training message
+    has a display name, while every personal message today has one: the model
+    learned "a From with a name is not primary" from how the corpus was exported.
+    """
+    head, sep, body = raw.partition(b"\n\n")
+    name = _X_FROM.search(head)
+    bare = _FROM_BARE.search(head)
+    if name is None or bare is None:
+        return raw
+    text = name.group(1).strip().strip(b'"').replace(b'"', b"")
+    if not text or b"@" in text or b"/" in text:
+        return raw
+    line = b'From: "' + text + b'" <' + bare.group(1) + b">" + bare.group(2)
+    return head[: bare.start()] + line + head[bare.end() :] + sep + body
+
+
 def load_enron(root: Path) -> tuple[list[Message], Counter[tuple[str, str, str]]]:
     """Folders 1-8 are person-to-person business mail: primary. Messages the
     annotators marked as newsletters (2.10) have no sure category: spam head only."""
@@ -129,7 +153,7 @@ def load_enron(root: Path) -> tuple[list[Message], Counter[tuple[str, str, str]]
         newsletter = any(line.startswith("2,10,") for line in cats.splitlines())
         cat = None if newsletter else "primary"
         audit[("enron", str(cat), "newsletter->unknown" if newsletter else "primary")] += 1
-        raw = strip_leaks(path.read_bytes())
+        raw = strip_leaks(restore_display_name(path.read_bytes()))
         sender = _domain(_first(_parse_headers(_split_head(raw, _P)[0], _P), "from"))
         out.append(
             Message(
@@ -233,5 +257,6 @@ __all__ = [
     "load_modern",
     "load_spamassassin",
     "refine_sa",
+    "restore_display_name",
     "strip_leaks",
 ]

@@ -44,6 +44,10 @@ class TrainConfig(msgspec.Struct, frozen=True):
     # folders; 1.0 (balanced) when one class dwarfs the others, so a big
     # class does not become everybody's prior (the default model: list mail).
     class_weight_power: float = 0.5
+    # Share of training messages whose whole text bag is dropped for a step:
+    # the structure signals (headers, MIME) must then decide alone, so they
+    # keep weight when the words are ones the corpora never tied to a class.
+    text_bag_dropout: float = 0.0
 
 
 class Weights(msgspec.Struct):
@@ -146,7 +150,9 @@ def fit(
             text_bags = []
             for i in idx:
                 a = texts[i]
-                if cfg.token_dropout > 0 and a.shape[0] > 4:
+                if cfg.text_bag_dropout > 0 and rng.random() < cfg.text_bag_dropout:
+                    a = a[:0]  # the whole text bag: structure alone must carry it
+                elif cfg.token_dropout > 0 and a.shape[0] > 4:
                     a = a[rng.random(a.shape[0]) >= cfg.token_dropout]
                 text_bags.append(a)
             h = hid(torch.cat([bag([structs[i] for i in idx]), bag(text_bags)], dim=1))
@@ -558,20 +564,20 @@ __all__ = [
     "TrainResult",
     "Weights",
     "build_onnx",
+    "calibrated",
     "export",
     "featurize",
     "fit",
-    "calibrated",
     "fit_platt",
     "fit_temperature",
     "forward",
     "forward_logits",
     "fp_threshold",
-    "sigmoid",
-    "softmax",
     "make_manifest",
     "print_validation",
     "quantize_int8",
+    "sigmoid",
+    "softmax",
     "split_by_hash",
     "train_dir",
     "train_messages",

@@ -22,9 +22,12 @@ model) and phishing-pot (CC BY-NC: evaluation only, never trained on).
 The recipe (the same in every fold and for the shipped model): 15% of the
 training messages (by hash; by sender group for modern non-list mail) are a
 calibration slice the weights never see. On it: a temperature for the category
-head, Platt scaling for the spam head (both folded into the head weights), and
-the spam threshold: the lowest one (>= 0.5) with at most MAX_FP_MODERN of the
-slice's modern legitimate mail and MAX_FP_CLASSIC of its other ham above it.
+head and Platt scaling for the spam head, both folded into the head weights.
+The spam threshold is chosen on out-of-fold scores of held-out senders
+(`oof_threshold`: at most MAX_FP_MODERN of modern legitimate mail and
+MAX_FP_SOURCE of each modern source above it); in LOSO each fold gets the
+threshold the other folds' scores give (cross-fitting), the shipped model the
+one all of them give.
 """
 
 from __future__ import annotations
@@ -105,9 +108,19 @@ FOLD_CFG = msgspec.structs.replace(CFG, epochs=6)
 MODERN_REPEAT = 3
 PARAMS = FeatureParams()
 CAL_FRACTION = 0.15
-MAX_FP_MODERN = 0.008  # the bound the threshold is chosen for (target: 0.01 held out)
-MAX_FP_CLASSIC = 0.01
+MAX_FP_MODERN = 0.008  # pooled modern legitimate mail, out of fold (target: <= 0.01 held out)
+MAX_FP_SOURCE = 0.05
+# Old ham (1999-2002, SpamAssassin + Enron) only bounds the threshold loosely:
+# the 2002 newsletters of hard-ham-1 score as spam when held out (their
+# vocabulary is 2002 spam's), and the bound is about today's mail.
+MAX_FP_CLASSIC = 0.05
 GROUP_FOLDS = 3
+# A source's macro-F1 averages the classes with at least this many messages in
+# it: the F1 of a class with 2 messages in a source (2 forwarded shipping
+# notices, 9 SpamAssassin replies) is 0 or 1 by chance and would move that
+# source's figure by half. Those classes still count in the pooled report and
+# in the per-class rows; `macro_f1_all_classes` is the figure without the rule.
+MIN_CLASS_SUPPORT = 20
 ERA_BALANCE = True  # era_balance_spam()
 # The two public lists go to different folds (the list is the group).
 LIST_FOLD = {"open-iscsi.googlegroups.com.0.mbox": 0, "linux-oxnas.groups.io.0.mbox": 1}
@@ -208,9 +221,17 @@ def recipe(train: Sequence[Message], data: Data, cfg: TrainConfig, progress: boo
     platt = fit_platt(z, cspam)
     s = sigmoid(platt[0] * z + platt[1])
     modern = np.array([is_modern(m) for m in cal], dtype=bool)
-    threshold = fp_threshold(
-        s, [(modern & ~cspam, MAX_FP_MODERN), (~modern & ~cspam, MAX_FP_CLASSIC)], floor=0.02
-    )
+    source = np.array([m.source for m in cal])
+    # The bound holds for each modern source of legitimate mail on its own:
+    # pooled, 1,500 list posts would let the few newsletters and shop notices
+    # (the wanted bulk mail most like spam) all score above the threshold.
+    bounds = [
+        (modern & ~cspam & (source == src), MAX_FP_MODERN)
+        for src in sorted(set(source[modern & ~cspam]))
+    ]
+    # Reported only (the calibration-slice report): the threshold that ships
+    # comes from held-out senders (oof_threshold), the slice is too small.
+    threshold = fp_threshold(s, [*bounds, (~modern & ~cspam, MAX_FP_CLASSIC)], floor=0.02)
     pred = softmax(logits[known] / temperature).argmax(axis=1)
     validation = compute_report(
         CATEGORIES, [CATEGORIES[i] for i in ccat[known]], [CATEGORIES[i] for i in pred],
@@ -248,7 +269,7 @@ def era_balance_spam(ms: Sequence[Message]) -> list[Message]:
     if not spam or old_rate <= 0:
         return []
     want = old_rate / (1 - old_rate) * ham  # spam copies for the old ratio
-    extra = int(round(want / len(spam))) - 1
+    extra = round(want / len(spam)) - 1
     return spam * max(extra, 0)
 
 
@@ -299,6 +320,7 @@ class Oof(msgspec.Struct):
     folds: list[dict[str, Any]]
     fold_of: np.ndarray  # [N] index into folds
     phishing_scores: list[np.ndarray]  # each fold model's spam scores on phishing-pot
+    threshold: float  # chosen on all out-of-fold scores: the shipped model's
 
 
 def loso(data: Data, progress: bool = True) -> Oof:
@@ -324,22 +346,42 @@ def loso(data: Data, progress: bool = True) -> Oof:
         msgs += test
         probs.append(softmax(logits))
         scores.append(s)
-        preds.append(s >= fitted.result.threshold)
         fold_of.append(np.full(len(test), len(info)))
         phish.append(sigmoid(zp))
         info.append({
             "fold": name, "train": len(train), "test": len(test),
-            "threshold": fitted.result.threshold, "temperature": fitted.temperature,
-            "platt": list(fitted.platt),
-            "phishing_recall": round(float((sigmoid(zp) >= fitted.result.threshold).mean()), 4),
+            "temperature": fitted.temperature, "platt": list(fitted.platt),
             "seconds": round(time.time() - t0, 1),
         })  # fmt: skip
         if progress:
             print(f"loso fold {name}: {info[-1]}", file=sys.stderr, flush=True)
+    all_scores, where = np.concatenate(scores), np.concatenate(fold_of)
+    # Each fold's threshold comes from the other folds' out-of-fold scores
+    # (cross-fitting): the messages a fold is scored on never chose its threshold.
+    preds = np.zeros(len(msgs), dtype=bool)
+    for i, fold in enumerate(info):
+        t = oof_threshold(msgs, all_scores, where != i)
+        preds[where == i] = all_scores[where == i] >= t
+        fold["threshold"] = t
+        fold["phishing_recall"] = round(float((phish[i] >= t).mean()), 4)
+    shipped = oof_threshold(msgs, all_scores, np.ones(len(msgs), dtype=bool))
     return Oof(
-        msgs, np.concatenate(probs), np.concatenate(scores), np.concatenate(preds), info,
-        np.concatenate(fold_of), phish,
+        msgs, np.concatenate(probs), all_scores, preds, info, where, phish, shipped,
     )  # fmt: skip
+
+
+def oof_threshold(msgs: Sequence[Message], scores: np.ndarray, mask: np.ndarray) -> float:
+    """The spam threshold from out-of-fold (calibrated) scores: the lowest at
+    which at most MAX_FP_MODERN of the modern legitimate mail, at most
+    MAX_FP_SOURCE of each modern source's legitimate mail (so 1,500 list posts
+    cannot hide the few newsletters and shop notices, the wanted mail most
+    like spam) and at most MAX_FP_CLASSIC of the old ham score at or above it."""
+    ham = np.array([not m.spam for m in msgs]) & mask
+    modern = np.array([is_modern(m) for m in msgs])
+    source = np.array([m.source for m in msgs])
+    bounds = [(ham & modern, MAX_FP_MODERN), (ham & ~modern, MAX_FP_CLASSIC)]
+    bounds += [(ham & (source == src), MAX_FP_SOURCE) for src in sorted(set(source[ham & modern]))]
+    return fp_threshold(scores, bounds, floor=0.02)
 
 
 def _report(oof: Oof, mask: np.ndarray) -> Report:
@@ -358,6 +400,7 @@ class LosoSummary(msgspec.Struct):
     macro_f1_mean: float
     macro_f1_worst: float
     worst_source: str
+    macro_f1_mean_all_classes: float  # without the MIN_CLASS_SUPPORT rule
     modern_ham_fp_rate: float
     modern_ham_n: int
     modern_bulk_fp_rate: float  # the same, without the person-to-person forwards
@@ -375,15 +418,19 @@ def summarise(oof: Oof) -> LosoSummary:
     per: dict[str, dict[str, Any]] = {}
     for s in sources:
         r = _report(oof, src == s)
+        big = [v.f1 for v in r.per_class.values() if v.support >= MIN_CLASS_SUPPORT]
         per[s] = {
             "held_out": "by sender (3 folds)" if s == "enron" or s.startswith("modern/") else "whole source",
-            "n": r.n, "n_category": r.n_category, "macro_f1": r.macro_f1, "accuracy": r.accuracy,
+            "n": r.n, "n_category": r.n_category,
+            "macro_f1": round(float(np.mean(big)), 4) if big else None,
+            "macro_f1_all_classes": r.macro_f1, "accuracy": r.accuracy,
             "spam_fp_rate": r.spam_fp_rate, "spam_recall": r.spam_recall,
             "classes": {c: msgspec.to_builtins(v) for c, v in r.per_class.items() if v.support},
             "confusion": r.confusion,
         }  # fmt: skip
     scored = {s: v["macro_f1"] for s, v in per.items() if v["macro_f1"] is not None}
     worst = min(scored, key=lambda s: scored[s])
+    every = [v["macro_f1_all_classes"] for v in per.values() if v["macro_f1_all_classes"] is not None]
     modern_ham = np.array([is_modern(m) and not m.spam for m in oof.messages])
     bulk = modern_ham & np.array([m.category != "primary" for m in oof.messages])
     mh = _report(oof, modern_ham)
@@ -395,6 +442,7 @@ def summarise(oof: Oof) -> LosoSummary:
         macro_f1_mean=round(float(np.mean(list(scored.values()))), 4),
         macro_f1_worst=scored[worst],
         worst_source=worst,
+        macro_f1_mean_all_classes=round(float(np.mean(every)), 4),
         modern_ham_fp_rate=mh.spam_fp_rate or 0.0,
         modern_ham_n=mh.n,
         modern_bulk_fp_rate=round(float(oof.spam_pred[bulk].mean()), 4),
@@ -441,6 +489,8 @@ def summary_line(reports: dict[str, Report], s: LosoSummary) -> dict[str, Any]:
         "loso_macro_f1_mean": s.macro_f1_mean,
         "loso_macro_f1_worst": s.macro_f1_worst,
         "loso_worst_source": s.worst_source,
+        "loso_macro_f1_mean_all_classes": s.macro_f1_mean_all_classes,
+        "loso_pooled_macro_f1": s.pooled.macro_f1,
         "heldout_modern_ham_spam_fp_rate": s.modern_ham_fp_rate,
         "heldout_modern_ham_n": s.modern_ham_n,
         "modern_spam_recall": ph.spam_recall,
@@ -457,12 +507,13 @@ def summary_line(reports: dict[str, Report], s: LosoSummary) -> dict[str, Any]:
 
 def _loso_table(s: LosoSummary) -> str:
     rows = [
-        "| held-out source | held out | messages | with category | macro-F1 | accuracy | spam FP rate (ham) | spam recall |",
-        "|---|---|---|---|---|---|---|---|",
+        "| held-out source | held out | messages | with category | macro-F1 | macro-F1, all classes | accuracy | spam FP rate (ham) | spam recall |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, v in s.per_source.items():
         rows.append(
             f"| {name} | {v['held_out']} | {v['n']:,} | {v['n_category']:,} | {_f(v['macro_f1'])} "
+            f"| {_f(v['macro_f1_all_classes'])} "
             f"| {_f(v['accuracy'])} | {_f(v['spam_fp_rate'])} | {_f(v['spam_recall'])} |"
         )
     return "\n".join(rows)
@@ -479,7 +530,8 @@ def _per_class_rows(s: LosoSummary) -> str:
 def print_loso(s: LosoSummary, oof: Oof) -> None:
     print("== leave-one-source-out (headline): each source predicted by a model trained without it")
     print(_loso_table(s))
-    print(f"macro-F1 mean {s.macro_f1_mean:.3f}, worst {s.macro_f1_worst:.3f} ({s.worst_source})")
+    print(f"macro-F1 mean {s.macro_f1_mean:.3f}, worst {s.macro_f1_worst:.3f} ({s.worst_source}); "
+          f"all classes: mean {s.macro_f1_mean_all_classes:.3f}; pooled {_f(s.pooled.macro_f1)}")  # fmt: skip
     print(
         f"modern legitimate mail, held out by sender: spam FP rate {s.modern_ham_fp_rate:.4f} "
         f"(n={s.modern_ham_n}; bulk only {s.modern_bulk_fp_rate:.4f})"
@@ -496,10 +548,11 @@ def build() -> int:
     train = shipped_training_set(data)
     print(f"shipped model: {len(train)} messages, {dict(Counter(m.source for m in train))}", flush=True)
     fitted = recipe(train, data, CFG, progress=True)
-    manifest = make_manifest(fitted.result, PARAMS, NAME, VERSION)
-    export(fitted.result, manifest, MODEL)
     oof = loso(data)
     s = summarise(oof)
+    fitted.result.threshold = oof.threshold  # chosen on held-out senders, not the slice
+    manifest = make_manifest(fitted.result, PARAMS, NAME, VERSION)
+    export(fitted.result, manifest, MODEL)
     reports, extra = _shipped_reports(MODEL, data)
     metrics: dict[str, Any] = {k: report_dict(v) for k, v in reports.items()}
     metrics["loso"] = _loso_dict(s)
