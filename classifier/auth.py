@@ -26,6 +26,7 @@ from typing import Final
 
 import msgspec
 
+from classifier import headers
 from classifier.types import Classification
 
 # Log-odds added to the spam score per failed method (first result per method
@@ -33,10 +34,9 @@ from classifier.types import Classification
 # mail is not theirs; spf/dkim fail alone are weaker (forwarders break them).
 SPAM_LOG_ODDS: Final = {"dmarc": 2.0, "spf": 0.7, "dkim": 0.7}
 _FAIL: Final = frozenset({"fail", "permerror"})  # softfail/neutral/none: no opinion
-_FIELD = re.compile(rb"(?im)^authentication-results[ \t]*:[ \t]*(.*(?:\r?\n[ \t].*)*)")
-_UNFOLD = re.compile(rb"\r?\n[ \t]+")
 _COMMENT = re.compile(r"\([^()]*\)")
 _RESULT = re.compile(r"(?:^|;)\s*(dmarc|dkim|spf)\s*=\s*([a-z]+)")
+_NAME: Final = b"authentication-results"
 
 
 class AuthResults(msgspec.Struct, frozen=True):
@@ -46,23 +46,22 @@ class AuthResults(msgspec.Struct, frozen=True):
     results: dict[str, str]
 
 
-def _head(raw: bytes) -> bytes:
-    end = raw.find(b"\n\n")
-    crlf = raw.find(b"\r\n\r\n")
-    if crlf >= 0 and (end < 0 or crlf < end):
-        end = crlf
-    return raw[: end if end >= 0 else 65536][:65536]
-
-
 def trusted_results(raw: bytes, trusted: frozenset[str]) -> AuthResults | None:
     """The topmost Authentication-Results field whose authserv-id is trusted, or None.
 
     Topmost: the one our own border added last; fields further down came from
-    hops before it (or from the sender) and are not ours to believe."""
+    hops before it (or from the sender) and are not ours to believe. The border
+    must delete incoming fields that claim its authserv-id (RFC 8601 section 5;
+    OpenDMARC and rspamd do), else a sender could forge one when it adds none."""
     if not trusted:
         return None
-    for m in _FIELD.finditer(_head(raw)):
-        value = _UNFOLD.sub(b" ", m.group(1)).decode("latin-1").lower()
+    block = headers.head(raw, 65536)
+    if _NAME not in block.lower():
+        return None  # the usual case without a verifier upstream
+    for name, raw_value in headers.FIELD.findall(block):
+        if name.lower() != _NAME:
+            continue
+        value = headers.unfold(raw_value).decode("latin-1").lower()
         value = _COMMENT.sub("", value)
         ident, _, rest = value.partition(";")
         # authserv-id [version]; RFC 8601 2.2

@@ -16,8 +16,8 @@ from pathlib import Path
 import msgspec
 
 # Files in a mail folder that are not mail.
-_SKIP_SUFFIXES = (".json", ".cats", ".md", ".gz", ".tgz", ".zip", ".py", ".sh", ".csv")
-_SKIP_NAMES = ("license", "readme", "copying", "categories.txt")
+_SKIP_SUFFIXES = (".json", ".cats", ".md", ".gz", ".tgz", ".zip", ".py", ".sh", ".csv", ".tsv")
+_SKIP_NAMES = ("license", "readme", "copying", "categories.txt", "manifest")
 _MAX_FILE_BYTES = 256 * 1024 * 1024
 # mbox "From " separator line (mboxo/mboxrd): at line start, after a blank line or at offset 0.
 _MBOX_SEP = re.compile(rb"(?m)^From [^\n]*\n")

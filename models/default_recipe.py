@@ -667,6 +667,7 @@ def model_card(
     return CARD_TEMPLATE.read_text().format(
         **nums, cfg=CFG, params=PARAMS, name=NAME, version=VERSION, repeat=MODERN_REPEAT,
         cal=CAL_FRACTION, max_fp_modern=MAX_FP_MODERN, max_fp_classic=MAX_FP_CLASSIC,
+        max_fp_source=MAX_FP_SOURCE,
     )  # fmt: skip
 
 
