@@ -136,6 +136,10 @@ class CaptureServer:
             await self._converse(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            # stop()/kill(): end quietly. A connection handler task that ends
+            # cancelled makes asyncio log "Exception in callback" per connection.
+            pass
         finally:
             self._tasks.discard(task)
             self._writers.discard(writer)
