@@ -232,6 +232,7 @@ async def wait_for_log(proc: TriagedProcess, needle: str, count: int = 1) -> Non
         raise AssertionError(f"{needle!r} not logged; log:\n{proc.log_tail()}") from None
 
 
+@pytest.mark.asyncio(loop_factories=["uvloop"])  # a `triaged serve` child: uvloop whatever this loop is
 async def test_sighup_swaps_the_model_of_a_running_server(
     capture: CaptureServer, tiny: Path, tmp_path: Path
 ) -> None:
