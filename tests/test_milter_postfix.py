@@ -131,11 +131,11 @@ class MilterSetup:
         self.front = free_port()
         if unix:
             # Postfix's smtpd runs as `postfix`: a directory it can traverse,
-            # a socket it may write to.
+            # a socket it owns (mode 0660, the default).
             self.sock_dir = Path(tempfile.mkdtemp(prefix="triaged-milter-"))
             self.sock_dir.chmod(0o755)
             self.milter = f"unix:{self.sock_dir / 'milter.sock'}"
-            toml = MILTER_TRIAGED_TOML.format(milter=self.milter) + 'socket_mode = "0666"\n'
+            toml = MILTER_TRIAGED_TOML.format(milter=self.milter) + 'socket_owner = "postfix:postfix"\n'
         else:
             self.milter = f"inet:127.0.0.1:{free_port()}"
             toml = MILTER_TRIAGED_TOML.format(milter=self.milter)

@@ -516,3 +516,19 @@ def test_tcp_peers_outside_allowed_clients_are_closed(run: Run[None]) -> None:
             await srv.stop(drain_timeout_s=1.0)
 
     run(body)
+
+
+def test_unknown_socket_owner_fails_the_start_with_one_clear_error(run: Run[None]) -> None:
+    path = Path(tempfile.mkdtemp(prefix="triaged-milter-")) / "triaged.sock"
+
+    async def body() -> None:
+        settings = milter_settings(f"unix:{path}")
+        listener = msgspec.structs.replace(settings.server.listeners[0], socket_owner="no-such-user-here")
+        settings = msgspec.structs.replace(
+            settings, server=msgspec.structs.replace(settings.server, listeners=[listener])
+        )
+        with pytest.raises(OSError, match="socket_owner 'no-such-user-here': no such user"):
+            await started(settings)
+        assert not path.exists()
+
+    run(body)

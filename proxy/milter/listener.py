@@ -333,6 +333,7 @@ async def _start_unix(
             gid = grp.getgrnam(group).gr_gid if group else -1
         except KeyError:
             server.close()
+            os.unlink(path)
             raise OSError(f"{path}: socket_owner {listener.socket_owner!r}: no such user or group") from None
         os.chown(path, uid, gid)
     return server
