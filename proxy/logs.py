@@ -42,6 +42,42 @@ def configure(settings: LoggingSettings, *, stream: Any = None) -> None:
         logger_factory=structlog.WriteLoggerFactory(file=stream),
         cache_logger_on_first_use=True,
     )
-    # aiosmtpd logs every command at INFO through stdlib logging ("mail.log"):
-    # with peers and addresses. Keep only its warnings and errors.
+    # Libraries log through stdlib logging; without a handler Python prints
+    # their warnings as plain text into our JSON stream. Route them through
+    # structlog instead, warnings and up.
+    root = logging.getLogger()
+    root.handlers[:] = [_StructlogHandler()]
+    root.setLevel(logging.WARNING)
+    # aiosmtpd ("mail.log") logs every command at INFO, and its warnings carry
+    # raw client bytes (the peer, unrecognised commands): see _StructlogHandler.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+
+class _StructlogHandler(logging.Handler):
+    """stdlib records as structlog events, one JSON line each.
+
+    aiosmtpd's records keep only their format string (`template`), never the
+    arguments: those are raw client bytes (DESIGN.md 8). Our own session logs
+    what matters about a client in its own events.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            logger = structlog.get_logger(record.name)
+            level = record.levelname.lower()
+            if record.name == "mail.log" or record.name.startswith("mail.log."):
+                fields: dict[str, Any] = {"template": str(record.msg)}
+                if record.exc_info and record.exc_info[0] is not None:
+                    fields["error"] = record.exc_info[0].__name__
+                logger.log(record.levelno, "aiosmtpd", **fields)
+                return
+            logger.log(
+                record.levelno,
+                "library_log",
+                logger_name=record.name,
+                level_name=level,
+                message=record.getMessage(),
+                exc_info=record.exc_info if record.exc_info else None,
+            )
+        except Exception:
+            self.handleError(record)

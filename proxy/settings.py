@@ -56,6 +56,10 @@ class ServerSettings(_Section, frozen=True):
     tls_key_file: str = ""
     # Graceful stop: how long open transactions may finish.
     drain_timeout_s: Seconds = 30.0
+    # A bare CR or LF in message data (RFC 5321 2.3.8; the SMTP smuggling
+    # class): "reject" answers 550 5.5.2 after the data; "normalize" turns each
+    # into CRLF before the message goes on. Only CRLF.CRLF ends DATA either way.
+    bare_lf: Literal["reject", "normalize"] = "reject"
 
 
 class UpstreamSettings(_Section, frozen=True):
@@ -68,6 +72,11 @@ class UpstreamSettings(_Section, frozen=True):
     data_timeout_s: Seconds = 120.0  # the final reply after the message
     # A pooled connection idle longer than this is closed, not reused.
     max_idle_s: Seconds = 30.0
+    # A client idle this long inside a transaction (between commands, or while
+    # sending the body) gives its next-hop connection back to the pool (RSET);
+    # its next command replays MAIL and the accepted RCPTs on a connection from
+    # the pool. A full pool answers 451 4.3.2 at once.
+    hold_idle_s: Seconds = 5.0
     # Use one upstream connection for at most this many transactions.
     max_transactions_per_connection: Annotated[int, Meta(ge=1)] = 1000
     # Forward XFORWARD attributes when the next hop offers it.

@@ -42,6 +42,14 @@ XFORWARD_BAD = "501 5.5.4 Syntax: XFORWARD attribute=value..."
 UPSTREAM_UNREACHABLE = "451 4.4.1 Next hop unreachable, try again later"
 UPSTREAM_FAILED = "451 4.4.2 Next hop connection failed, try again later"
 UPSTREAM_TIMEOUT = "451 4.4.2 Next hop timed out, try again later"
+# DESIGN.md 4: a full pool answers at once with 4.3.2 (system not accepting).
+POOL_FULL = "451 4.3.2 Next hop connections busy, try again later"
+# A parked transaction's replay got a different answer (proxy/smtp/envelope.py).
+TRANSACTION_LOST = "451 4.3.0 Transaction could not be resumed, try again later"
+# RFC 5321 2.3.8; Postfix smtpd_forbid_bare_newline_reject_code is 550 too.
+BARE_LINE_ENDING = "550 5.5.2 Bare <CR> or <LF> in message data, lines must end in <CR><LF>"
+BAD_SENDER = "501 5.1.7 Bad sender address syntax"
+BAD_RECIPIENT = "501 5.1.3 Bad recipient address syntax"
 INTERNAL_ERROR = "451 4.3.0 Internal error, try again later"
 DATA_READ_FAILED = "421 4.3.0 Error reading message data, closing connection"
 SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import uvloop
-from conftest import CaptureServer, SmtpTestClient, base_settings
+from conftest import CaptureServer, ListSink, SmtpTestClient, base_settings
 from smtp_sink import SmtpSink
 from triaged_proc import TriagedProcess
 
@@ -277,3 +277,245 @@ def test_sigterm_past_drain_timeout_mid_data_gets_421_and_exit_0() -> None:
         mid_data.close()
 
 
+
+
+# -- finding 5: SMTP smuggling and bare line endings --------------------------
+
+SMUGGLED = b"MAIL FROM:<smuggler@evil.test>\r\nRCPT TO:<victim@example.net>\r\nDATA\r\nSubject: smuggled\r\n\r\nowned\r\n"
+# End-of-data sequences a lenient next hop may accept (SMTP smuggling, 2023).
+SMUGGLING = [b"\n.\r\n", b"\n.\n", b"\r.\r\n", b"\r\n.\r", b"\r.\r", b"\r\n.\n"]
+
+
+async def _send_raw_data(c: SmtpTestClient, body: bytes) -> tuple[int, str]:
+    """A transaction whose DATA bytes are exactly `body`, then the end
+    marker (no dot-stuffing: a lone dot after a bare CR or LF goes as is)."""
+    assert (await c.cmd("MAIL FROM:<a@example.org>"))[0] == 250
+    assert (await c.cmd("RCPT TO:<b@example.net>"))[0] == 250
+    assert (await c.cmd("DATA"))[0] == 354
+    c.writer.write(body + (b".\r\n" if body.endswith(b"\r\n") else b"\r\n.\r\n"))
+    return await c.reply()
+
+
+def test_smuggling_sequences_are_refused_by_default(run: Run) -> None:
+    async def test() -> None:
+        sink = ListSink()
+        async with triaged(sinks=[sink]) as srv:
+            c = await client_for(srv)
+            for seq in SMUGGLING:
+                code, text = await _send_raw_data(c, b"Subject: carrier\r\n\r\nhello" + seq + SMUGGLED)
+                assert (code, text) == (550, "5.5.2 Bare <CR> or <LF> in message data, lines must end in <CR><LF>")
+                # The session goes on; what followed the fake end was body, not commands.
+                assert (await c.cmd("NOOP"))[0] == 250
+            assert (await c.send_message("a@example.org", ["b@example.net"], MESSAGE))[0] == 250
+            await c.close()
+        assert [r.reply_code for r in sink.records] == [550] * len(SMUGGLING) + [250]
+        assert {r.verdict for r in sink.records[:-1]} == {"reject"}
+
+    run(test)
+
+
+def test_smuggling_sequences_are_normalized_when_configured(run: Run) -> None:
+    async def test() -> None:
+        cap = CaptureServer()
+        await cap.start()
+        async with triaged(cap, server={"bare_lf": "normalize"}) as srv:
+            c = await client_for(srv)
+            for seq in SMUGGLING:
+                body = b"Subject: carrier\r\n\r\nhello" + seq + SMUGGLED
+                code, _ = await _send_raw_data(c, body)
+                assert code == 250
+                got = cap.messages[-1].data
+                # Every line ends in CRLF now; the lone dot is a body line the
+                # next hop got dot-stuffed, so it ended nothing there.
+                assert got.count(b"\n") == got.count(b"\r\n") and got.count(b"\r") == got.count(b"\r\n")
+                assert got.endswith(b"hello\r\n.\r\n" + SMUGGLED), (seq, got[-200:])
+            await c.close()
+        assert {m.sender for m in cap.messages} == {"a@example.org"}
+        assert len(cap.messages) == len(SMUGGLING)
+        await cap.stop()
+
+    run(test)
+
+
+def test_bare_lf_message_body_is_kept_when_normalized(run: Run) -> None:
+    async def test() -> None:
+        cap = CaptureServer()
+        await cap.start()
+        async with triaged(cap, server={"bare_lf": "normalize"}) as srv:
+            c = await client_for(srv)
+            raw = b"From: a@example.org\nSubject: bare\n\nline one\n..dotted\nlast\n"
+            code, _ = await _send_raw_data(c, raw[:-1])
+            assert code == 250
+            assert cap.messages[0].data.endswith(b"\r\n\r\nline one\r\n.dotted\r\nlast\r\n")
+            await c.close()
+        await cap.stop()
+
+    run(test)
+
+
+@pytest.mark.parametrize(
+    ("command", "reply"),
+    [
+        ('MAIL FROM:<"a\rb"@example.org>', "501 5.1.7"),
+        ('MAIL FROM:<"a\x01b"@example.org>', "501 5.1.7"),
+        ('MAIL FROM:<"a\x7fb"@example.org>', "501 5.1.7"),
+        ('RCPT TO:<"a\rRSET"@example.net>', "501 5.1.3"),
+        ("XFORWARD NAME=a\rb", "501 5.5.4"),
+    ],
+)
+def test_control_characters_in_addresses_are_refused(run: Run, command: str, reply: str) -> None:
+    async def test() -> None:
+        cap = CaptureServer()
+        await cap.start()
+        async with triaged(cap) as srv:
+            c = await client_for(srv)
+            if command.startswith("RCPT"):
+                assert (await c.cmd("MAIL FROM:<a@example.org>"))[0] == 250
+            code, text = await c.cmd(command.encode())
+            assert f"{code} {text}".startswith(reply), (code, text)
+            await c.close()
+        await cap.stop()
+        assert not any("\r" in cmd for cmd in cap.commands)
+        assert cap.commands.count("RCPT") == 0
+
+    run(test)
+
+
+def test_control_characters_never_reach_the_maildir_return_path(run: Run, tmp_path: Any) -> None:
+    async def test() -> None:
+        md = tmp_path / "Maildir"
+        async with triaged(upstream={"url": f"maildir:{md}"}) as srv:
+            c = await client_for(srv)
+            code, _ = await c.cmd(b'MAIL FROM:<"x\rReturn-Path: <forged@evil.test>"@example.org>')
+            assert code == 501
+            assert (await c.send_message("a@example.org", ["b@example.net"], MESSAGE))[0] == 250
+            await c.close()
+        [path] = list((md / "new").iterdir())
+        assert path.read_bytes().startswith(b"Return-Path: <a@example.org>\n")
+
+    run(test)
+
+
+# -- finding 6: a full pool answers at once; idle clients give their slot back --
+
+
+def test_full_pool_answers_451_4_3_2_at_once(run: Run) -> None:
+    async def test() -> None:
+        # connect_timeout_s is long: the old pool waited that long, then said 4.4.1.
+        async with triaged(upstream={"pool_size": 1, "hold_idle_s": 600.0, "connect_timeout_s": 60.0}) as srv:
+            holder = await client_for(srv)
+            assert (await holder.cmd("MAIL FROM:<a@example.org>"))[0] == 250
+            other = await client_for(srv)
+            code, text = await other.cmd("MAIL FROM:<a@example.org>")
+            assert (code, text) == (451, "4.3.2 Next hop connections busy, try again later")
+            assert srv.metrics.upstream_errors.labels("pool_full")._value.get() == 1
+            assert srv.metrics.upstream_errors.labels("connect")._value.get() == 0
+            # The holder's transaction is intact and finishes.
+            assert (await holder.cmd("RCPT TO:<b@example.net>"))[0] == 250
+            assert (await holder.cmd("DATA"))[0] == 354
+            assert (await holder.data(MESSAGE))[0] == 250
+            assert (await other.send_message("a@example.org", ["b@example.net"], MESSAGE))[0] == 250
+            for c in (holder, other):
+                await c.close()
+
+    run(test)
+
+
+def test_idle_transactions_give_the_connection_back_and_resume(run: Run) -> None:
+    async def test() -> None:
+        from waiting import wait_until
+
+        cap = CaptureServer()
+        await cap.start()
+        async with triaged(cap, upstream={"pool_size": 1, "hold_idle_s": 0.2}) as srv:
+            idle = await client_for(srv)
+            assert (await idle.cmd("MAIL FROM:<idle@example.org> BODY=8BITMIME"))[0] == 250
+            assert (await idle.cmd("RCPT TO:<one@example.net>"))[0] == 250
+            await wait_until(lambda: srv.upstream.in_use == 0, what="the idle lease went back")
+            assert "RSET" in cap.commands
+            # Everyone else gets the one pooled connection meanwhile.
+            busy = await client_for(srv)
+            assert (await busy.send_message("b@example.org", ["x@example.net"], MESSAGE))[0] == 250
+            # The idle client goes on: MAIL and the accepted RCPT are replayed.
+            assert (await idle.cmd("RCPT TO:<two@example.net>"))[0] == 250
+            await wait_until(lambda: srv.upstream.in_use == 0, what="idle again")
+            assert (await idle.cmd("DATA"))[0] == 354
+            assert (await idle.data(MESSAGE))[0] == 250
+            for c in (idle, busy):
+                await c.close()
+        got = {m.sender: m for m in cap.messages}
+        assert got["idle@example.org"].recipients == ["one@example.net", "two@example.net"]
+        assert got["idle@example.org"].mail_params == ["BODY=8BITMIME"]
+        assert got["b@example.org"].recipients == ["x@example.net"]
+        await cap.stop()
+
+    run(test)
+
+
+def test_a_replay_answered_differently_tempfails_the_transaction(run: Run) -> None:
+    async def test() -> None:
+        from waiting import wait_until
+
+        cap = CaptureServer()
+        await cap.start()
+        async with triaged(cap, upstream={"hold_idle_s": 0.2}) as srv:
+            c = await client_for(srv)
+            assert (await c.cmd("MAIL FROM:<a@example.org>"))[0] == 250
+            assert (await c.cmd("RCPT TO:<gone@example.net>"))[0] == 250
+            await wait_until(lambda: srv.upstream.in_use == 0, what="parked")
+            cap.refuse_rcpt["gone@example.net"] = "550 5.1.1 gone meanwhile"
+            # The client saw 250 for gone@: dropping it silently would lose mail.
+            code, text = await c.cmd("DATA")
+            assert (code, text[:5]) == (451, "4.3.0")
+            assert (await c.cmd("RSET"))[0] == 250
+            assert (await c.send_message("a@example.org", ["b@example.net"], MESSAGE))[0] == 250
+            await c.close()
+        assert [m.recipients for m in cap.messages] == [["b@example.net"]]
+        await cap.stop()
+
+    run(test)
+
+
+# -- finding 9: refusals write the transaction line; aiosmtpd's lines are JSON --
+
+
+def test_size_and_memory_refusals_write_a_transaction_record(run: Run) -> None:
+    async def test() -> None:
+        sink = ListSink()
+        async with triaged(sinks=[sink], server={"max_message_bytes": 2048}) as srv:
+            c = await client_for(srv)
+            code, _ = await c.send_message("a@example.org", ["b@example.net"], MESSAGE + b"x" * 4000 + b"\r\n")
+            assert code == 552
+            await c.close()
+        async with triaged(sinks=[sink], server={"max_inflight_data_bytes": 1024}) as srv:
+            c = await client_for(srv)
+            code, _ = await c.send_message("a@example.org", ["b@example.net"], MESSAGE + b"y" * 3000 + b"\r\n")
+            assert code == 452
+            await c.close()
+        assert [(r.reply_code, r.verdict, r.category) for r in sink.records] == [
+            (552, "reject", None),
+            (452, "tempfail", None),
+        ]
+        assert sink.records[0].size_bytes > 4000 and sink.records[0].recipients == ("b@example.net",)
+
+    run(test)
+
+
+def test_serve_logs_only_json_lines_and_no_client_bytes() -> None:
+    import json
+
+    with SmtpSink() as sink, TriagedProcess(f"smtp://127.0.0.1:{sink.port}") as t:
+        s = _connect(t.port)
+        for line in (b"XYZZY secret-client-bytes", b"MAIL FROM:<a@example.org>", b"RCPT TO:<b@example.net>"):
+            s.sendall(line + b"\r\n")
+            _reply(s)
+        s.sendall(b"DATA\r\n")
+        _reply(s)
+        s.sendall(b"Subject: big\r\n\r\n" + b"z" * 60_000_000 + b"\r\n.\r\n")
+        assert _reply(s).startswith(b"552 ")
+        s.close()
+        assert t.stop() == 0
+        log = t.log_path.read_text()
+    assert "XYZZY" not in log and "secret-client-bytes" not in log, log
+    events = [json.loads(line) for line in log.splitlines() if line.strip()]
+    assert [e for e in events if e["event"] == "transaction"][-1]["reply"] == 552

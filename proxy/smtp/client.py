@@ -135,6 +135,10 @@ class SmtpClient:
         await self.ehlo(helo_name)  # RFC 3207 4.2: forget what we knew
 
     async def command(self, line: str) -> Reply:
+        if "\r" in line or "\n" in line:
+            # The session refuses such input first; this is the last guard
+            # against a second command smuggled inside an argument.
+            raise UpstreamError("refusing to send a command line holding CR or LF")
         self._send(line.encode("utf-8", "surrogateescape") + b"\r\n")
         return await self._read_reply(self.command_timeout_s)
 

@@ -15,7 +15,6 @@ limit (the relay must be byte-exact), with SIZE enforced after reading
 from __future__ import annotations
 
 import asyncio
-import collections
 import ipaddress
 import os
 import re
@@ -26,16 +25,20 @@ from itertools import count
 from typing import Any, cast
 
 import structlog
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, Session
 
 from proxy import verdict as V
 from proxy.metrics import Metrics
 from proxy.pipeline import Pipeline, message_id_of
 from proxy.proxyproto import ProxyError, ProxyHeader, parse
 from proxy.settings import ListenerSettings, Settings
+from proxy.smtp import compat, syntax
+from proxy.smtp import envelope as lease
 from proxy.smtp.client import UpstreamError
+from proxy.smtp.envelope import RelayEnvelope
 from proxy.smtp.stamp import stamp_pieces
 from proxy.smtp.upstream import Hop, Upstream
+from proxy.verdict import Verdict
 
 log = structlog.get_logger("triaged.smtp")
 
@@ -102,60 +105,43 @@ class RelayContext:
 class TriageSMTP(SMTP):
     """One client connection."""
 
+    envelope: RelayEnvelope | None
+
     def __init__(self, ctx: RelayContext, listener: ListenerSettings) -> None:
-        # SMTP.__init__ introspects the handler and itself (inspect.getmembers,
-        # dir, signature) on every connection: about 160 us, a fifth of the
-        # relay's CPU per message. We set the same attributes from tables
-        # built once; tests/test_proxy_codec.py checks none is missing.
         s = ctx.settings.server
-        loop = asyncio.get_running_loop()
-        self.__ident__ = "ESMTP triaged"
-        self.loop = loop
-        asyncio.StreamReaderProtocol.__init__(
+        compat.init_session(
             self,
-            asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
-            client_connected_cb=self._cb_client_connected,
-            loop=loop,
+            handler=ctx.handler,
+            hooks=ctx.hooks,
+            commands=_SMTP_COMMANDS,
+            hostname=s.hostname,
+            data_size_limit=s.max_message_bytes,
+            tls_context=ctx.tls_context,
+            timeout_s=s.idle_timeout_s,
         )
-        self.event_handler = ctx.handler
-        self.data_size_limit = s.max_message_bytes
-        self.enable_SMTPUTF8 = True
-        self._decode_data = False
-        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
-        self.hostname = s.hostname
-        self.tls_context = ctx.tls_context
-        self.require_starttls = False
-        self._timeout_duration = s.idle_timeout_s
-        self._timeout_handle = None
-        self._tls_handshake_okay = True
-        self._tls_protocol = None
-        self._original_transport = None
-        self.session = None
-        self.envelope = None
-        self.transport = None
-        self._handler_coroutine = None
-        self._auth_require_tls = True
-        self._proxy_timeout = None  # PROXY is parsed by proxy/proxyproto.py
-        self._authenticator = None
-        self._auth_callback = None
-        self._auth_required = False
-        self._auth_methods = {}  # no AUTH: a relay for trusted MTAs
-        self._handle_hooks = ctx.hooks
-        self._ehlo_hook_ver = "new"
-        self._smtp_methods = {name: getattr(self, attr) for name, attr in _SMTP_COMMANDS}
-        self._enforce_call_limit = False
         self.ctx = ctx
         self.listener = listener
-        self.hop: Hop | None = None
-        self.xforward: dict[str, str] = {}
         self.proxy: ProxyHeader | None = None
         self.peer_host = ""
         self.client_address = ""
         self.in_data = False
+        self.busy = False  # a command is waiting for the next hop
+        self.closed = False  # connection lost: a lease coming back goes to the pool
         self.reserved = 0  # bytes of this session's DATA counted in ctx.inflight_bytes
         self._in_ehlo = False
         self._rejected = False
-        self.busy = False  # a command is waiting for the next hop
+
+    def _create_envelope(self) -> RelayEnvelope:
+        # aiosmtpd's seam for per-transaction state: called at connect,
+        # HELO/EHLO, RSET and after DATA. What the old transaction still
+        # leased from the pool goes back now.
+        if self.envelope is not None:
+            lease.end(self.envelope, self.ctx)
+        return RelayEnvelope()
+
+    @property
+    def hop(self) -> Hop | None:
+        return self.envelope.hop if self.envelope is not None else None
 
     # -- connection life -------------------------------------------------
 
@@ -169,13 +155,14 @@ class TriageSMTP(SMTP):
         refusal = None
         if ctx.draining:
             refusal = V.SHUTTING_DOWN
+        elif not self.listener.proxy_protocol and not _allowed(self.peer_host, ctx.allowed):
+            # Behind PROXY the allowlist applies to the real client, later.
+            # Before the count: a client never allowed gets the permanent answer.
+            refusal = V.GREETING_DENIED
+            ctx.metrics.connections.labels("denied").inc()
         elif len(ctx.connections) >= ctx.settings.server.max_connections:
             refusal = V.TOO_MANY_CONNECTIONS
             ctx.metrics.connections.labels("too_many").inc()
-        elif not self.listener.proxy_protocol and not _allowed(self.peer_host, ctx.allowed):
-            # Behind PROXY the allowlist applies to the real client, later.
-            refusal = V.GREETING_DENIED
-            ctx.metrics.connections.labels("denied").inc()
         if refusal is not None:
             # Answer at once without starting a session (RFC 5321 3.1).
             log.info("connection_refused", peer=self.peer_host, reply=refusal[:9])
@@ -196,7 +183,9 @@ class TriageSMTP(SMTP):
         ctx = self.ctx
         ctx.connections.discard(self)
         ctx.metrics.connections_open.set(len(ctx.connections))
-        self.abort_hop()
+        self.closed = True
+        if self.envelope is not None:
+            lease.end(self.envelope, ctx)
         super().connection_lost(error)
 
     def _timeout_cb(self) -> None:
@@ -297,23 +286,6 @@ class TriageSMTP(SMTP):
         if self.ctx.draining and self.idle:
             self.shutdown()
 
-    # -- transaction state -------------------------------------------------
-
-    def abort_hop(self) -> None:
-        """End the upstream side of an unfinished transaction."""
-        hop, self.hop = self.hop, None
-        if hop is not None:
-            self.ctx.upstream.release(hop, clean=False)
-
-    async def reset_hop(self) -> None:
-        hop, self.hop = self.hop, None
-        if hop is not None:
-            clean = False
-            try:
-                clean = await hop.rset()
-            finally:  # also when the client vanished mid-RSET: the pool slot comes back
-                self.ctx.upstream.release(hop, clean=clean)
-
     # -- XFORWARD (Postfix XFORWARD_README) --------------------------------
 
     def xforward_allowed(self) -> bool:
@@ -323,8 +295,9 @@ class TriageSMTP(SMTP):
         """What the next hop should log as the client: the XFORWARD our
         client sent, else the real client from a PROXY header (behind HAProxy
         the TCP peer is only the balancer)."""
-        if self.xforward:
-            return self.xforward
+        assert self.envelope is not None
+        if self.envelope.xforward:
+            return self.envelope.xforward
         if self.proxy is not None and self.proxy.source is not None:
             host, port = self.proxy.source
             return {"ADDR": host, "PORT": str(port)}
@@ -342,14 +315,15 @@ class TriageSMTP(SMTP):
         for item in (arg or "").split():
             name, eq, value = item.partition("=")
             name = name.upper()
-            if not eq or name not in _XFORWARD_ATTRS:
+            # Values go into a command line to the next hop: printable only.
+            if not eq or name not in _XFORWARD_ATTRS or not syntax.valid_xforward_value(value):
                 await self.push(V.XFORWARD_BAD)
                 return
             attrs[name] = value
         if not attrs:
             await self.push(V.XFORWARD_BAD)
             return
-        self.xforward.update(attrs)
+        self.envelope.xforward.update(attrs)
         await self.push(V.XFORWARD_OK)
 
     # -- DATA ----------------------------------------------------------------
@@ -357,27 +331,43 @@ class TriageSMTP(SMTP):
     async def smtp_DATA(self, arg: str | None) -> None:
         if await self.check_helo_needed():
             return
-        assert self.envelope is not None
-        if not self.envelope.rcpt_tos:
+        envelope = self.envelope
+        assert envelope is not None
+        if not envelope.rcpt_tos:
             await self.push("503 5.5.1 Error: need RCPT command")
             return
         if arg:
             await self.push("501 5.5.4 Syntax: DATA")
             return
-        if self.hop is None:  # the next hop failed during RCPT
-            await self.push(V.UPSTREAM_FAILED)
-            return
         ctx = self.ctx
+        started = time.perf_counter()
+        if envelope.broken or (envelope.hop is None and not envelope.parked):
+            # The next hop failed (or answered a replay differently) earlier.
+            await self.push(V.TRANSACTION_LOST if envelope.broken else V.UPSTREAM_FAILED)
+            return
         if ctx.inflight_bytes >= ctx.settings.server.max_inflight_data_bytes:
+            self._refused(envelope, V.INSUFFICIENT_MEMORY, 0, started)
             await self.push(V.INSUFFICIENT_MEMORY)
             return
-        started = time.perf_counter()
+        if envelope.parked:
+            # Resume before 354, so that a next hop that now answers
+            # differently is told before the client sends the whole body.
+            self.busy = True
+            try:
+                got = await lease.resume(ctx, envelope, self.forwarded_attributes(), "data")
+            finally:
+                self.busy = False
+            if isinstance(got, str):
+                self._refused(envelope, got, 0, started)
+                await self.push(got)
+                return
+            lease.put(envelope, got, ctx, closed=self.closed)
         self.in_data = True
         self._reset_timeout(ctx.settings.server.data_timeout_s)
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             try:
-                content, refusal = await self._read_data()
+                content, size, refusal = await self._read_data()
             except Exception as exc:
                 # Where the body ends is unknown now: answering and reading
                 # on would take the rest of it as commands. Close instead.
@@ -387,86 +377,85 @@ class TriageSMTP(SMTP):
                 return
             self._reset_timeout()
             if refusal is not None:
-                await self.reset_hop()
+                self._refused(envelope, refusal, size, started)
                 await self.push(refusal)
                 return
             assert content is not None
-            reply = await self._relay(content, started)
+            self.busy = True
+            reply = await self._relay(envelope, content, started)
             await self.push(reply)
         finally:
+            self.busy = False
             self.in_data = False
             # Also on a client hanging up mid-DATA: what was reserved comes back.
             ctx.unreserve(self.reserved)
             self.reserved = 0
             ctx.metrics.inflight_bytes.set(ctx.inflight_bytes)
-            self.abort_hop()  # no-op when the transaction ended cleanly
-            self.xforward = {}
-            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            self._set_post_data_state()  # type: ignore[no-untyped-call]  # ends the lease
             if ctx.draining:
                 self.shutdown()
 
-    async def _read_data(self) -> tuple[bytes | None, str | None]:
-        """The unstuffed message, or a refusal. Bytes held are in self.reserved.
-
-        A CRLF is put in front of the buffered data so the end marker is
-        always CRLF "." CRLF, even for an empty message, and dot-unstuffing
-        (RFC 5321 4.5.2) is one bytes.replace over the whole message.
-        """
+    async def _read_data(self) -> tuple[bytes | None, int, str | None]:
+        """(the message, bytes read, None) or (None, bytes read, refusal).
+        Bytes held are in self.reserved. A refusal is answered only after
+        the whole body was read (RFC 5321 4.2.5), holding none of it."""
         ctx = self.ctx
-        limit = ctx.settings.server.max_message_bytes
-        reader = self._reader
-        buffer: bytearray = reader._buffer  # type: ignore[attr-defined]
-        buffer[0:0] = b"\r\n"
-        old_limit = reader._limit  # type: ignore[attr-defined]
-        reader._limit = _DATA_CHUNK  # type: ignore[attr-defined]
+        server = ctx.settings.server
+        limit = server.max_message_bytes + 5  # + the CRLF we add and ".CRLF"
         parts: list[bytes] = []
         size = 0
         refusal: str | None = None
-        try:
-            while True:
-                try:
-                    chunk = await reader.readuntil(b"\r\n.\r\n")
-                    last = True
-                except asyncio.LimitOverrunError as exc:
-                    chunk = await reader.readexactly(exc.consumed)
-                    last = False
-                size += len(chunk)
-                if refusal is None:
-                    if size > limit + 5:  # the CRLF we added and ".CRLF"
-                        refusal = V.MESSAGE_TOO_BIG
-                    elif not ctx.reserve(len(chunk)):
-                        refusal = V.INSUFFICIENT_MEMORY
-                    else:
-                        self.reserved += len(chunk)
-                        parts.append(chunk)
-                    if refusal is not None:  # keep reading, hold nothing
-                        parts.clear()
-                        ctx.unreserve(self.reserved)
-                        self.reserved = 0
-                if last:
-                    break
-        finally:
-            reader._limit = old_limit  # type: ignore[attr-defined]
-        if refusal is not None:
-            return None, refusal
-        ctx.metrics.inflight_bytes.set(ctx.inflight_bytes)
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
-        if b"\r\n.." in data:
-            data = data.replace(b"\r\n..", b"\r\n.")
-        return data[2:-3], None
 
-    async def _relay(self, content: bytes, started: float) -> str:
+        def on_chunk(chunk: bytes) -> None:
+            nonlocal size, refusal
+            size += len(chunk)
+            if refusal is not None:
+                return
+            if size > limit:
+                refusal = V.MESSAGE_TOO_BIG
+            elif not ctx.reserve(len(chunk)):
+                refusal = V.INSUFFICIENT_MEMORY
+            else:
+                self.reserved += len(chunk)
+                parts.append(chunk)
+                return
+            parts.clear()  # keep reading, hold nothing
+            ctx.unreserve(self.reserved)
+            self.reserved = 0
+
+        await compat.read_data(self._reader, _DATA_CHUNK, on_chunk)
+        size = max(size - 5, 0)
+        if refusal is not None:
+            return None, size, refusal
+        ctx.metrics.inflight_bytes.set(ctx.inflight_bytes)
+        raw = parts[0] if len(parts) == 1 else b"".join(parts)
+        parts.clear()
+        if syntax.has_bare_line_ending(raw):
+            log.info("bare_line_ending", peer=self.peer_host, policy=server.bare_lf)
+            if server.bare_lf == "reject":
+                return None, size, V.BARE_LINE_ENDING
+            raw = syntax.normalize_line_endings(raw)
+        return syntax.unstuff(raw), size, None
+
+    async def _relay(self, envelope: RelayEnvelope, content: bytes, started: float) -> str:
         ctx = self.ctx
         pipeline = ctx.pipeline
-        envelope = self.envelope
-        assert envelope is not None and self.hop is not None
-        verdict = await pipeline.decide(content)
+        got = await lease.resume(ctx, envelope, self.forwarded_attributes(), "data")
+        if isinstance(got, str):
+            self._refused(envelope, got, len(content), started)
+            return got
+        hop = got
+        try:
+            verdict = await pipeline.decide(content)
+        except BaseException:  # cancelled (client gone, shutdown): the lease goes back
+            ctx.upstream.recycle(hop)
+            raise
         if verdict.classification is None:
             ctx.metrics.classifier_errors.inc()
         refusal = V.reply_for_verdict(verdict)
         outcome: str = verdict.action
         if refusal is not None:
-            await self.reset_hop()
+            ctx.upstream.recycle(hop)
             reply = refusal
         else:
             stamped = stamp_pieces(
@@ -475,50 +464,64 @@ class TriageSMTP(SMTP):
                 pipeline.our_fields,
                 verdict.subject_tag,
             )
-            hop = self.hop
             try:
                 answer = await hop.data(stamped)
-            except UpstreamError as exc:
-                self.abort_hop()
-                ctx.metrics.upstream_errors.labels("timeout" if exc.timeout else "failed").inc()
-                log.warning("upstream_failed", stage="data", error=str(exc))
-                reply = V.UPSTREAM_TIMEOUT if exc.timeout else V.UPSTREAM_FAILED
+            except BaseException as exc:
+                ctx.upstream.release(hop, clean=False)
+                if not isinstance(exc, UpstreamError):
+                    raise
+                reply = lease.upstream_error_reply(ctx, exc, "data")
                 outcome = "error"
             else:
                 if answer.ok:
-                    self.hop = None
                     ctx.upstream.release(hop, clean=True)
                 else:
-                    await self.reset_hop()  # DATA refused before 354 leaves MAIL open
+                    ctx.upstream.recycle(hop)  # DATA refused before 354 leaves MAIL open
                     outcome = "error"
                 reply = V.passthrough(answer.code, answer.message)
-        pipeline.finish(
+        self._finish(envelope, content, verdict, outcome, reply, started)
+        return reply
+
+    def _refused(self, envelope: RelayEnvelope, reply: str, size: int, started: float) -> None:
+        """The transaction line for a message we refused before classifying
+        it (size, memory, bare line endings, next hop gone)."""
+        outcome = "reject" if reply[:1] == "5" else "tempfail"
+        self._finish(envelope, b"", None, outcome, reply, started, size=size)
+
+    def _finish(
+        self,
+        envelope: RelayEnvelope,
+        content: bytes,
+        verdict: Verdict | None,
+        outcome: str,
+        reply: str,
+        started: float,
+        *,
+        size: int | None = None,
+    ) -> None:
+        self.ctx.pipeline.finish(
             front_end="smtp",
             peer=self.peer_host,
-            queue_id=self.xforward.get("IDENT") or f"{_QUEUE_PREFIX}.{next(_queue_ids):x}",
-            message_id=message_id_of(content),
-            client_address=self._record_client(),
+            queue_id=envelope.xforward.get("IDENT") or f"{_QUEUE_PREFIX}.{next(_queue_ids):x}",
+            message_id=message_id_of(content) if content else "",
+            client_address=self._record_client(envelope),
             sender=envelope.mail_from or "",
             recipients=envelope.rcpt_tos,
-            size_bytes=len(content),
+            size_bytes=len(content) if size is None else size,
             verdict=verdict,
             outcome=outcome,
             reply_code=V.reply_code(reply),
             started=started,
         )
-        return reply
 
-    def _record_client(self) -> str:
-        addr = self.xforward.get("ADDR", "")
+    def _record_client(self, envelope: RelayEnvelope) -> str:
+        addr = envelope.xforward.get("ADDR", "")
         if addr and addr != "[UNAVAILABLE]":
             return addr.removeprefix("IPV6:")
         return self.client_address
 
 
-# (command, method name) of every smtp_* verb; AUTH is not offered.
-_SMTP_COMMANDS = tuple(
-    (m[5:], m) for m in dir(TriageSMTP) if m.startswith("smtp_") and m != "smtp_AUTH"
-)
+_SMTP_COMMANDS = compat.smtp_commands(TriageSMTP)
 
 
 class RelayHandler:
@@ -528,10 +531,8 @@ class RelayHandler:
         self.ctx = ctx
 
     async def handle_EHLO(
-        self, server: TriageSMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+        self, server: TriageSMTP, session: Session, envelope: RelayEnvelope, hostname: str, responses: list[str]
     ) -> list[str]:
-        server.abort_hop()
-        server.xforward = {}
         session.host_name = hostname
         out = [r for r in responses[:-1] if not r.startswith("250-AUTH")]
         out.append("250-ENHANCEDSTATUSCODES")
@@ -541,110 +542,66 @@ class RelayHandler:
         return out
 
     async def handle_HELO(
-        self, server: TriageSMTP, session: Session, envelope: Envelope, hostname: str
+        self, server: TriageSMTP, session: Session, envelope: RelayEnvelope, hostname: str
     ) -> str:
-        server.abort_hop()
-        server.xforward = {}
         session.host_name = hostname
         return f"250 {server.hostname}"
 
     async def handle_MAIL(
-        self, server: TriageSMTP, session: Session, envelope: Envelope, address: str, options: list[str]
-    ) -> str:
-        server.busy = True  # a drain lets the next hop's answer reach the client
-        try:
-            return await self._mail(server, envelope, address, options)
-        finally:
-            server.busy = False
-
-    async def _mail(
-        self, server: TriageSMTP, envelope: Envelope, address: str, options: list[str]
+        self, server: TriageSMTP, session: Session, envelope: RelayEnvelope, address: str, options: list[str]
     ) -> str:
         ctx = self.ctx
         if ctx.draining:
             return V.SHUTTING_DOWN
-        for attempt in (1, 2):
-            try:
-                hop = await ctx.upstream.acquire(fresh=attempt == 2)
-            except UpstreamError as exc:
-                ctx.metrics.upstream_errors.labels("connect").inc()
-                log.warning("upstream_failed", stage="connect", error=str(exc))
-                return V.UPSTREAM_UNREACHABLE
-            try:
-                attrs = server.forwarded_attributes()
-                if attrs and ctx.settings.upstream.xforward and "XFORWARD" in hop.extensions:
-                    await hop.xforward(attrs)
-                reply = await hop.mail(address, _offered(options, hop.extensions))
-                break
-            except BaseException as exc:
-                ctx.upstream.release(hop, clean=False)  # cancelled too: the slot comes back
-                if not isinstance(exc, UpstreamError):
-                    raise
-                if attempt == 1 and hop.reused and not exc.timeout:
-                    continue  # a pooled connection the next hop had closed: once more, fresh
-                ctx.metrics.upstream_errors.labels("timeout" if exc.timeout else "failed").inc()
-                log.warning("upstream_failed", stage="mail", error=str(exc))
-                return V.UPSTREAM_TIMEOUT if exc.timeout else V.UPSTREAM_FAILED
-        if not reply.ok:
-            # No transaction was opened; a 421 means the next hop is closing.
-            ctx.upstream.release(hop, clean=reply.code != 421)
-        else:
-            server.hop = hop
+        if syntax.has_control_characters(address):
+            return V.BAD_SENDER
+        server.busy = True  # a drain lets the next hop's answer reach the client
+        try:
+            hop, reply = await lease.open_hop(ctx, server.forwarded_attributes(), address, options)
+        finally:
+            server.busy = False
+        if isinstance(reply, str):
+            return reply
+        if hop is not None:
             envelope.mail_from = address
             envelope.mail_options.extend(options)
+            lease.put(envelope, hop, ctx, closed=server.closed)
         return V.passthrough(reply.code, reply.message)
 
     async def handle_RCPT(
-        self, server: TriageSMTP, session: Session, envelope: Envelope, address: str, options: list[str]
-    ) -> str:
-        server.busy = True  # a drain lets the next hop's answer reach the client
-        try:
-            return await self._rcpt(server, envelope, address, options)
-        finally:
-            server.busy = False
-
-    async def _rcpt(
-        self, server: TriageSMTP, envelope: Envelope, address: str, options: list[str]
+        self, server: TriageSMTP, session: Session, envelope: RelayEnvelope, address: str, options: list[str]
     ) -> str:
         ctx = self.ctx
+        if syntax.has_control_characters(address):
+            return V.BAD_RECIPIENT
         if len(envelope.rcpt_tos) >= ctx.settings.server.max_recipients:
             return V.TOO_MANY_RECIPIENTS
-        hop = server.hop
-        if hop is None:
-            return V.UPSTREAM_FAILED
+        server.busy = True
         try:
-            reply = await hop.rcpt(address, options)
-        except UpstreamError as exc:
-            server.abort_hop()
-            ctx.metrics.upstream_errors.labels("timeout" if exc.timeout else "failed").inc()
-            log.warning("upstream_failed", stage="rcpt", error=str(exc))
-            return V.UPSTREAM_TIMEOUT if exc.timeout else V.UPSTREAM_FAILED
+            got = await lease.resume(ctx, envelope, server.forwarded_attributes(), "rcpt")
+            if isinstance(got, str):
+                return got
+            hop = got
+            try:
+                reply = await hop.rcpt(address, options)
+            except BaseException as exc:
+                ctx.upstream.release(hop, clean=False)
+                if not isinstance(exc, UpstreamError):
+                    raise
+                return lease.upstream_error_reply(ctx, exc, "rcpt")
+        finally:
+            server.busy = False
+        if reply.code == 421:
+            ctx.upstream.release(hop, clean=False)  # the next hop is closing this session
+        else:
+            lease.put(envelope, hop, ctx, closed=server.closed)
         if reply.ok:
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(options)
-        elif reply.code == 421:
-            server.abort_hop()  # the next hop is closing this session
+            envelope.accepted.append((address, options))
         return V.passthrough(reply.code, reply.message)
 
-    async def handle_RSET(self, server: TriageSMTP, session: Session, envelope: Envelope) -> str:
-        server.busy = True
-        try:
-            await server.reset_hop()
-        finally:
-            server.busy = False
-        server.xforward = {}
+    async def handle_RSET(self, server: TriageSMTP, session: Session, envelope: RelayEnvelope) -> str:
+        # aiosmtpd made a fresh envelope before this hook; the old one's
+        # lease went back to the pool then (RSET in the background).
         return "250 2.0.0 Ok"
-
-
-def _offered(options: list[str], extensions: dict[str, str]) -> list[str]:
-    """MAIL parameters the next hop advertised; others are dropped."""
-    out = []
-    for opt in options:
-        key = opt.partition("=")[0]
-        if (
-            (key == "SIZE" and "SIZE" in extensions)
-            or (key == "BODY" and "8BITMIME" in extensions)
-            or (key == "SMTPUTF8" and "SMTPUTF8" in extensions)
-        ):
-            out.append(opt)
-    return out

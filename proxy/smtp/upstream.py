@@ -11,10 +11,10 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from itertools import count
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import structlog
@@ -44,7 +44,16 @@ class Upstream(Protocol):
     async def start(self) -> None: ...
     async def acquire(self, *, fresh: bool = False) -> Hop: ...
     def release(self, hop: Hop, *, clean: bool) -> None: ...
+    def recycle(self, hop: Hop) -> None: ...
     async def close(self) -> None: ...
+
+
+class PoolFull(UpstreamError):
+    """Every pooled connection is in use: answered at once, never waited for
+    (DESIGN.md 4: a full queue answers 451 4.3.2 at once)."""
+
+    def __init__(self) -> None:
+        super().__init__("connection pool full", connect=True)
 
 
 def build_upstream(settings: UpstreamSettings, helo_name: str) -> Upstream:
@@ -65,8 +74,9 @@ class SmtpPool:
         self.host = host
         self.port = port
         self.helo_name = helo_name
-        self._slots = asyncio.Semaphore(settings.pool_size)
+        self.in_use = 0  # connections handed out or being reset (RSET) for reuse
         self._idle: list[SmtpClient] = []
+        self._tasks: set[asyncio.Task[None]] = set()  # RSETs and QUITs in the background
         self._tls: ssl.SSLContext | None = None
         self._closed = False
 
@@ -81,11 +91,9 @@ class SmtpPool:
     async def acquire(self, *, fresh: bool = False) -> SmtpClient:
         """A connection at a transaction boundary; `fresh`: skip idle ones."""
         s = self.settings
-        try:
-            async with asyncio.timeout(s.connect_timeout_s):
-                await self._slots.acquire()
-        except TimeoutError:
-            raise UpstreamError("pool exhausted", timeout=True, connect=True) from None
+        if self.in_use >= s.pool_size or self._closed:
+            raise PoolFull
+        self.in_use += 1
         try:
             now = time.monotonic()
             while self._idle and not fresh:
@@ -110,14 +118,16 @@ class SmtpPool:
                 tls_context=self._tls,
             )
         except BaseException:
-            self._slots.release()
+            self.in_use -= 1
             raise
 
     def release(self, hop: Hop, *, clean: bool) -> None:
         """Give a connection back. `clean`: at a transaction boundary (after
-        the final DATA reply or a successful RSET); anything else is closed."""
+        the final DATA reply or a successful RSET); anything else is closed.
+        Its slot is free at once: a connection on its way out (QUIT, at most
+        a second) is no use to anyone."""
         assert isinstance(hop, SmtpClient)
-        self._slots.release()
+        self.in_use -= 1
         if (
             clean
             and not self._closed
@@ -126,12 +136,31 @@ class SmtpPool:
         ):
             self._idle.append(hop)
         else:
-            asyncio.get_running_loop().create_task(hop.quit())
+            self._background(hop.quit())
+
+    def recycle(self, hop: Hop) -> None:
+        """Give back a connection with an open transaction, between commands:
+        RSET in the background, then it is reusable (or closed, if RSET fails)."""
+        assert isinstance(hop, SmtpClient)
+        self._background(self._reset(hop))
+
+    async def _reset(self, hop: SmtpClient) -> None:
+        clean = False
+        try:
+            clean = await hop.rset()
+        finally:
+            self.release(hop, clean=clean)
+
+    def _background(self, job: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(job)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
         self._closed = True
         idle, self._idle = self._idle, []
-        await asyncio.gather(*(c.quit() for c in idle), return_exceptions=True)
+        jobs = [*(c.quit() for c in idle), *self._tasks]
+        await asyncio.gather(*jobs, return_exceptions=True)
 
 
 class MaildirUpstream:
@@ -148,6 +177,9 @@ class MaildirUpstream:
         return MaildirHop(self.path)
 
     def release(self, hop: Hop, *, clean: bool) -> None:
+        return None
+
+    def recycle(self, hop: Hop) -> None:
         return None
 
     async def close(self) -> None:
