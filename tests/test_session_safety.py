@@ -401,22 +401,57 @@ def test_control_characters_never_reach_the_maildir_return_path(run: Run, tmp_pa
 
 def test_full_pool_answers_451_4_3_2_at_once(run: Run) -> None:
     async def test() -> None:
+        from waiting import wait_until
+
+        cap = CaptureServer()
+        await cap.start()
         # connect_timeout_s is long: the old pool waited that long, then said 4.4.1.
-        async with triaged(upstream={"pool_size": 1, "hold_idle_s": 600.0, "connect_timeout_s": 60.0}) as srv:
-            holder = await client_for(srv)
-            assert (await holder.cmd("MAIL FROM:<a@example.org>"))[0] == 250
+        upstream = {"pool_size": 1, "connect_timeout_s": 60.0, "command_timeout_s": 1.0}
+        async with triaged(cap, upstream=upstream) as srv:
+            busy = await client_for(srv)
+            assert (await busy.cmd("MAIL FROM:<a@example.org>"))[0] == 250
+            cap.stall_on = "RCPT"  # the one connection is busy with a command
+            busy.writer.write(b"RCPT TO:<b@example.net>\r\n")
+            await wait_until(lambda: "RCPT" in cap.commands)
             other = await client_for(srv)
             code, text = await other.cmd("MAIL FROM:<a@example.org>")
             assert (code, text) == (451, "4.3.2 Next hop connections busy, try again later")
             assert srv.metrics.upstream_errors.labels("pool_full")._value.get() == 1
             assert srv.metrics.upstream_errors.labels("connect")._value.get() == 0
-            # The holder's transaction is intact and finishes.
-            assert (await holder.cmd("RCPT TO:<b@example.net>"))[0] == 250
-            assert (await holder.cmd("DATA"))[0] == 354
-            assert (await holder.data(MESSAGE))[0] == 250
+            cap.stall_on = ""
+            assert (await busy.reply())[0] == 451  # the stalled RCPT timed out
             assert (await other.send_message("a@example.org", ["b@example.net"], MESSAGE))[0] == 250
-            for c in (holder, other):
+            for c in (busy, other):
                 await c.close()
+        await cap.stop()
+
+    run(test)
+
+
+def test_idle_transactions_cannot_starve_a_full_pool(run: Run) -> None:
+    async def test() -> None:
+        cap = CaptureServer()
+        await cap.start()
+        async with triaged(cap, upstream={"pool_size": 2, "hold_idle_s": 600.0}) as srv:
+            holders = [await client_for(srv) for _ in range(4)]
+            for i, h in enumerate(holders):  # twice pool_size idle transactions
+                assert (await h.cmd(f"MAIL FROM:<holder{i}@example.org>"))[0] == 250
+                assert (await h.cmd(f"RCPT TO:<r{i}@example.net>"))[0] == 250
+            c = await client_for(srv)
+            for _ in range(3):  # everyone else still gets through
+                assert (await c.send_message("b@example.org", ["x@example.net"], MESSAGE))[0] == 250
+            for h in holders:  # and the holders finish, replayed where needed
+                assert (await h.cmd("DATA"))[0] == 354
+                assert (await h.data(MESSAGE))[0] == 250
+            for h in (*holders, c):
+                await h.close()
+            assert srv.metrics.upstream_errors.labels("pool_full")._value.get() == 0
+        got = {m.sender: m.recipients for m in cap.messages}
+        assert got == {"b@example.org": ["x@example.net"]} | {
+            f"holder{i}@example.org": [f"r{i}@example.net"] for i in range(4)
+        }
+        assert len(cap.messages) == 7
+        await cap.stop()
 
     run(test)
 

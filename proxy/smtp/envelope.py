@@ -10,8 +10,11 @@ client that goes quiet inside a transaction must not keep a pooled
 connection: `pool_size` such clients would block all mail. So the
 connection is a lease. It stays with the transaction while the client
 keeps talking; once the client has been idle `upstream.hold_idle_s`
-between commands (or while it sends the message body), the connection is
-reset (RSET) and goes back to the pool. The next command that needs the
+between commands (or while it sends the message body), or at once when the
+pool is full and another transaction needs a connection (the longest-idle
+lease first), the connection is reset (RSET) and goes back to the pool. A
+full pool answers 451 4.3.2 only when every connection is busy with a
+command or a message. The next command that needs the
 next hop takes a connection again and replays XFORWARD, MAIL and the
 recipients the next hop already accepted. If the next hop now answers any
 of them differently, the client gets `451 4.3.0` for that command, and the
@@ -64,11 +67,29 @@ def upstream_error_reply(ctx: RelayContext, exc: UpstreamError, stage: str) -> s
     return V.UPSTREAM_TIMEOUT if exc.timeout else V.UPSTREAM_FAILED
 
 
-def take(env: RelayEnvelope) -> Hop | None:
+class IdleLeases:
+    """Transactions holding a connection between commands, oldest first:
+    the ones a full pool takes a connection back from."""
+
+    def __init__(self) -> None:
+        self._envs: dict[RelayEnvelope, None] = {}
+
+    def add(self, env: RelayEnvelope) -> None:
+        self._envs[env] = None
+
+    def discard(self, env: RelayEnvelope) -> None:
+        self._envs.pop(env, None)
+
+    def oldest(self) -> RelayEnvelope | None:
+        return next(iter(self._envs), None)
+
+
+def take(env: RelayEnvelope, ctx: RelayContext) -> Hop | None:
     """The leased connection, detached for a command: nothing parks it meanwhile."""
     if env.timer is not None:
         env.timer.cancel()
         env.timer = None
+    ctx.idle_leases.discard(env)
     hop, env.hop = env.hop, None
     return hop
 
@@ -80,22 +101,49 @@ def put(env: RelayEnvelope, hop: Hop, ctx: RelayContext, *, closed: bool) -> Non
         ctx.upstream.recycle(hop)
         return
     env.hop = hop
+    ctx.idle_leases.add(env)
     loop = asyncio.get_running_loop()
     env.timer = loop.call_later(ctx.settings.upstream.hold_idle_s, park, env, ctx)
 
 
 def park(env: RelayEnvelope, ctx: RelayContext) -> None:
     """The client is idle: the connection goes back to the pool."""
-    hop = take(env)
+    hop = take(env, ctx)
     if hop is not None:
         env.parked = True
         ctx.upstream.recycle(hop)
         log.info("upstream_lease_returned", reason="client idle", rcpts=len(env.accepted))
 
 
+async def _acquire(ctx: RelayContext, *, fresh: bool) -> Hop:
+    """A connection from the pool; when it is full, the one the longest-idle
+    transaction holds (reset with RSET, that transaction replays later).
+    PoolFull only when every connection is busy with a command or a message."""
+    try:
+        return await ctx.upstream.acquire(fresh=fresh)
+    except PoolFull:
+        while (victim := ctx.idle_leases.oldest()) is not None:
+            hop = take(victim, ctx)
+            if hop is None:
+                continue
+            victim.parked = True
+            log.info("upstream_lease_returned", reason="pool full", rcpts=len(victim.accepted))
+            try:
+                clean = await hop.rset()
+            except BaseException:  # cancelled: the slot comes back
+                ctx.upstream.release(hop, clean=False)
+                raise
+            if clean:
+                hop.reused = True  # a stale connection is retried once, fresh
+                return hop
+            ctx.upstream.release(hop, clean=False)  # its slot is free now
+            return await ctx.upstream.acquire(fresh=True)
+        raise
+
+
 def end(env: RelayEnvelope, ctx: RelayContext) -> None:
     """The transaction is over (RSET, HELO, end of DATA, connection lost)."""
-    hop = take(env)
+    hop = take(env, ctx)
     if hop is not None:
         ctx.upstream.recycle(hop)
 
@@ -108,7 +156,7 @@ async def open_hop(
     retried once on a fresh one."""
     for attempt in (1, 2):
         try:
-            hop = await ctx.upstream.acquire(fresh=attempt == 2)
+            hop = await _acquire(ctx, fresh=attempt == 2)
         except UpstreamError as exc:
             return None, upstream_error_reply(ctx, exc, "connect")
         try:
@@ -136,7 +184,7 @@ async def resume(ctx: RelayContext, env: RelayEnvelope, attrs: dict[str, str], s
     answer instead."""
     if env.broken:
         return V.TRANSACTION_LOST
-    hop = take(env)
+    hop = take(env, ctx)
     if hop is not None:
         return hop
     if not env.parked:

@@ -86,6 +86,7 @@ class RelayContext:
         self.allowed = _networks(settings.server.allowed_clients)
         self.xforward_clients = _networks(settings.server.xforward_clients)
         self.connections: set[TriageSMTP] = set()
+        self.idle_leases = lease.IdleLeases()
         self.inflight_bytes = 0
         self.draining = False
         self.handler = RelayHandler(self)
