@@ -109,7 +109,9 @@ async def test_bare_lf_message_keeps_its_body_lines(
     start_triaged: StartTriaged, capture: CaptureServer
 ) -> None:
     sink = ListSink()
-    srv = await start_triaged(sinks=[sink])
+    # The default server.bare_lf = "reject" refuses bare LF with 550 5.5.2
+    # (tests/test_session_safety.py); "normalize" lets it through as CRLF.
+    srv = await start_triaged(sinks=[sink], server={"bare_lf": "normalize"})
     c = await client_for(srv)
     code, text = await c.send_message("a@example.org", ["b@example.net"], BARE_LF)
     assert code == 250, text
