@@ -6,10 +6,19 @@ goes back verbatim; at the end of DATA the message is classified, stamped,
 sent, and the client gets the next hop's final reply. Any failure of ours or
 of the next hop's transport is a 4xx: the client keeps the mail.
 
-aiosmtpd's handler hooks cover MAIL/RCPT/RSET/EHLO. DATA is overridden: we
-read the message in large chunks (not line by line), without a line-length
-limit (the relay must be byte-exact), with SIZE enforced after reading
-(RFC 5321 4.5.3.1.10) and a global bound on buffered bytes.
+Built on aiosmtpd's seams: handler hooks for MAIL/RCPT/RSET/HELO/EHLO, the
+transaction's state on our own Envelope (`_create_envelope`, see
+proxy/smtp/envelope.py for the next-hop lease), and `smtp_*` methods for
+XFORWARD and DATA. DATA is overridden: we read the message in large chunks
+(not line by line), without a line-length limit (the relay must be
+byte-exact), with SIZE enforced after reading (RFC 5321 4.5.3.1.10), a
+global bound on buffered bytes, and the bare-CR/LF policy of
+proxy/smtp/syntax.py. The few private aiosmtpd/asyncio internals this needs
+are in proxy/smtp/compat.py.
+
+Drain (SIGTERM, RFC 5321 3.8): idle sessions get 421 at once; a session in
+a transaction or waiting on the next hop gets 421 after its last reply;
+a message body is never read as commands (its connection is closed).
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ from proxy.smtp import envelope as lease
 from proxy.smtp.client import UpstreamError
 from proxy.smtp.envelope import RelayEnvelope
 from proxy.smtp.stamp import stamp_pieces
-from proxy.smtp.upstream import Hop, Upstream
+from proxy.smtp.upstream import Upstream
 from proxy.verdict import Verdict
 
 log = structlog.get_logger("triaged.smtp")
@@ -139,10 +148,6 @@ class TriageSMTP(SMTP):
         if self.envelope is not None:
             lease.end(self.envelope, self.ctx)
         return RelayEnvelope()
-
-    @property
-    def hop(self) -> Hop | None:
-        return self.envelope.hop if self.envelope is not None else None
 
     # -- connection life -------------------------------------------------
 
