@@ -169,6 +169,9 @@ def inference_children() -> list[int]:
     return pids
 
 
+# 15 s of kills and restarts; what it tests (the process runner, the rules
+# fallback) does not depend on the loop: once, on uvloop, as production runs.
+@pytest.mark.asyncio(loop_factories=["uvloop"])
 async def test_killing_the_inference_process_in_a_loop_leaves_no_message_unstamped(
     capture: CaptureServer, tiny: Path
 ) -> None:
