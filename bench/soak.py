@@ -2,6 +2,8 @@
 
     make soak                                          # 10 minutes, bench/results/soak.{md,json}
     .venv/bin/python bench/soak.py --minutes 1 --out /tmp/soak   # a quick check
+    .venv/bin/python bench/soak.py --minutes 1 --fault-every-s 8 --measure-s 10 --out /tmp/soak
+                                                       # every fault once in a minute
 
 What runs: the real `triaged serve` (uvloop, the default ONNX model in its own
 inference process), a capturing next hop and the load generator in this
