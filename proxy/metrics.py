@@ -121,6 +121,12 @@ class Metrics:
         self.upstream_errors = Counter(
             "triaged_upstream_errors", "Next-hop failures answered with 4xx", ["kind"], registry=r
         )
+        self.upstream_leases_returned = Counter(
+            "triaged_upstream_leases_returned",
+            "Next-hop connections taken back from idle transactions (replayed later)",
+            ["reason"],
+            registry=r,
+        )
         self.classifier_errors = Counter(
             "triaged_classifier_errors", "Classifier failures and timeouts", registry=r
         )

@@ -75,7 +75,8 @@ class UpstreamSettings(_Section, frozen=True):
     # A client idle this long inside a transaction (between commands, or while
     # sending the body) gives its next-hop connection back to the pool (RSET);
     # its next command replays MAIL and the accepted RCPTs on a connection from
-    # the pool. A full pool answers 451 4.3.2 at once.
+    # the pool. A full pool takes back the longest-idle one first; with every
+    # connection busy on a command it answers 451 4.3.2 at once.
     hold_idle_s: Seconds = 5.0
     # Use one upstream connection for at most this many transactions.
     max_transactions_per_connection: Annotated[int, Meta(ge=1)] = 1000

@@ -446,6 +446,7 @@ def test_idle_transactions_cannot_starve_a_full_pool(run: Run) -> None:
             for h in (*holders, c):
                 await h.close()
             assert srv.metrics.upstream_errors.labels("pool_full")._value.get() == 0
+            assert srv.metrics.upstream_leases_returned.labels("pool_full")._value.get() >= 2
         got = {m.sender: m.recipients for m in cap.messages}
         assert got == {"b@example.org": ["x@example.net"]} | {
             f"holder{i}@example.org": [f"r{i}@example.net"] for i in range(4)
@@ -482,6 +483,31 @@ def test_idle_transactions_give_the_connection_back_and_resume(run: Run) -> None
         assert got["idle@example.org"].recipients == ["one@example.net", "two@example.net"]
         assert got["idle@example.org"].mail_params == ["BODY=8BITMIME"]
         assert got["b@example.org"].recipients == ["x@example.net"]
+        await cap.stop()
+
+    run(test)
+
+
+def test_a_slow_body_gives_the_connection_back_and_is_relayed(run: Run) -> None:
+    async def test() -> None:
+        from waiting import wait_until
+
+        cap = CaptureServer()
+        await cap.start()
+        async with triaged(cap, upstream={"pool_size": 1, "hold_idle_s": 0.2}) as srv:
+            c = await client_for(srv)
+            assert (await c.cmd("MAIL FROM:<slow@example.org>"))[0] == 250
+            assert (await c.cmd("RCPT TO:<b@example.net>"))[0] == 250
+            assert (await c.cmd("DATA"))[0] == 354
+            c.writer.write(MESSAGE[:30])
+            await wait_until(lambda: srv.upstream.in_use == 0, what="parked mid-body")
+            assert srv.metrics.upstream_leases_returned.labels("idle")._value.get() == 1
+            c.writer.write(MESSAGE[30:] + b".\r\n")
+            assert (await c.reply())[0] == 250
+            await c.close()
+        [m] = cap.messages
+        assert (m.sender, m.recipients) == ("slow@example.org", ["b@example.net"])
+        assert m.data.endswith(MESSAGE)
         await cap.stop()
 
     run(test)

@@ -112,6 +112,7 @@ def park(env: RelayEnvelope, ctx: RelayContext) -> None:
     if hop is not None:
         env.parked = True
         ctx.upstream.recycle(hop)
+        ctx.metrics.upstream_leases_returned.labels("idle").inc()
         log.info("upstream_lease_returned", reason="client idle", rcpts=len(env.accepted))
 
 
@@ -127,6 +128,7 @@ async def _acquire(ctx: RelayContext, *, fresh: bool) -> Hop:
             if hop is None:
                 continue
             victim.parked = True
+            ctx.metrics.upstream_leases_returned.labels("pool_full").inc()
             log.info("upstream_lease_returned", reason="pool full", rcpts=len(victim.accepted))
             try:
                 clean = await hop.rset()
