@@ -199,7 +199,9 @@ async def settle(rig: Rig, quiet_s: float = 2.0) -> None:
 
 
 def window_stats(rig: Rig, start: float, end: float) -> dict[str, Any]:
-    entries = [e for e in rig.ledger.entries.values() if start <= e.created < end]
+    # By when the client got its answer: a message sent just before a fault
+    # and answered during it counts for that fault.
+    entries = [e for e in rig.ledger.entries.values() if start <= e.created + e.latency_s < end]
     ok = [e.latency_s * 1000 for e in entries if e.code == 250]
     return {
         "sent": len(entries),
