@@ -99,7 +99,12 @@ NAME, VERSION = "triaged-default", "2"
 # Balanced class weights (power 1.0): list mail outnumbers person-to-person
 # mail 4 to 1 in the corpora, and with 1/sqrt weights a short personal note
 # with nothing list-like in it still fell to `forums` by prior.
-CFG = TrainConfig(token_dropout=0.5, hidden=64, class_weight_power=0.75)
+# text_bag_dropout stays 0: on the 3 sender folds (development runs) 0.3
+# raised phishing-pot recall at the FP-bound threshold from 0.58 to 0.67 and
+# shop notices held out by sender from 41% to 64% `updates`, but with the words
+# muted a bare personal note ("lunch?" with From, To and Subject only) fell to
+# `updates` by its sparse headers, and one build called a family note spam.
+CFG = TrainConfig(token_dropout=0.5, hidden=64, class_weight_power=0.75, text_bag_dropout=0.0)
 # LOSO trains 8 models on the shared 2-core machine: fewer epochs per fold
 # (the weight averaging over the last half of the epochs still applies).
 FOLD_CFG = msgspec.structs.replace(CFG, epochs=6)
@@ -110,6 +115,9 @@ PARAMS = FeatureParams()
 CAL_FRACTION = 0.15
 MAX_FP_MODERN = 0.008  # pooled modern legitimate mail, out of fold (target: <= 0.01 held out)
 MAX_FP_SOURCE = 0.05
+# Person-to-person mail (primary, of any era: Enron is the only large set) is
+# the mail a user can least afford to lose: its own, tighter bound.
+MAX_FP_PERSONAL = 0.005
 # Old ham (1999-2002, SpamAssassin + Enron) only bounds the threshold loosely:
 # the 2002 newsletters of hard-ham-1 score as spam when held out (their
 # vocabulary is 2002 spam's), and the bound is about today's mail.
@@ -375,11 +383,17 @@ def oof_threshold(msgs: Sequence[Message], scores: np.ndarray, mask: np.ndarray)
     which at most MAX_FP_MODERN of the modern legitimate mail, at most
     MAX_FP_SOURCE of each modern source's legitimate mail (so 1,500 list posts
     cannot hide the few newsletters and shop notices, the wanted mail most
-    like spam) and at most MAX_FP_CLASSIC of the old ham score at or above it."""
+    like spam), at most MAX_FP_PERSONAL of person-to-person mail and at most
+    MAX_FP_CLASSIC of the old ham score at or above it."""
     ham = np.array([not m.spam for m in msgs]) & mask
     modern = np.array([is_modern(m) for m in msgs])
     source = np.array([m.source for m in msgs])
-    bounds = [(ham & modern, MAX_FP_MODERN), (ham & ~modern, MAX_FP_CLASSIC)]
+    personal = np.array([m.category == "primary" for m in msgs])
+    bounds = [
+        (ham & modern, MAX_FP_MODERN),
+        (ham & ~modern, MAX_FP_CLASSIC),
+        (ham & personal, MAX_FP_PERSONAL),
+    ]
     bounds += [(ham & (source == src), MAX_FP_SOURCE) for src in sorted(set(source[ham & modern]))]
     return fp_threshold(scores, bounds, floor=0.02)
 
@@ -667,7 +681,7 @@ def model_card(
     return CARD_TEMPLATE.read_text().format(
         **nums, cfg=CFG, params=PARAMS, name=NAME, version=VERSION, repeat=MODERN_REPEAT,
         cal=CAL_FRACTION, max_fp_modern=MAX_FP_MODERN, max_fp_classic=MAX_FP_CLASSIC,
-        max_fp_source=MAX_FP_SOURCE,
+        max_fp_source=MAX_FP_SOURCE, max_fp_personal=MAX_FP_PERSONAL,
     )  # fmt: skip
 
 

@@ -34,20 +34,21 @@ def test_every_kind_is_there() -> None:
     assert len(MESSAGES) >= 40
 
 
-# Plain-text notices from a shop's, bank's or library's role address
-# (receipts@, billing@, service@, security@, accounts@, account@, orders@,
-# notifications@, bookings@) that the bundled model files as `primary`, not
+# Plain-text notices from a shop's role address (receipts@, billing@, service@,
+# security@, orders@, bookings@) that the bundled model files as `primary`, not
 # `updates`: the corpora hold 53 modern shop notices and no receipts, password
-# resets or account notices at all, and the words of these notices are closer to
-# Enron's business mail than to the RSS items and bounces `updates` learned from
-# (models/MODEL_CARD.md, "Known weaknesses"). Wrong in the safe direction (they
-# stay in the inbox: DESIGN.md "when unsure, the inbox wins"), and none is
-# called spam (test below). Strict: a model that gets one right fails here
-# until the list is trimmed.
+# resets or account notices at all (models/MODEL_CARD.md, "Known weaknesses").
+# Wrong in the safe direction (they stay in the inbox: DESIGN.md "when unsure,
+# the inbox wins"), and none is called spam. Strict: a model that gets one
+# right fails here until the list is trimmed.
 KNOWN_AS_PRIMARY = frozenset(
-    {"receipt-17.eml", "receipt-18.eml", "receipt-20.eml", "receipt-21.eml", "reset-23.eml",
-     "reset-25.eml", "reset-26.eml", "shipping-28.eml", "shipping-29.eml", "shipping-31.eml"}
+    {"receipt-17.eml", "receipt-18.eml", "receipt-21.eml", "reset-23.eml", "shipping-28.eml",
+     "shipping-31.eml"}
 )  # fmt: skip
+# Wanted mail the bundled model calls spam: none in this build. (A trial build
+# with the whole text bag dropped for 30% of the steps called the family note
+# family-13.eml spam; that recipe was not shipped.)
+KNOWN_CALLED_SPAM: frozenset[str] = frozenset()
 
 
 def _case(path: Path) -> object:
@@ -63,17 +64,28 @@ def test_category(model, path: Path) -> None:  # type: ignore[no-untyped-def]
     assert got.category == path.parent.name, f"{path.name}: {got}"
 
 
-def test_none_of_them_is_spam(model) -> None:  # type: ignore[no-untyped-def]
-    got = model.predict([model.featurize(p.read_bytes()) for p in MESSAGES])
-    spam = [(p.name, c.spam_score) for p, c in zip(MESSAGES, got, strict=True) if c.spam]
-    assert spam == [], f"wanted mail called spam: {spam}"
+def _spam_case(path: Path) -> object:
+    marks = []
+    if path.name in KNOWN_CALLED_SPAM:
+        marks.append(pytest.mark.xfail(strict=True, reason="bundled model calls it spam"))
+    return pytest.param(path, id=f"{path.parent.name}/{path.name}", marks=marks)
 
 
-def test_known_failures_are_one_kind_and_few() -> None:
-    """The categories the model misses are transactional only (10 of the 15 today):
-    every personal message, newsletter and list post must be right."""
+@pytest.mark.parametrize("path", [_spam_case(p) for p in MESSAGES])
+def test_not_spam(model, path: Path) -> None:  # type: ignore[no-untyped-def]
+    (got,) = model.predict([model.featurize(path.read_bytes())])
+    assert not got.spam, f"{path.name}: wanted mail called spam: {got}"
+
+
+def test_known_failures_are_few() -> None:
+    """What the model misses: 6 of the 15 transactional notices (as primary, the
+    safe direction); every personal message, reply, newsletter and list post
+    must be right, and none of the 41 may be spam."""
     assert all(n.startswith(("receipt", "reset", "shipping")) for n in KNOWN_AS_PRIMARY)
-    assert {p.name for p in MESSAGES} >= KNOWN_AS_PRIMARY and len(KNOWN_AS_PRIMARY) <= 10
+    assert all(n.startswith("family") for n in KNOWN_CALLED_SPAM)
+    names = {p.name for p in MESSAGES}
+    assert names >= KNOWN_AS_PRIMARY | KNOWN_CALLED_SPAM
+    assert len(KNOWN_AS_PRIMARY) <= 6 and not KNOWN_CALLED_SPAM
 
 
 def test_the_issue_examples(model) -> None:  # type: ignore[no-untyped-def]
@@ -89,6 +101,15 @@ def test_the_issue_examples(model) -> None:  # type: ignore[no-untyped-def]
         b"Precedence: bulk\r\n\r\n"
         b"50% off everything this weekend! Shop now: https://urbanthreads.example/sale\r\n"
     )
-    a, b = model.predict([model.featurize(lunch), model.featurize(sale)])
+    # As swaks sends it (README: `make run`, then swaks): Date, Message-Id, X-Mailer.
+    swaks = (
+        b"Date: Tue, 01 Dec 2026 15:00:00 +0000\r\nTo: you@example.org\r\n"
+        b"From: me@example.com\r\nSubject: lunch?\r\n"
+        b"Message-Id: <20261201150000.012345@host.example.com>\r\n"
+        b"X-Mailer: swaks v20240103.0 jetmore.org/john/code/swaks/\r\n\r\n"
+        b"Lunch tomorrow at noon? I can book the place near the office.\r\n"
+    )
+    a, b, c = model.predict([model.featurize(x) for x in (lunch, sale, swaks)])
     assert a.category == "primary" and not a.spam, a
     assert b.category == "promotions" and not b.spam, b
+    assert c.category == "primary" and not c.spam, c
