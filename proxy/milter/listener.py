@@ -86,6 +86,7 @@ class MilterConnection:
     async def run(self) -> None:
         s = self.ctx.settings.server
         negotiated = False
+        quickack = _quickack_socket(self.writer)
         try:
             while not self.proto.closed:
                 stage = "message" if self.busy else "idle"
@@ -95,6 +96,8 @@ class MilterConnection:
                 except TimeoutError:
                     log.warning("milter_timeout", peer=self.peer, stage=stage)
                     return
+                if quickack is not None and data:
+                    quickack = _quickack(quickack)
                 if not data:
                     if self.proto.pending or self.busy:
                         log.warning("milter_closed_mid_message", peer=self.peer,
@@ -221,6 +224,33 @@ class MilterConnection:
             started=self.started,
         )
         msg.reset()
+
+
+def _quickack_socket(writer: asyncio.StreamWriter) -> socket.socket | None:
+    """The TCP socket to keep in quick-ACK mode, or None (unix sockets, no Linux).
+
+    Why: with the NR_* flags we never answer MAIL, RCPT, headers or body, so
+    no reply carries an ACK for them; Postfix writes those steps as small
+    segments, Nagle on its side holds the next write until the last one is
+    ACKed, and Linux delays our ACK up to 40 ms. Measured with Postfix 3.7 and
+    smtp-source -s 20: the header burst after RCPT waited 43 ms at the median;
+    ACKing at once (TCP_QUICKACK, re-armed after each read because the kernel
+    clears it) brought that to about 6 ms.
+    """
+    sock = writer.get_extra_info("socket")
+    if sock is None or not hasattr(socket, "TCP_QUICKACK"):
+        return None
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    return _quickack(sock)
+
+
+def _quickack(sock: socket.socket) -> socket.socket | None:
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+    except OSError:
+        return None  # not supported here: leave the kernel's default
+    return sock
 
 
 class MilterListener:
