@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import grp
-import ipaddress
 import os
 import pwd
 import socket
@@ -32,6 +31,7 @@ from proxy.metrics import Metrics
 from proxy.milter import codec as c
 from proxy.milter.message import Budget, MessageBuilder
 from proxy.milter.protocol import Event, MilterProtocol
+from proxy.networks import Networks
 from proxy.pipeline import Pipeline
 from proxy.settings import ListenerSettings, Settings, listener_address
 
@@ -51,16 +51,10 @@ class MilterContext:
         self.connections: set[MilterConnection] = set()
         self.draining = False
         # TCP peers must be in server.allowed_clients, like SMTP clients.
-        self.allowed = tuple(ipaddress.ip_network(c, strict=False) for c in settings.server.allowed_clients)
+        self.allowed = Networks(settings.server.allowed_clients)
 
     def allows(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address.partition("%")[0])
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in net for net in self.allowed)
+        return address in self.allowed
 
 
 class MilterConnection:

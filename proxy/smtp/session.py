@@ -24,12 +24,10 @@ a message body is never read as commands (its connection is closed).
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import os
 import re
 import ssl
 import time
-from collections.abc import Sequence
 from itertools import count
 from typing import Any, cast
 
@@ -38,6 +36,7 @@ from aiosmtpd.smtp import SMTP, Session
 
 from proxy import verdict as V
 from proxy.metrics import Metrics
+from proxy.networks import Networks
 from proxy.pipeline import Pipeline, message_id_of
 from proxy.proxyproto import ProxyError, ProxyHeader, parse
 from proxy.settings import ListenerSettings, Settings
@@ -51,7 +50,6 @@ from proxy.verdict import Verdict
 
 log = structlog.get_logger("triaged.smtp")
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # "<local@domain>" with dot-atom text only (RFC 5321 4.1.2), then parameters.
 _PLAIN_PATH = re.compile(r"<([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+)>(.*)$", re.S)
@@ -60,20 +58,6 @@ _PROXY_TIMEOUT_S = 10.0
 _XFORWARD_ATTRS = frozenset({"NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE"})
 _QUEUE_PREFIX = f"{os.getpid():x}"
 _queue_ids = count(1)
-
-
-def _networks(cidrs: Sequence[str]) -> tuple[Network, ...]:
-    return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
-
-
-def _allowed(address: str, nets: tuple[Network, ...]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address.partition("%")[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in net for net in nets)
 
 
 class RelayContext:
@@ -92,8 +76,8 @@ class RelayContext:
         self.upstream = upstream
         self.metrics = metrics
         self.tls_context = tls_context
-        self.allowed = _networks(settings.server.allowed_clients)
-        self.xforward_clients = _networks(settings.server.xforward_clients)
+        self.allowed = Networks(settings.server.allowed_clients)
+        self.xforward_clients = Networks(settings.server.xforward_clients)
         self.connections: set[TriageSMTP] = set()
         self.idle_leases = lease.IdleLeases()
         self.inflight_bytes = 0
@@ -161,7 +145,7 @@ class TriageSMTP(SMTP):
         refusal = None
         if ctx.draining:
             refusal = V.SHUTTING_DOWN
-        elif not self.listener.proxy_protocol and not _allowed(self.peer_host, ctx.allowed):
+        elif not self.listener.proxy_protocol and self.peer_host not in ctx.allowed:
             # Behind PROXY the allowlist applies to the real client, later.
             # Before the count: a client never allowed gets the permanent answer.
             refusal = V.GREETING_DENIED
@@ -228,7 +212,7 @@ class TriageSMTP(SMTP):
             # A LOCAL header (HAProxy health check) keeps the real peer and
             # goes on as a normal session (proxy-protocol.txt 2.2).
             self.client_address = header.source[0]
-        if not _allowed(self.client_address, self.ctx.allowed):
+        if self.client_address not in self.ctx.allowed:
             self.ctx.metrics.connections.labels("denied").inc()
             await self.push(V.GREETING_DENIED)
             self._close()
@@ -295,7 +279,7 @@ class TriageSMTP(SMTP):
     # -- XFORWARD (Postfix XFORWARD_README) --------------------------------
 
     def xforward_allowed(self) -> bool:
-        return _allowed(self.client_address, self.ctx.xforward_clients)
+        return self.client_address in self.ctx.xforward_clients
 
     def forwarded_attributes(self) -> dict[str, str]:
         """What the next hop should log as the client: the XFORWARD our

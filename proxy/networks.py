@@ -1,0 +1,31 @@
+"""Client address lists (`server.allowed_clients`, `xforward_clients`): one
+parser and one membership test for both front ends."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Networks:
+    """A set of CIDR blocks, built once at start."""
+
+    def __init__(self, cidrs: Sequence[str]) -> None:
+        self.nets: tuple[Network, ...] = tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+
+    def __contains__(self, address: object) -> bool:
+        """True for an address inside one block. An IPv6 zone ("%eth0") is
+        ignored, and an IPv4-mapped IPv6 address (a dual-stack socket's view
+        of an IPv4 client) matches the IPv4 blocks; anything unparsable is
+        outside."""
+        if not isinstance(address, str):
+            return False
+        try:
+            ip = ipaddress.ip_address(address.partition("%")[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.nets)
