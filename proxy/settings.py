@@ -152,6 +152,20 @@ class MetricsSettings(_Section, frozen=True):
     listen: str = ""
 
 
+class LearningSettings(_Section, frozen=True):
+    # The nightly learn/gate/swap runs only when enabled; `triaged feedback`
+    # records into the store either way (it is called explicitly).
+    enabled: bool = False
+    store_path: str = "./var/feedback"  # a directory: feedback.log + lock
+    # Oldest feedback is dropped past this many items or this age.
+    max_items: Annotated[int, Meta(ge=1, le=10_000_000)] = 50_000
+    retention_days: Annotated[float, Meta(gt=0, le=36_500)] = 365.0
+    # What the store keeps: the messages themselves (with our X-Triage-*
+    # headers), so a model with new features can be retrained from them.
+    # README "Learning from users" says what that means for privacy.
+    keep: Literal["messages"] = "messages"
+
+
 class Settings(_Section, frozen=True):
     server: ServerSettings = ServerSettings()
     upstream: UpstreamSettings = UpstreamSettings()
@@ -161,6 +175,7 @@ class Settings(_Section, frozen=True):
     events: EventsSettings = EventsSettings()
     logging: LoggingSettings = LoggingSettings()
     metrics: MetricsSettings = MetricsSettings()
+    learning: LearningSettings = LearningSettings()
 
 
 class ConfigError(Exception):

@@ -1,0 +1,1 @@
+"""Learning from a site's users: feedback in, the store, learn, gate (issue 12)."""

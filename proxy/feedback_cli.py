@@ -1,0 +1,198 @@
+"""`triaged feedback`: one message on stdin (an IMAPSieve or MTA pipe), or a
+harvest of a Maildir++ tree, into the feedback store.
+
+Exit statuses follow sysexits.h, because the callers read them: Dovecot's
+`pipe` and an MTA pipe retry a temporary failure (75) and give up on bad
+data (65), so a full disk never loses a user's move and a non-message is
+not retried forever.
+
+Lives in `proxy` because it reads the whole config (`[learning]` and the
+classifier's model path); the store itself is `classifier.learning.store`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from classifier import headers
+
+EX_OK = 0
+EX_DATAERR = 65  # not a message, unknown label
+EX_NOINPUT = 66  # a Maildir or folder that is not there
+EX_TEMPFAIL = 75  # the store failed (disk): the caller retries
+EX_CONFIG = 78
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# "spam": into Junk. "ham": out of Junk, into no particular category.
+EXTRA_LABELS = ("spam", "ham")
+
+
+class _Fail(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def add_subcommands(sub: Any) -> None:
+    p = sub.add_parser(
+        "feedback",
+        help="record a user's label for a message (stdin) or harvest a Maildir++ tree",
+        description="Record one message from stdin under --label (a category of the model, "
+        "'spam' or 'ham'), or with --from-maildir every message of the folders named by "
+        "--map FOLDER=LABEL. Exit 65: not a message / unknown label; 75: store failure (retry).",
+    )
+    p.add_argument("--label", help="the user's label for the message on stdin")
+    p.add_argument("--user", default="", help="who gave the label (per-user caps in learn)")
+    p.add_argument("--store", help="feedback store directory (default: learning.store_path)")
+    p.add_argument("--config", help="triaged TOML config (store, limits, model path)")
+    p.add_argument(
+        "--model", help="model whose categories are the labels (default: classifier.model_path)"
+    )
+    p.add_argument("--from-maildir", metavar="PATH", help="a Maildir++ root to harvest")
+    p.add_argument(
+        "--map", action="append", default=[], metavar="FOLDER=LABEL",
+        help="with --from-maildir: folder (INBOX, Junk, Work.Invoices) to label; repeatable",
+    )  # fmt: skip
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except _Fail as exc:
+        print(f"triaged feedback: {exc}", file=sys.stderr)
+        return exc.status
+
+
+def _run(args: argparse.Namespace) -> int:
+    from classifier.learning.store import FeedbackStore, StoreError
+
+    settings = _settings(args.config)
+    store_path = args.store or settings.learning.store_path
+    model_path = args.model or settings.classifier.model_path
+    labels = _labels(model_path)
+    store = FeedbackStore(
+        Path(store_path),
+        max_items=settings.learning.max_items,
+        retention_days=settings.learning.retention_days,
+    )
+    if args.from_maildir:
+        if args.label:
+            raise _Fail(EX_DATAERR, "--label goes with a message on stdin, not --from-maildir")
+        return _harvest(store, Path(args.from_maildir), args.map, labels, args.user)
+    if not args.label:
+        raise _Fail(EX_DATAERR, "--label LABEL is required (or --from-maildir PATH --map F=L)")
+    _check_label(args.label, labels)
+    raw = sys.stdin.buffer.read(MAX_MESSAGE_BYTES + 1)
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise _Fail(EX_DATAERR, f"message larger than {MAX_MESSAGE_BYTES} bytes")
+    problem = not_mail(raw)
+    if problem:
+        raise _Fail(EX_DATAERR, f"not a mail message: {problem}")
+    try:
+        item = store.add(raw, args.label, args.user)
+    except StoreError as exc:
+        raise _Fail(EX_TEMPFAIL, f"store: {exc}") from None
+    if item is None:
+        print(f"already recorded as {args.label}", file=sys.stderr)
+    return EX_OK
+
+
+def not_mail(raw: bytes) -> str:
+    """Why `raw` is not a mail message ("" if it is one): it needs a header
+    block with at least a From field (RFC 5322 3.6)."""
+    if not raw.strip():
+        return "empty input"
+    end, _ = headers.split(raw)
+    block = raw[:end]
+    if headers.FIELD.match(block) is None:
+        return "no header block"
+    if headers.field(block, b"from") is None:
+        return "no From header field"
+    return ""
+
+
+def _settings(path: str | None) -> Any:
+    from proxy.settings import ConfigError, load_settings
+
+    try:
+        return load_settings(path)
+    except ConfigError as exc:
+        raise _Fail(EX_CONFIG, f"config: {exc}") from None
+
+
+def _labels(model_path: str) -> list[str]:
+    from classifier.model import ModelError, load_model
+
+    try:
+        manifest = load_model(model_path).manifest
+    except ModelError as exc:
+        raise _Fail(EX_CONFIG, f"model: {exc}") from None
+    return [*manifest.labels, *(x for x in EXTRA_LABELS if x not in manifest.labels)]
+
+
+def _check_label(label: str, labels: list[str]) -> None:
+    if label not in labels:
+        raise _Fail(EX_DATAERR, f"unknown label {label!r}; known: {', '.join(labels)}")
+
+
+def _folder_dir(root: Path, folder: str) -> Path:
+    """Maildir++: INBOX is the root, other folders are `.Name` (`.A.B` nested)."""
+    if folder.upper() == "INBOX":
+        return root
+    return root / ("." + folder.replace("/", "."))
+
+
+def _messages(folder: Path) -> Iterator[Path]:
+    for sub in ("cur", "new"):
+        d = folder / sub
+        if d.is_dir():
+            yield from sorted(p for p in d.iterdir() if p.is_file())
+
+
+def _harvest(store: Any, root: Path, mapping: list[str], labels: list[str], user: str) -> int:
+    from classifier.learning.store import StoreError
+
+    if not mapping:
+        raise _Fail(EX_DATAERR, "--from-maildir needs at least one --map FOLDER=LABEL")
+    pairs: list[tuple[str, str]] = []
+    for m in mapping:
+        folder, sep, label = m.partition("=")
+        if not sep or not folder or not label:
+            raise _Fail(EX_DATAERR, f"--map wants FOLDER=LABEL, got {m!r}")
+        _check_label(label, labels)
+        pairs.append((folder, label))
+    if not (root / "cur").is_dir():
+        raise _Fail(EX_NOINPUT, f"{root}: not a Maildir (no cur/)")
+    added = dup = bad = 0
+    for folder, label in pairs:
+        d = _folder_dir(root, folder)
+        if not (d / "cur").is_dir():
+            raise _Fail(EX_NOINPUT, f"{d}: no such Maildir++ folder {folder!r}")
+        for path in _messages(d):
+            try:
+                raw = path.read_bytes()
+            except OSError as exc:
+                print(f"triaged feedback: {path}: {exc.strerror}", file=sys.stderr)
+                bad += 1
+                continue
+            if not_mail(raw) or len(raw) > MAX_MESSAGE_BYTES:
+                bad += 1
+                continue
+            try:
+                item = store.add(raw, label, user)
+            except StoreError as exc:
+                raise _Fail(EX_TEMPFAIL, f"store: {exc}") from None
+            if item is None:
+                dup += 1
+            else:
+                added += 1
+    print(f"recorded {added}, already there {dup}, not mail {bad}")
+    return EX_OK
+
+
+__all__ = ["add_subcommands", "not_mail", "run"]
