@@ -1,0 +1,363 @@
+"""`triaged learn`: a candidate model from the current model plus the site's feedback.
+
+A site has no training corpora, only its model and what its users did. So the
+candidate is the current model's weights, read from the ONNX file, trained a
+little further (warm start) on the feedback, with an L2 pull back toward the
+starting weights (the "anchor", as in L2-SP, Li et al. 2018): a few hundred
+corrections move what they are about and leave the rest of the model where it
+was. Confirmations (the user left the message where triaged put it) train too,
+at a lower weight: they are the replay that holds the model's current answers
+in place. No sample of the original corpora is shipped.
+
+Weights per item: a correction counts `correction_weight` times a confirmation;
+then each user's total is capped at `user_cap` (scaled down, not cut), so one
+user's thousand moves weigh as much as `user_cap` items, not a thousand.
+
+The manifest keeps its labels, feature parameters and spam threshold (the
+calibration folded into the heads is the starting point and moves only as much
+as the anchor lets it); `training` records the feedback counts and the parent.
+Deterministic for a seed: one thread, seeded torch and numpy, fixed order.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from classifier.features import IdArray, extract_many
+from classifier.model import MANIFEST_KEY, Manifest, ModelError, decode_manifest
+from classifier.train import Weights, build_onnx
+
+F32 = npt.NDArray[np.float32]
+HAM_LABEL = "ham"  # not spam, of no category (a move out of Junk into the inbox)
+
+
+class TorchMissing(RuntimeError):
+    """`triaged learn` needs the `train` extra (torch, onnx)."""
+
+
+class Feedback(Protocol):
+    """What learn reads of a feedback item (classifier.learning.store.FeedbackItem)."""
+
+    @property
+    def raw(self) -> bytes: ...
+    @property
+    def label(self) -> str: ...
+    @property
+    def user(self) -> str: ...
+    @property
+    def kind(self) -> str: ...  # "correction" | "confirmation"
+    @property
+    def time(self) -> float: ...
+    @property
+    def body_hash(self) -> str: ...
+
+
+T = TypeVar("T", bound=Feedback)
+
+
+class LearnConfig(msgspec.Struct, frozen=True):
+    seed: int = 1
+    epochs: int = 8
+    min_steps: int = 60
+    batch_size: int = 16
+    lr: float = 0.01
+    anchor: float = 0.1  # L2 pull toward the current weights (0.01 forgot: canary 0.85 -> 0.71)
+    correction_weight: float = 4.0  # a correction counts this many confirmations
+    user_cap: float = 50.0  # one user's items weigh at most this many items in all
+    holdout_fraction: float = 0.2  # by body hash: the gate's slice, never trained on
+
+
+def require_train_extra() -> None:
+    try:
+        import onnx  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as exc:
+        raise TorchMissing(
+            f"triaged learn needs torch and onnx ({exc.name} is not installed): "
+            "pip install 'triaged[train]'"
+        ) from None
+
+
+def read_model(path: str | Path) -> tuple[Weights, Manifest]:
+    """The fp32 weights and the manifest of a triaged ONNX file (for a warm start)."""
+    import onnx
+    from onnx import numpy_helper
+
+    try:
+        m = onnx.load_model(str(path))
+    except Exception as exc:  # onnx raises DecodeError, OSError, ...
+        raise ModelError(f"{path}: cannot read the ONNX file ({exc})") from None
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    props = {p.key: p.value for p in m.metadata_props}
+    if MANIFEST_KEY not in props:
+        raise ModelError(f"{path}: no triaged manifest in the ONNX metadata")
+    manifest = decode_manifest(props[MANIFEST_KEY], str(path))
+    need = ("emb", "w_cat", "b_cat", "w_spam", "b_spam")
+    if any(n not in inits or inits[n].dtype != np.float32 for n in need):
+        raise ModelError(
+            f"{path}: no fp32 weights to start from (an int8 model?); learn from the fp32 file"
+        )
+
+    def f32(name: str) -> F32:
+        return np.ascontiguousarray(inits[name], dtype=np.float32)
+
+    hid = "w_hid" in inits
+    return (
+        Weights(
+            emb=f32("emb"),
+            w_hid=f32("w_hid") if hid else None,
+            b_hid=f32("b_hid") if hid else None,
+            w_cat=f32("w_cat"),
+            b_cat=f32("b_cat"),
+            w_spam=f32("w_spam"),
+            b_spam=f32("b_spam"),
+        ),
+        manifest,
+    )
+
+
+def in_holdout(body_hash: str, fraction: float) -> bool:
+    """The gate's slice: a fixed share of items by a hash of the body hash."""
+    h = hashlib.sha256(b"gate:" + body_hash.encode()).digest()
+    return int.from_bytes(h[:4], "big") < fraction * 2**32
+
+
+def latest_per_message(items: Sequence[T]) -> list[T]:
+    """One item per body (the latest decision wins: a user may move it twice), in a fixed order."""
+    last: dict[str, T] = {}
+    for it in sorted(items, key=lambda i: (i.time, i.body_hash)):
+        last[it.body_hash] = it
+    return sorted(last.values(), key=lambda i: i.body_hash)
+
+
+def split(items: Sequence[T], fraction: float) -> tuple[list[T], list[T]]:
+    """(train, holdout) of the de-duplicated items."""
+    items = latest_per_message(items)
+    hold = [i for i in items if in_holdout(i.body_hash, fraction)]
+    train = [i for i in items if not in_holdout(i.body_hash, fraction)]
+    return train, hold
+
+
+def item_weights(items: Sequence[Feedback], cfg: LearnConfig) -> F32:
+    """Correction > confirmation; each user's sum capped at `user_cap`; mean 1."""
+    w = np.array(
+        [cfg.correction_weight if i.kind == "correction" else 1.0 for i in items], dtype=np.float64
+    )
+    for user in {i.user for i in items}:
+        mask = np.array([i.user == user for i in items])
+        total = float(w[mask].sum())
+        if total > cfg.user_cap:
+            w[mask] *= cfg.user_cap / total
+    if w.size:
+        w *= w.size / w.sum()
+    return w.astype(np.float32)
+
+
+def targets(
+    items: Sequence[Feedback], manifest: Manifest
+) -> tuple[npt.NDArray[np.int64], F32, list[str]]:
+    """(category index or -1, spam 0/1, unknown labels). The spam label and "ham" (not
+    spam, no category) train the spam head only; a category label says "this
+    category, and not spam"."""
+    index = {c: k for k, c in enumerate(manifest.labels)}
+    cat, spam, unknown = [], [], []
+    for it in items:
+        if it.label == manifest.spam_label:
+            cat.append(-1)
+            spam.append(1.0)
+        elif it.label == HAM_LABEL:
+            cat.append(-1)
+            spam.append(0.0)
+        elif it.label in index:
+            cat.append(index[it.label])
+            spam.append(0.0)
+        else:
+            unknown.append(it.label)
+            cat.append(-2)  # dropped by the caller
+            spam.append(0.0)
+    return np.array(cat, dtype=np.int64), np.array(spam, dtype=np.float32), unknown
+
+
+def finetune(
+    start: Weights,
+    ids: Sequence[IdArray],
+    cat: npt.NDArray[np.int64],
+    spam: F32,
+    weight: F32,
+    slots: int,
+    cfg: LearnConfig,
+    *,
+    progress: bool = False,
+) -> Weights:
+    """`start` trained further on (ids, cat, spam) with per-item weights and the anchor."""
+    import torch
+    from torch import nn
+    from tqdm import tqdm
+
+    torch.manual_seed(cfg.seed)
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(cfg.seed)
+
+    def t(a: F32) -> Any:
+        return torch.from_numpy(np.array(a, dtype=np.float32))  # a writable copy
+
+    emb = nn.EmbeddingBag.from_pretrained(t(start.emb), freeze=False, mode="mean")
+    lin: Any = None
+    if start.w_hid is not None and start.b_hid is not None:
+        lin = nn.Linear(*start.w_hid.shape)
+        with torch.no_grad():
+            lin.weight.copy_(t(start.w_hid.T))
+            lin.bias.copy_(t(start.b_hid))
+    hid: Any = nn.Sequential(lin, nn.ReLU()) if lin is not None else nn.Identity()
+    head_cat = nn.Linear(*start.w_cat.shape)
+    head_spam = nn.Linear(*start.w_spam.shape)
+    with torch.no_grad():
+        head_cat.weight.copy_(t(start.w_cat.T))
+        head_cat.bias.copy_(t(start.b_cat))
+        head_spam.weight.copy_(t(start.w_spam.T))
+        head_spam.bias.copy_(t(start.b_spam))
+    model = nn.ModuleList([emb, hid, head_cat, head_spam])
+    params = list(model.parameters())
+    anchors = [p.detach().clone() for p in params]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+
+    structs = [a[:slots][a[:slots] > 0] for a in ids]
+    texts = [a[slots:][a[slots:] > 0] for a in ids]
+
+    def bag(arrays: list[IdArray]) -> Any:
+        lengths = np.fromiter((x.shape[0] for x in arrays), dtype=np.int64, count=len(arrays))
+        offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64))
+        return emb(torch.from_numpy(np.concatenate(arrays).astype(np.int64)), offsets)
+
+    n = len(ids)
+    per_epoch = -(-n // cfg.batch_size)
+    epochs = max(cfg.epochs, -(-cfg.min_steps // max(per_epoch, 1)))
+    bar = tqdm(total=epochs * per_epoch, desc="learn", unit="step", disable=not progress,
+               file=sys.stderr, mininterval=1.0)  # fmt: skip
+    for _ in range(epochs):
+        order = rng.permutation(n)
+        for s in range(0, n, cfg.batch_size):
+            idx = order[s : s + cfg.batch_size]
+            h = hid(torch.cat([bag([structs[i] for i in idx]), bag([texts[i] for i in idx])], 1))
+            wt = t(weight[idx])
+            loss = (
+                nn.functional.binary_cross_entropy_with_logits(
+                    head_spam(h).squeeze(1), t(spam[idx]), reduction="none"
+                )
+                * wt
+            ).sum()
+            c = cat[idx]
+            mask = c >= 0
+            if mask.any():
+                m = torch.from_numpy(mask)
+                ce = nn.functional.cross_entropy(
+                    head_cat(h[m]), torch.from_numpy(c[mask]), reduction="none"
+                )
+                loss = loss + (ce * wt[m]).sum()
+            loss = loss / len(idx)
+            loss = loss + cfg.anchor * sum(
+                ((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True)
+            )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            bar.update(1)
+    bar.close()
+    with torch.no_grad():
+        e = emb.weight.detach().numpy().astype(np.float32).copy()
+        e[0] = 0.0  # padding row: contributes nothing
+        return Weights(
+            emb=e,
+            w_hid=lin.weight.detach().numpy().T.astype(np.float32).copy() if lin is not None else None,
+            b_hid=lin.bias.detach().numpy().astype(np.float32).copy() if lin is not None else None,
+            w_cat=head_cat.weight.detach().numpy().T.astype(np.float32).copy(),
+            b_cat=head_cat.bias.detach().numpy().astype(np.float32).copy(),
+            w_spam=head_spam.weight.detach().numpy().T.astype(np.float32).copy(),
+            b_spam=head_spam.bias.detach().numpy().astype(np.float32).copy(),
+        )  # fmt: skip
+
+
+class LearnResult(msgspec.Struct):
+    weights: Weights
+    manifest: Manifest
+    train: int
+    holdout: list[Any]  # the gate's items (Feedback)
+    summary: dict[str, Any]
+
+
+def learn(
+    model_path: str | Path,
+    items: Sequence[Feedback],
+    cfg: LearnConfig,
+    *,
+    progress: bool = False,
+) -> LearnResult:
+    """Warm-start a candidate from `model_path` on the training share of `items`."""
+    require_train_extra()
+    start, manifest = read_model(model_path)
+    train, hold = split(items, cfg.holdout_fraction)
+    cat, spam, unknown = targets(train, manifest)
+    keep = cat >= -1
+    train = [it for it, k in zip(train, keep, strict=True) if k]
+    cat, spam = cat[keep], spam[keep]
+    if not train:
+        raise ValueError("no feedback to learn from (after the held-out slice and unknown labels)")
+    ids = extract_many([it.raw for it in train], manifest.features)
+    weights = finetune(start, ids, cat, spam, item_weights(train, cfg), manifest.features.struct_slots,
+                       cfg, progress=progress)  # fmt: skip
+    summary = {
+        "parent": f"{manifest.name}/{manifest.version}",
+        "feedback": len(train),
+        "holdout": len(hold),
+        "kinds": dict(sorted(Counter(i.kind for i in train).items())),
+        "labels": dict(sorted(Counter(i.label for i in train).items())),
+        "users": len({i.user for i in train}),
+        "unknown_labels": dict(sorted(Counter(unknown).items())),
+        "config": msgspec.to_builtins(cfg),
+    }
+    new_manifest = msgspec.structs.replace(
+        manifest,
+        version=f"{manifest.version.split('+')[0]}+learn.{dt.datetime.now(dt.UTC):%Y%m%d%H%M%S}",
+        created=dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
+        training={**manifest.training, "learn": summary},
+    )
+    return LearnResult(weights, new_manifest, len(train), list(hold), summary)
+
+
+def write_candidate(result: LearnResult, out: str | Path) -> Path:
+    """The candidate's ONNX file (written atomically: a reader never sees half of it)."""
+    from classifier.learning.gate import atomic_write
+
+    model = build_onnx(result.weights, result.manifest)
+    out = Path(out)
+    atomic_write(out, model.SerializeToString())
+    return out
+
+
+__all__ = [
+    "Feedback",
+    "LearnConfig",
+    "LearnResult",
+    "TorchMissing",
+    "finetune",
+    "in_holdout",
+    "item_weights",
+    "latest_per_message",
+    "learn",
+    "read_model",
+    "require_train_extra",
+    "split",
+    "targets",
+    "write_candidate",
+]
