@@ -13,6 +13,7 @@ classifier's model path); the store itself is `classifier.learning.store`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,9 +88,7 @@ def _run(args: argparse.Namespace) -> int:
     if not args.label:
         raise _Fail(EX_DATAERR, "--label LABEL is required (or --from-maildir PATH --map F=L)")
     _check_label(args.label, labels)
-    raw = sys.stdin.buffer.read(MAX_MESSAGE_BYTES + 1)
-    if len(raw) > MAX_MESSAGE_BYTES:
-        raise _Fail(EX_DATAERR, f"message larger than {MAX_MESSAGE_BYTES} bytes")
+    raw = _read_stdin(MAX_MESSAGE_BYTES)
     problem = not_mail(raw)
     if problem:
         raise _Fail(EX_DATAERR, f"not a mail message: {problem}")
@@ -100,6 +99,20 @@ def _run(args: argparse.Namespace) -> int:
     if item is None:
         print(f"already recorded as {args.label}", file=sys.stderr)
     return EX_OK
+
+
+def _read_stdin(limit: int) -> bytes:
+    """stdin up to `limit` bytes, in chunks: one read(limit) would reserve the
+    whole limit up front, past the address-space cap of a Dovecot service."""
+    chunks: list[bytes] = []
+    n = 0
+    fd = sys.stdin.buffer.fileno()
+    while chunk := os.read(fd, 1 << 16):
+        n += len(chunk)
+        if n > limit:
+            raise _Fail(EX_DATAERR, f"message larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def not_mail(raw: bytes) -> str:
