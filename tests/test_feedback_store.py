@@ -146,3 +146,21 @@ def test_two_writer_processes(tmp_path: Path) -> None:
     ids = {i.message_id for i in FeedbackStore(tmp_path).items()}
     want = {f"<m{n}@example.org>" for k in (1, 2) for n in range(k * 1000, k * 1000 + 150)}
     assert ids == want
+
+
+def test_two_instances_see_each_other(tmp_path: Path) -> None:
+    """A writer keeps its index between adds; it must still see another
+    writer's appends and a compaction (a new file) that happened meanwhile."""
+    a = FeedbackStore(tmp_path, max_items=20)
+    b = FeedbackStore(tmp_path, max_items=20)
+    assert a.add(msg(1), "personal", "u") is not None
+    assert b.add(msg(2), "personal", "u") is not None
+    assert a.add(msg(2), "personal", "u") is None  # b's append is seen
+    assert a.add(msg(2), "spam", "u") is not None
+    assert b.add(msg(2), "spam", "u") is None  # and a's label change by b
+    for n in range(100, 160):  # b compacts several times
+        b.add(msg(n), "personal", "u")
+    assert a.add(msg(159), "personal", "u") is None
+    assert a.add(msg(1), "personal", "u") is not None  # dropped by the bound: new again
+    ids = [i.message_id for i in a.items()]
+    assert len(ids) == 20 and ids[-1] == "<m1@example.org>" and len(set(ids)) == 20

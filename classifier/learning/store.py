@@ -177,10 +177,12 @@ class _Index:
         self.end = rec.end
 
 
-def _scan(f: BinaryIO, size: int, *, path: Path) -> Iterator[tuple[int, int, _Meta, int, int]]:
+def _scan(
+    f: BinaryIO, size: int, *, path: Path, start: int = 0
+) -> Iterator[tuple[int, int, _Meta, int, int]]:
     """(offset, end, meta, raw_offset, raw_crc) of each valid frame; bad frames are
     skipped (one log line each run of garbage) by resynchronising at the next MAGIC."""
-    pos = 0
+    pos = start
     bad_at: int | None = None
     while pos + _HEAD.size <= size:
         f.seek(pos)
@@ -256,6 +258,10 @@ class FeedbackStore:
         self.retention_s = retention_days * 86_400.0
         self._log = self.path / LOG_NAME
         self._lock = self.path / LOCK_NAME
+        # A writer's index of the log, kept between adds: (inode, header of
+        # the last indexed frame, index). A harvest of N messages must not
+        # rescan the whole log N times.
+        self._cache: tuple[int, bytes, _Index] | None = None
 
     # -- locking --------------------------------------------------------------
 
@@ -278,6 +284,31 @@ class FeedbackStore:
         for off, end, meta, _, _ in _scan(f, size, path=self._log):
             idx.add(_Rec(off, end, meta))
         return idx
+
+    def _writer_index(self, f: BinaryIO) -> _Index:
+        """The index, scanning only what was appended since the last add when
+        the log is still the same file (not compacted by anyone since)."""
+        st = os.fstat(f.fileno())
+        if self._cache is not None:
+            ino, last_head, idx = self._cache
+            last = max(idx.live, default=None)  # the newest live frame
+            ok = ino == st.st_ino and st.st_size >= idx.end
+            if ok and last is not None:
+                f.seek(last)
+                ok = f.read(_HEAD.size) == last_head
+            if ok:
+                for off, end, meta, _, _ in _scan(f, st.st_size, path=self._log, start=idx.end):
+                    idx.add(_Rec(off, end, meta))
+                return idx
+        return self._index(f)
+
+    def _remember(self, f: BinaryIO, idx: _Index) -> None:
+        last = max(idx.live, default=None)
+        head = b""
+        if last is not None:
+            f.seek(last)
+            head = f.read(_HEAD.size)
+        self._cache = (os.fstat(f.fileno()).st_ino, head, idx)
 
     def _visible(self, idx: _Index, now: float) -> list[_Rec]:
         cutoff = now - self.retention_s
@@ -302,9 +333,10 @@ class FeedbackStore:
         try:
             with self._locked(fcntl.LOCK_EX):
                 with open(self._log, "a+b") as f:
-                    idx = self._index(f)
+                    self._cache, idx = None, self._writer_index(f)
                     old = idx.find(meta)
                     if old is not None and old.meta.label == label:
+                        self._remember(f, idx)
                         return None
                     size = os.fstat(f.fileno()).st_size
                     if idx.end < size:  # a torn append: cut it, or it hides what follows
@@ -315,7 +347,9 @@ class FeedbackStore:
                     os.fsync(f.fileno())
                     idx.add(_Rec(idx.end, idx.end + len(frame), meta))
                     if self._due(idx, meta.time):
-                        self._compact(f, idx, meta.time)
+                        self._compact(f, idx, meta.time)  # a new file: next add rescans
+                    else:
+                        self._remember(f, idx)
         except OSError as exc:
             raise StoreError(f"{self._log}: {exc.strerror or exc}") from None
         return FeedbackItem(raw, *msgspec.structs.astuple(meta))
