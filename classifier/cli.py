@@ -46,10 +46,6 @@ def add_subcommands(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=_classify)
 
-    from classifier.learning import learn_cli  # learn, rollback (issue 12)
-
-    learn_cli.add_subcommands(sub)
-
 
 def _train(args: argparse.Namespace) -> int:
     from classifier.features import FeatureParams

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import random
 import shutil
 import signal
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,6 +42,7 @@ from classifier.learning.learn import (
     split,
     write_candidate,
 )
+from classifier.learning.store import FeedbackStore
 from classifier.model import LoadedModel, load_model
 from classifier.train import forward
 
@@ -280,3 +284,82 @@ async def test_a_running_server_swaps_to_the_promoted_model_on_sighup(
     ]
     assert set(replies) == {250} and len(replies) == len(models)
     assert b"learn." not in models[0] and b"learn." in models[-1]
+
+
+# -- the command line, on the real feedback store --------------------------------
+
+
+def learn_toml(tmp: Path, model: Path, store: Path, enabled: bool = True) -> Path:
+    path = tmp / "triaged.toml"
+    path.write_text(
+        f'[classifier]\nmodel_path = "{model}"\n\n'
+        f'[learning]\nenabled = {"true" if enabled else "false"}\nstore_path = "{store}"\n'
+    )
+    return path
+
+
+def run_triaged(*args: str, pre: str = "") -> subprocess.CompletedProcess[str]:
+    code = f"{pre}import sys; from proxy.__main__ import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          timeout=300, check=False)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def filled_store(
+    current: LoadedModel, items: list[Item], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The same feedback through the real store: stamped as the server stamped it."""
+    store = FeedbackStore(tmp_path_factory.mktemp("store"))
+    added = 0
+    for it in items:
+        stamped = f"X-Triage-Category: {it.decided}\r\nX-Triage-Model: triaged-default/2\r\n"
+        # None: the store has it already (same Message-ID or body: the corpus repeats some)
+        added += store.add(stamped.encode() + it.raw, it.label, it.user) is not None
+    got = store.items()
+    assert len(got) == added >= 0.9 * len(items)
+    assert sum(i.kind == "correction" for i in got) >= 15
+    return store.path
+
+
+def test_learn_command_promotes_reports_and_rolls_back(filled_store: Path, tmp_path: Path) -> None:
+    model = tmp_path / "model.onnx"
+    shutil.copyfile(DEFAULT, model)
+    cfg = learn_toml(tmp_path, model, filled_store)
+    r = run_triaged("learn", "--config", str(cfg), "--quiet")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "model.onnx.learn.json").read_text())
+    assert report["accepted"] and report["promoted"], report
+    assert report["candidate"]["holdout_agreement"] > report["current"]["holdout_agreement"]
+    assert "learn_decision" in r.stdout + r.stderr
+    assert load_model(str(model)).manifest.version.startswith("2+learn.")
+    assert gate.previous_path(model).read_bytes() == DEFAULT.read_bytes()
+    r = run_triaged("rollback", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert model.read_bytes() == DEFAULT.read_bytes()
+
+
+def test_learn_command_is_off_by_default_and_clear_about_errors(
+    filled_store: Path, tmp_path: Path
+) -> None:
+    model = tmp_path / "model.onnx"
+    shutil.copyfile(DEFAULT, model)
+    off = learn_toml(tmp_path, model, filled_store, enabled=False)
+    r = run_triaged("learn", "--config", str(off))
+    assert r.returncode == 0 and "learning.enabled is false" in r.stdout
+    assert model.read_bytes() == DEFAULT.read_bytes()
+    args = ("learn", "--model", str(model), "--store", str(filled_store), "--quiet")
+    # No torch (the `train` extra): one line that says what to install.
+    r = run_triaged(*args, pre="import sys; sys.modules['torch'] = None; ")
+    assert r.returncode == 2 and "pip install 'triaged[train]'" in r.stderr, r.stderr
+    # A second learn while one holds the model: refused at once, nothing written.
+    with gate.exclusive(model):
+        r = run_triaged(*args)
+    assert r.returncode == 2 and "another learn or rollback is running" in r.stderr
+    # An empty store: nothing to learn, not a failure of the nightly unit.
+    r = run_triaged("learn", "--model", str(model), "--store", str(tmp_path / "empty"))
+    assert r.returncode == 0 and "nothing to learn" in r.stdout
+    # No MODEL.prev yet: rollback says so.
+    r = run_triaged("rollback", "--model", str(model))
+    assert r.returncode == 2 and "no previous model" in r.stderr
+    assert model.read_bytes() == DEFAULT.read_bytes()
+    assert not (tmp_path / "model.onnx.learn.json").exists()

@@ -31,7 +31,7 @@ import msgspec
 import numpy as np
 
 from classifier.corpus import iter_path
-from classifier.learning.learn import HAM_LABEL
+from classifier.learning.learn import HAM_LABEL, unstamped
 from classifier.model import LoadedModel, load_model
 
 CANARY_DIR = Path(__file__).resolve().parent.parent.parent / "models" / "canary"
@@ -65,7 +65,7 @@ def agreement(model: LoadedModel, items: Sequence[Any]) -> float:
     """Share of items where the model gives the user's label (category and not spam, or spam)."""
     if not items:
         return 0.0
-    preds = model.predict(model.featurize_many([i.raw for i in items]))
+    preds = model.predict(model.featurize_many([unstamped(i.raw) for i in items]))
     spam_label = model.manifest.spam_label
     ok = [
         bool(p.spam)

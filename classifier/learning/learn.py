@@ -33,6 +33,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
+from classifier import headers
 from classifier.features import IdArray, extract_many
 from classifier.model import MANIFEST_KEY, Manifest, ModelError, decode_manifest
 from classifier.train import Weights, build_onnx
@@ -124,6 +125,19 @@ def read_model(path: str | Path) -> tuple[Weights, Manifest]:
         ),
         manifest,
     )
+
+
+def unstamped(raw: bytes) -> bytes:
+    """`raw` without our X-Triage-* fields: the store keeps them (they say what was
+    decided), but the server strips incoming copies before it classifies, so the
+    model never sees them and must not learn from them."""
+    block = headers.head(raw)
+    ours = {
+        m.group(1).lower()
+        for m in headers.FIELD.finditer(block)
+        if m.group(1).lower().startswith(b"x-triage-")
+    }
+    return headers.remove(block, ours) + raw[len(block) :] if ours else raw
 
 
 def in_holdout(body_hash: str, fraction: float) -> bool:
@@ -313,7 +327,7 @@ def learn(
     cat, spam = cat[keep], spam[keep]
     if not train:
         raise ValueError("no feedback to learn from (after the held-out slice and unknown labels)")
-    ids = extract_many([it.raw for it in train], manifest.features)
+    ids = extract_many([unstamped(it.raw) for it in train], manifest.features)
     weights = finetune(start, ids, cat, spam, item_weights(train, cfg), manifest.features.struct_slots,
                        cfg, progress=progress)  # fmt: skip
     summary = {
@@ -359,5 +373,6 @@ __all__ = [
     "require_train_extra",
     "split",
     "targets",
+    "unstamped",
     "write_candidate",
 ]

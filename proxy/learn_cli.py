@@ -1,14 +1,17 @@
 """`triaged learn` and `triaged rollback`: retrain from feedback, gate, swap; undo.
 
+Lives in `proxy` because it reads the whole config (`[learning]`, the
+classifier's model path); the work is in `classifier.learning` (learn, gate).
+
 Exit status of learn: 0 when a decision was taken (promoted or refused: the
-report says which; a refusal is the gate working, not a failure), 2 on an
-error (no torch, bad model file, empty store, another learn running).
+report and the log line say which; a refusal is the gate working, not a
+failure) or when `learning.enabled` is false under --config; 2 on an error
+(no torch, bad model file, empty store, another learn running); 78 bad config.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -18,18 +21,21 @@ import msgspec
 import structlog
 
 log = structlog.get_logger("triaged.learn")
+EX_CONFIG = 78
 
 
 def add_subcommands(sub: Any) -> None:
     p = sub.add_parser(
         "learn",
         help="train a candidate from the current model and the users' feedback; gate; swap",
-        description="Warm-start a candidate from MODEL on the feedback store, compare it with "
-        "MODEL on a held-out slice of the feedback and on the canary set, and replace MODEL "
-        "(keeping MODEL.prev) only if it is better. Needs the `train` extra (torch, onnx).",
+        description="Warm-start a candidate from the model on the feedback store, compare it "
+        "with the model on a held-out slice of the feedback and on the canary set, and replace "
+        "the model file (keeping MODEL.prev) only if it is better. Needs the `train` extra "
+        "(torch, onnx). With --config, does nothing unless learning.enabled is true.",
     )
-    p.add_argument("--model", required=True, help="the fp32 model file the server runs")
-    p.add_argument("--store", required=True, help="the feedback store (triaged feedback)")
+    p.add_argument("--config", help="triaged TOML config (learning.*, classifier.model_path)")
+    p.add_argument("--model", help="the fp32 model file (default: classifier.model_path)")
+    p.add_argument("--store", help="the feedback store directory (default: learning.store_path)")
     p.add_argument("--out", help="candidate file (default: MODEL.candidate)")
     p.add_argument("--report", help="JSON report (default: MODEL.learn.json)")
     p.add_argument("--canary", help="canary folder <category>/*.eml (default: models/canary)")
@@ -44,32 +50,49 @@ def add_subcommands(sub: Any) -> None:
     p.set_defaults(func=_learn)
 
     p = sub.add_parser("rollback", help="put MODEL.prev back (a second rollback undoes it)")
-    p.add_argument("--model", required=True)
+    p.add_argument("--config", help="triaged TOML config (classifier.model_path)")
+    p.add_argument("--model", help="the model file (default: classifier.model_path)")
     p.add_argument("--pidfile", help="SIGHUP this server afterwards")
     p.set_defaults(func=_rollback)
 
 
-def _items(store: str) -> list[Any]:
-    # The store module comes from the feedback half of issue 12.
-    mod = importlib.import_module("classifier.learning.store")
-    items: list[Any] = mod.FeedbackStore(Path(store)).items()
-    return items
+def _settings(path: str | None) -> Any:
+    from proxy.settings import load_settings
+
+    return load_settings(path)
 
 
 def _learn(args: argparse.Namespace) -> int:
     from classifier.learning import gate
     from classifier.learning.learn import LearnConfig, TorchMissing, learn, write_candidate
+    from classifier.learning.store import FeedbackStore, StoreError
     from classifier.model import ModelError, load_model
+    from proxy.settings import ConfigError
 
-    model = Path(args.model)
+    try:
+        settings = _settings(args.config)
+    except ConfigError as exc:
+        print(f"triaged learn: config: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    if args.config and not settings.learning.enabled:
+        log.info("learn_disabled", config=args.config)
+        print("triaged learn: learning.enabled is false in the config: nothing to do")
+        return 0
+    model = Path(args.model or settings.classifier.model_path)
     out = Path(args.out) if args.out else model.with_name(model.name + ".candidate")
     report = Path(args.report) if args.report else model.with_name(model.name + ".learn.json")
     cfg = LearnConfig(seed=args.seed, epochs=args.epochs)
     gcfg = gate.GateConfig(min_holdout=args.min_holdout, min_gain=args.min_gain,
                            canary_margin=args.canary_margin)  # fmt: skip
+    store = FeedbackStore(Path(args.store or settings.learning.store_path),
+                          max_items=settings.learning.max_items,
+                          retention_days=settings.learning.retention_days)  # fmt: skip
     try:
         with gate.exclusive(model):
-            items = _items(args.store)
+            items = store.items()
+            if not items:  # a quiet night is not a failure of the timer's unit
+                print(f"triaged learn: {store.path}: no feedback yet, nothing to learn")
+                return 0
             result = learn(model, items, cfg, progress=not args.quiet and sys.stderr.isatty())
             write_candidate(result, out)
             current, candidate = load_model(str(model)), load_model(str(out))
@@ -78,10 +101,10 @@ def _learn(args: argparse.Namespace) -> int:
             promoted = decision.accepted and not args.no_promote
             if promoted:
                 gate.promote(out, model)
-            doc = {**msgspec.to_builtins(decision), "promoted": promoted, "model": str(model),
-                   "candidate": str(out), "learn": result.summary}  # fmt: skip
+            doc = {**msgspec.to_builtins(decision), "promoted": promoted, "model_file": str(model),
+                   "candidate_file": str(out), "learn": result.summary}  # fmt: skip
             gate.atomic_write(report, json.dumps(doc, indent=2).encode() + b"\n")
-    except (TorchMissing, ModelError, ValueError, RuntimeError, OSError) as exc:
+    except (TorchMissing, ModelError, StoreError, ValueError, RuntimeError, OSError) as exc:
         print(f"triaged learn: {exc}", file=sys.stderr)
         return 2
     log.info("learn_decision", accepted=decision.accepted, promoted=promoted,
@@ -100,13 +123,17 @@ def _learn(args: argparse.Namespace) -> int:
 def _rollback(args: argparse.Namespace) -> int:
     from classifier.learning import gate
     from classifier.model import ModelError
+    from proxy.settings import ConfigError
 
-    model = Path(args.model)
     try:
+        model = Path(args.model or _settings(args.config).classifier.model_path)
         with gate.exclusive(model):
             gate.rollback(model)
         if args.pidfile:
             gate.signal_pidfile(Path(args.pidfile))
+    except ConfigError as exc:
+        print(f"triaged rollback: config: {exc}", file=sys.stderr)
+        return EX_CONFIG
     except (ModelError, RuntimeError, OSError, ValueError) as exc:
         print(f"triaged rollback: {exc}", file=sys.stderr)
         return 2
