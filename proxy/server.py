@@ -122,6 +122,9 @@ class Server:
                     port,
                     reuse_address=True,
                     backlog=1024,
+                    # Serve only once every listener is bound: a client that
+                    # saw one port answer must find the others answering too.
+                    start_serving=False,
                 )
                 self._servers.append(srv)
                 bound = srv.sockets[0].getsockname()
@@ -131,6 +134,8 @@ class Server:
             await self.upstream.close()
             await self.classifier.close()
             raise
+        for srv in self._servers:
+            await srv.start_serving()
         if s.metrics.listen:
             host, port = split_host_port(s.metrics.listen)
             self.metrics_port = self.metrics.serve(host, port)
