@@ -89,10 +89,13 @@ def test_modern_only_tokens_are_what_extract_emits() -> None:
     )
     ids = set(extract(raw, P)[: P.struct_slots].tolist())
     era = dict(zip(MODERN_ONLY_TOKENS, structure_ids(MODERN_ONLY_TOKENS, P).tolist(), strict=True))
-    assert era["sig:dkim-aligned"] in ids and era["sig:dkim-other"] not in ids
+    assert era["sig:dkim"] in ids
     assert era["sig:one-click"] in ids and era["h+feedback-id"] in ids
+    # Aligned or not, the same token: an unverified d= is the sender's claim.
     esp = raw.replace(b"d=mail.shop.example", b"d=esp-mailer.example")
-    assert era["sig:dkim-other"] in set(extract(esp, P)[: P.struct_slots].tolist())
+    assert set(extract(esp, P)[: P.struct_slots].tolist()) == ids
+    unsigned = raw.replace(b"DKIM-Signature: v=1; a=rsa-sha256; d=mail.shop.example; s=s1; b=x\n", b"")
+    assert era["sig:dkim"] not in set(extract(unsigned, P)[: P.struct_slots].tolist())
     # An http (not https) target is no RFC 8058 one-click unsubscribe.
     http = raw.replace(b"<https://", b"<http://")
     assert era["sig:one-click"] not in set(extract(http, P)[: P.struct_slots].tolist())

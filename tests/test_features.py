@@ -15,7 +15,7 @@ from feature_checks import features_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from classifier.features import FEATURE_VERSION, FeatureParams
+from classifier.features import FEATURE_VERSION, FeatureParams, structure_ids
 from classifier.labels import strip_leaks
 
 P = FeatureParams()
@@ -229,3 +229,19 @@ def test_python_only_codecs_are_not_run_on_mail() -> None:
         warnings.simplefilter("error")
         escaped = features_of(message("unicode_escape"), P)
     assert list(escaped) == list(features_of(message("x-no-such-charset"), P))
+
+
+def test_display_name_unrelated_to_the_address() -> None:
+    """People's names share a word, a short form or initials with their address;
+    a brand name over a throwaway address shares nothing (impersonation)."""
+    (tok,) = structure_ids(["from-name-unrelated"], P).tolist()
+
+    def unrelated(frm: bytes) -> bool:
+        return tok in set(features_of(b"From: " + frm + b"\nSubject: hi\n\nhello\n", P)[: P.struct_slots].tolist())
+
+    assert unrelated(b'"PayPal" <x7k2@q9z-secure.example>')
+    assert unrelated(b"Netflix Support <billing-update@mailer.example>")
+    assert not unrelated(b"Ann Lee <ann.lee@example.org>")
+    assert not unrelated(b"Philip Reynolds <phil@example.org>")  # a short form
+    assert not unrelated(b"Dave Long <dl@example.org>")  # initials
+    assert not unrelated(b"Shop <shop@example.org>")
