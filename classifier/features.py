@@ -607,6 +607,10 @@ def _header_tokens(
     rdom = _domain(_first(h, "reply-to"))[2] if "reply-to" in h else ""
     if rdom:
         add("replyto-same-org" if _org(rdom) == org else "replyto-other-org")
+        if rdom in _FREEMAIL and dom not in _FREEMAIL:
+            # A company's mail whose replies go to a webmail box: advance-fee
+            # and business-email-compromise fraud (no real sender does this).
+            add("replyto-freemail")
     sdom = _domain(_first(h, "sender"))[2] if "sender" in h else ""
     if sdom:
         add("sender-same-org" if _org(sdom) == org else "sender-other-org")

@@ -245,3 +245,15 @@ def test_display_name_unrelated_to_the_address() -> None:
     assert not unrelated(b"Philip Reynolds <phil@example.org>")  # a short form
     assert not unrelated(b"Dave Long <dl@example.org>")  # initials
     assert not unrelated(b"Shop <shop@example.org>")
+
+
+def test_reply_to_freemail_from_a_company() -> None:
+    (tok,) = structure_ids(["replyto-freemail"], P).tolist()
+
+    def has(frm: bytes, reply: bytes) -> bool:
+        raw = b"From: " + frm + b"\nReply-To: " + reply + b"\nSubject: hi\n\nhello\n"
+        return tok in set(features_of(raw, P)[: P.struct_slots].tolist())
+
+    assert has(b"Bank <service@bank.example>", b"<bank.claims@gmail.com>")
+    assert not has(b"Ann <ann@gmail.com>", b"<ann.lee@gmail.com>")  # a person's own webmail
+    assert not has(b"Shop <news@shop.example>", b"<help@shop.example>")
