@@ -42,8 +42,7 @@ def test_every_kind_is_there() -> None:
 # the inbox wins"), and none is called spam. Strict: a model that gets one
 # right fails here until the list is trimmed.
 KNOWN_AS_PRIMARY = frozenset(
-    {"receipt-17.eml", "receipt-18.eml", "receipt-21.eml", "reset-23.eml", "shipping-28.eml",
-     "shipping-31.eml"}
+    {"receipt-17.eml", "receipt-21.eml", "reset-23.eml", "shipping-28.eml", "shipping-31.eml"}
 )  # fmt: skip
 # Wanted mail the bundled model calls spam: none in this build. (A trial build
 # with the whole text bag dropped for 30% of the steps called the family note
@@ -78,14 +77,14 @@ def test_not_spam(model, path: Path) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_known_failures_are_few() -> None:
-    """What the model misses: 6 of the 15 transactional notices (as primary, the
+    """What the model misses: 5 of the 15 transactional notices (as primary, the
     safe direction); every personal message, reply, newsletter and list post
     must be right, and none of the 41 may be spam."""
     assert all(n.startswith(("receipt", "reset", "shipping")) for n in KNOWN_AS_PRIMARY)
     assert all(n.startswith("family") for n in KNOWN_CALLED_SPAM)
     names = {p.name for p in MESSAGES}
     assert names >= KNOWN_AS_PRIMARY | KNOWN_CALLED_SPAM
-    assert len(KNOWN_AS_PRIMARY) <= 6 and not KNOWN_CALLED_SPAM
+    assert len(KNOWN_AS_PRIMARY) <= 5 and not KNOWN_CALLED_SPAM
 
 
 def test_the_issue_examples(model) -> None:  # type: ignore[no-untyped-def]
