@@ -72,7 +72,10 @@ class LearnConfig(msgspec.Struct, frozen=True):
     min_steps: int = 60
     batch_size: int = 16
     lr: float = 0.01
-    anchor: float = 0.1  # L2 pull toward the current weights (0.01 forgot: canary 0.85 -> 0.71)
+    # L2 pull toward the current weights. bench/results/learning_curve.md: 0.1 forgot the
+    # other sources (macro-F1 0.84 -> 0.61-0.71 after Enron feedback), 10 learnt too little
+    # (Enron 0.60 -> 0.72-0.88); 1: Enron 0.98-0.99, others 0.79-0.82.
+    anchor: float = 1.0
     correction_weight: float = 4.0  # a correction counts this many confirmations
     user_cap: float = 50.0  # one user's items weigh at most this many items in all
     holdout_fraction: float = 0.2  # by body hash: the gate's slice, never trained on

@@ -1,0 +1,148 @@
+"""Learning curve of `triaged learn`: a source the base model never saw, fed N corrections.
+
+  PYTHONPATH=. .venv/bin/python bench/learning_curve.py [--source enron] [--seed 1]
+
+Base: models/default_recipe.py's recipe (FOLD_CFG, the LOSO fold settings)
+on every trainable source but SOURCE, and without a 10% hash slice of the
+other sources (their held-out eval). SOURCE is split by sender group: 30%
+of its senders are the held-out test, the rest is the feedback pool, in Date
+order (oldest first). For N in 0, 25, 50, 100, 200, 500 the first N pool
+messages become feedback with the source's category as the users' label
+(a correction where the base disagreed, else a confirmation; user = the
+sender group, so the per-user cap applies), and `learn` (all of it trained
+on: holdout_fraction 0) warm-starts from the base. Reported: SOURCE's held-out
+category accuracy and spam false-positive rate (SOURCE is wanted mail), and
+macro-F1 + spam FP on the other sources' held-out slice.
+Results: bench/results/learning_curve.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import email.utils
+import hashlib
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "models"))
+
+import default_recipe as dr  # noqa: E402
+
+from classifier.corpus import Message  # noqa: E402
+from classifier.evaluate import compute_report  # noqa: E402
+from classifier.learning.learn import LearnConfig, learn, write_candidate  # noqa: E402
+from classifier.model import LoadedModel, load_model  # noqa: E402
+from classifier.train import export, make_manifest, split_by_hash  # noqa: E402
+
+SIZES = (0, 25, 50, 100, 200, 500)
+
+
+class Item(msgspec.Struct, frozen=True):
+    raw: bytes
+    label: str
+    user: str
+    kind: str
+    decided: str | None
+    time: float
+    message_id: str
+    body_hash: str
+
+
+def date_of(m: Message) -> float:
+    head = m.raw.split(b"\n\n", 1)[0].split(b"\r\n\r\n", 1)[0]
+    for line in head.split(b"\n"):
+        if line.lower().startswith(b"date:"):
+            try:
+                d = email.utils.parsedate_to_datetime(line[5:].decode("latin-1").strip())
+                return d.timestamp()
+            except (TypeError, ValueError, IndexError):
+                return 0.0
+    return 0.0
+
+
+def measure(model: LoadedModel, test: list[Message], others: list[Message]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, ms in (("source", test), ("others", others)):
+        preds = model.predict(model.featurize_many([m.raw for m in ms]))
+        r = compute_report(
+            model.manifest.labels,
+            [m.category for m in ms],
+            [p.category for p in preds],
+            [m.spam for m in ms],
+            [bool(p.spam) for p in preds],
+        )
+        ham = [bool(p.spam) for m, p in zip(ms, preds, strict=True) if not m.spam]
+        out[name] = {
+            "messages": len(ms),
+            "accuracy": r.accuracy,
+            "macro_f1": r.macro_f1,
+            "spam_fp_rate": round(float(np.mean(ham)), 4) if ham else None,
+        }
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--source", default="enron")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--anchor", type=float, default=LearnConfig().anchor)
+    args = ap.parse_args()
+    t0 = time.time()
+    data = dr.load_all(progress=False)
+    src = [m for m in data.trainable if m.source == args.source and m.category]
+    if not src:
+        print(f"no messages of source {args.source}", file=sys.stderr)
+        return 2
+    rest = [m for m in data.trainable if m.source != args.source]
+    others = [m for m in rest if split_by_hash(m, 0.1, b"curve-others")]
+    base_train = [m for m in rest if not split_by_hash(m, 0.1, b"curve-others")]
+    test = [m for m in src if dr._hash_unit(m.group, b"curve") < 0.3]
+    pool = sorted((m for m in src if dr._hash_unit(m.group, b"curve") >= 0.3), key=date_of)
+    fitted = dr.recipe(base_train, data, dr.FOLD_CFG, progress=False)
+    work = Path(tempfile.mkdtemp(prefix="learning-curve-"))
+    base_path = work / "base.onnx"
+    manifest = make_manifest(fitted.result, dr.PARAMS, "curve-base", "1")
+    export(fitted.result, manifest, base_path, int8=False)
+    base = load_model(str(base_path))
+    t_base = time.time() - t0
+    decided = [p.category for p in base.predict(base.featurize_many([m.raw for m in pool]))]
+    rows = []
+    for n in SIZES:
+        if n > len(pool):
+            break
+        t1 = time.time()
+        if n == 0:
+            model = base
+        else:
+            items = [
+                Item(m.raw, m.category or "", m.group,
+                     "confirmation" if d == m.category else "correction", d, float(k), m.ident,
+                     hashlib.sha256(m.raw).hexdigest())
+                for k, (m, d) in enumerate(zip(pool[:n], decided[:n], strict=True))
+            ]  # fmt: skip
+            res = learn(base_path, items, LearnConfig(seed=args.seed, holdout_fraction=0.0, anchor=args.anchor))
+            model = load_model(str(write_candidate(res, work / f"cand-{n}.onnx")))
+        row = {"feedback": n, "corrections": sum(d != m.category for m, d in
+                                                 zip(pool[:n], decided[:n], strict=True)),
+               **measure(model, test, others), "seconds": round(time.time() - t1, 1)}  # fmt: skip
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    doc = {"source": args.source, "seed": args.seed, "anchor": args.anchor, "pool": len(pool), "test": len(test),
+           "others": len(others), "base_seconds": round(t_base, 1), "rows": rows,
+           "base_training": fitted.result.summary["sources"]}  # fmt: skip
+    out = ROOT / "bench/results"
+    name = f"learning_curve_{args.source.replace('/', '_')}_anchor{args.anchor:g}.json"
+    (out / name).write_text(json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
