@@ -41,6 +41,8 @@ def add_subcommands(sub: Any) -> None:
     p.add_argument("--canary", help="canary folder <category>/*.eml (default: models/canary)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--anchor", type=float, default=0.1,
+                   help="L2 pull toward the current weights: higher forgets less, learns less")  # fmt: skip
     p.add_argument("--min-holdout", type=int, default=10)
     p.add_argument("--min-gain", type=float, default=0.01)
     p.add_argument("--canary-margin", type=float, default=0.05)
@@ -81,7 +83,7 @@ def _learn(args: argparse.Namespace) -> int:
     model = Path(args.model or settings.classifier.model_path)
     out = Path(args.out) if args.out else model.with_name(model.name + ".candidate")
     report = Path(args.report) if args.report else model.with_name(model.name + ".learn.json")
-    cfg = LearnConfig(seed=args.seed, epochs=args.epochs)
+    cfg = LearnConfig(seed=args.seed, epochs=args.epochs, anchor=args.anchor)
     gcfg = gate.GateConfig(min_holdout=args.min_holdout, min_gain=args.min_gain,
                            canary_margin=args.canary_margin)  # fmt: skip
     store = FeedbackStore(Path(args.store or settings.learning.store_path),
