@@ -138,8 +138,11 @@ SA_GROUPS = ("easy-ham-1", "easy-ham-2", "hard-ham-1", "spam-1", "spam-2")
 def _unpack() -> None:
     import tarfile
 
+    tarballs = sorted(SHARED.glob("*.tar.gz"))
+    if not tarballs:  # say so here, not as an empty corpus three steps later
+        raise SystemExit(f"no *.tar.gz in {SHARED}: the shared data must sit beside the repo")
     UNPACKED.mkdir(parents=True, exist_ok=True)
-    for tgz in sorted(SHARED.glob("*.tar.gz")):
+    for tgz in tarballs:
         marker = UNPACKED / (tgz.name + ".done")
         if not marker.exists():
             with tarfile.open(tgz) as tf:
