@@ -74,8 +74,8 @@ class LearnConfig(msgspec.Struct, frozen=True):
     lr: float = 0.01
     # L2 pull toward the current weights (`triaged learn --anchor`). A trade-off, see
     # bench/results/learning_curve.md: with Enron held out of the base, 0.1 lifts Enron
-    # 0.60 -> 0.99 but the other sources' macro-F1 falls 0.84 -> 0.61-0.71; 1.0 keeps
-    # them at 0.79-0.82, yet fixes only 7 of 10 trained shipping corrections (0.1: all).
+    # 0.65 -> 0.997 but the other sources' macro-F1 falls 0.93 -> 0.73; 1.0 keeps them at
+    # 0.82, yet fixes only 7 of 10 trained shipping corrections (0.1: all of them).
     # 0.1 stays: the gate's canary floor refuses a candidate that forgot.
     anchor: float = 0.1
     correction_weight: float = 4.0  # a correction counts this many confirmations
