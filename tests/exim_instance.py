@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import os
 import pwd
-import re
 import shutil
 import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from waiting import wait_for_lines
 
 EXIM = "/usr/sbin/exim4"
 EXIM_USER = "Debian-exim"
@@ -105,18 +106,8 @@ class EximInstance:
             return ""
 
     def wait_for_log(self, pattern: str, count: int = 1, timeout: float = 30.0) -> list[str]:
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            hits = [line for line in self.mainlog().splitlines() if rx.search(line)]
-            if len(hits) >= count:
-                return hits
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"{len(hits)} of {count} mainlog lines match {pattern!r}; "
-                    f"mainlog tail:\n{self.mainlog()[-3000:]}"
-                )
-            time.sleep(0.1)
+        """Wait until `count` mainlog lines match the regex; those lines."""
+        return wait_for_lines(self.mainlog, pattern, count, timeout, name="mainlog")
 
     def wait_queue_empty(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout

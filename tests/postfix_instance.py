@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+
+from waiting import wait_for_lines
 
 POSTFIX = shutil.which("postfix") or "/usr/sbin/postfix"
 POSTQUEUE = shutil.which("postqueue") or "/usr/sbin/postqueue"
@@ -190,18 +191,7 @@ class PostfixInstance:
 
     def wait_for_log(self, pattern: str, count: int = 1, timeout: float = 30.0) -> list[str]:
         """Wait until `count` maillog lines match the regex; those lines."""
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            hits = [line for line in self.maillog().splitlines() if rx.search(line)]
-            if len(hits) >= count:
-                return hits
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"{len(hits)} of {count} maillog lines match {pattern!r}; "
-                    f"maillog tail:\n{self.maillog()[-3000:]}"
-                )
-            time.sleep(0.1)
+        return wait_for_lines(self.maillog, pattern, count, timeout, name="maillog")
 
     def wait_queue_empty(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout

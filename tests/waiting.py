@@ -10,6 +10,7 @@ expectations: passing tests return as soon as the predicate holds.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable
 
@@ -38,3 +39,22 @@ def wait_until_blocking(
         if time.monotonic() > deadline:
             raise AssertionError(f"not reached within {timeout_s} s: {_describe(predicate, what)}")
         time.sleep(interval)
+
+
+def wait_for_lines(
+    read: Callable[[], str], pattern: str, count: int = 1, timeout: float = 30.0, *, name: str = "log"
+) -> list[str]:
+    """Wait until `count` lines of `read()` (an MTA's log, read anew each time)
+    match the regex; those lines. TimeoutError with the log's tail otherwise."""
+    rx = re.compile(pattern)
+    deadline = time.monotonic() + timeout
+    while True:
+        text = read()
+        hits = [line for line in text.splitlines() if rx.search(line)]
+        if len(hits) >= count:
+            return hits
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"{len(hits)} of {count} {name} lines match {pattern!r}; {name} tail:\n{text[-3000:]}"
+            )
+        time.sleep(0.1)
