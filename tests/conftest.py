@@ -21,6 +21,7 @@ import msgspec
 import pytest
 import uvloop
 from kafka_broker import TANSU, TOPIC, KafkaBroker
+from smtp_sink import SmtpSink
 
 from classifier.config import ClassifierSettings
 from proxy.settings import ListenerSettings, ServerSettings, Settings, UpstreamSettings
@@ -384,3 +385,10 @@ def broker(tmp_path: Path) -> Iterator[KafkaBroker]:
     b.start()
     yield b
     b.kill()
+
+
+@pytest.fixture
+def sink() -> Iterator[SmtpSink]:
+    """A real smtp-sink (Postfix) next hop: the MTA tests deliver to it."""
+    with SmtpSink() as s:
+        yield s

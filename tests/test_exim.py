@@ -138,12 +138,6 @@ class EximSetup:
                 f"--- triaged log\n{self.triaged.log_tail()}")
 
 
-@pytest.fixture
-def sink() -> Iterator[SmtpSink]:
-    with SmtpSink() as s:
-        yield s
-
-
 def _setup(sink: SmtpSink, start_triaged: bool) -> Iterator[EximSetup]:
     setup = EximSetup(sink)
     try:

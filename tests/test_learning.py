@@ -28,7 +28,7 @@ import msgspec
 import numpy as np
 import pytest
 from conftest import CaptureServer, SmtpTestClient
-from triaged_proc import TriagedProcess
+from triaged_proc import TriagedProcess, serve_toml
 from waiting import wait_until
 
 from classifier.corpus import iter_path
@@ -210,32 +210,6 @@ def test_an_interrupted_write_leaves_the_old_file(tmp_path: Path) -> None:
         gate.atomic_write(target, None)  # type: ignore[arg-type]  # fails mid-write
     assert target.read_bytes() == b"old"
     assert list(tmp_path.iterdir()) == [target]
-
-
-def serve_toml(port: int, upstream: str, workdir: Path, model: Path) -> str:
-    return f"""\
-[server]
-hostname = "triaged.test"
-
-[[server.listeners]]
-address = "127.0.0.1:{port}"
-
-[upstream]
-url = "{upstream}"
-
-[classifier]
-kind = "onnx"
-model_path = "{model}"
-provider = "cpu"
-
-[events]
-jsonl_path = "{workdir / "events.jsonl"}"
-spool_dir = "{workdir / "spool"}"
-
-[logging]
-format = "json"
-level = "info"
-"""
 
 
 # A `triaged serve` child runs uvloop whatever this loop is: once is enough.

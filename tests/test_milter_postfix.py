@@ -169,12 +169,6 @@ class MilterSetup:
                 f"--- triaged log\n{self.triaged.log_tail()}")
 
 
-@pytest.fixture
-def sink() -> Iterator[SmtpSink]:
-    with SmtpSink() as s:
-        yield s
-
-
 def _setup(sink: SmtpSink, start_triaged: bool = True, **kw: object) -> Iterator[MilterSetup]:
     setup = MilterSetup(sink, **kw)  # type: ignore[arg-type]
     try:

@@ -112,12 +112,6 @@ class Setup:
                 f"--- triaged log\n{self.triaged.log_tail()}")
 
 
-@pytest.fixture
-def sink() -> Iterator[SmtpSink]:
-    with SmtpSink() as s:
-        yield s
-
-
 def _setup(
     kind: str, sink: SmtpSink, start_triaged: bool, triaged_toml: str = ""
 ) -> Iterator[Setup]:

@@ -33,7 +33,7 @@ from batching_models import (
     write_model,
 )
 from conftest import CaptureServer, SmtpTestClient, StartTriaged, base_settings
-from triaged_proc import TriagedProcess
+from triaged_proc import TriagedProcess, serve_toml
 from waiting import wait_until
 
 from classifier.batch_metrics import BatchStats
@@ -197,32 +197,6 @@ async def test_overloaded_classifier_follows_the_failure_policy(
 
 
 # -- SIGHUP on a real `triaged serve` ------------------------------------------
-
-
-def serve_toml(port: int, upstream: str, workdir: Path, model: Path) -> str:
-    return f"""\
-[server]
-hostname = "triaged.test"
-
-[[server.listeners]]
-address = "127.0.0.1:{port}"
-
-[upstream]
-url = "{upstream}"
-
-[classifier]
-kind = "onnx"
-model_path = "{model}"
-provider = "cpu"
-
-[events]
-jsonl_path = "{workdir / "events.jsonl"}"
-spool_dir = "{workdir / "spool"}"
-
-[logging]
-format = "json"
-level = "info"
-"""
 
 
 async def wait_for_log(proc: TriagedProcess, needle: str, count: int = 1) -> None:

@@ -194,3 +194,30 @@ class TriagedProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def serve_toml(port: int, upstream: str, workdir: Path, model: Path) -> str:
+    """Config for a `triaged serve` child with an ONNX model (the SIGHUP swap tests)."""
+    return f"""\
+[server]
+hostname = "triaged.test"
+
+[[server.listeners]]
+address = "127.0.0.1:{port}"
+
+[upstream]
+url = "{upstream}"
+
+[classifier]
+kind = "onnx"
+model_path = "{model}"
+provider = "cpu"
+
+[events]
+jsonl_path = "{workdir / "events.jsonl"}"
+spool_dir = "{workdir / "spool"}"
+
+[logging]
+format = "json"
+level = "info"
+"""
