@@ -1,11 +1,9 @@
 """Prometheus metrics, one registry per server (tests run several in a
-process). Exposition over HTTP only when `metrics.listen` is set."""
+process). Exposition over HTTP (proxy/httpd.py) only when `metrics.listen` is set."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from classifier.batch_metrics import CloseReason, FallbackReason, Work
 from proxy.transaction import TransactionRecord
@@ -134,7 +132,6 @@ class Metrics:
         self.classifier_reloads = Counter(
             "triaged_classifier_reloads", "Model reloads (SIGHUP) by result", ["result"], registry=r
         )
-        self._server: Any = None
 
     def record(self, record: TransactionRecord) -> None:
         self.transactions.labels(record.verdict, record.category or "none").inc()
@@ -142,15 +139,3 @@ class Metrics:
         if record.category is not None:
             self.classifier_seconds.observe(record.classifier_latency_ms / 1000.0)
         self.message_bytes.inc(record.size_bytes)
-
-    def serve(self, host: str, port: int) -> int:
-        """Start the exposition endpoint in a thread; returns the bound port."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        self._server = server
-        return int(server.server_port)
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None

@@ -6,6 +6,8 @@ Graceful stop on SIGTERM/SIGINT: stop accepting, close idle sessions with
 Readiness goes to systemd via sd_notify (Type=notify) when NOTIFY_SOCKET is set.
 SIGHUP re-reads the model file (classifier.model_path) and swaps it in between
 batches; a model that fails to load is logged and the old one keeps serving.
+/healthz and /readyz beside /metrics (proxy/health.py, proxy/httpd.py); with
+WATCHDOG_USEC set, WATCHDOG=1 only while the loop and the classifier answer.
 """
 
 from __future__ import annotations
@@ -21,6 +23,14 @@ import structlog
 
 from classifier.types import Classifier, ClassifierError
 from proxy import logs
+from proxy.health import (
+    HealthMonitor,
+    HealthTiming,
+    watchdog_healthy,
+    watchdog_interval_s,
+    watchdog_loop,
+)
+from proxy.httpd import StatusServer, registry_metrics
 from proxy.metrics import Metrics
 from proxy.milter.listener import MilterContext, MilterListener, drain_milter
 from proxy.pipeline import Pipeline
@@ -87,6 +97,7 @@ class Server:
         classifier: Classifier | None = None,
         sinks: Sequence[TransactionSink] = (),
         upstream: Upstream | None = None,
+        health_timing: HealthTiming | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = Metrics()
@@ -99,6 +110,12 @@ class Server:
         self.ctx: RelayContext | None = None
         self.milter: MilterContext | None = None
         self.milter_listeners: list[MilterListener] = []
+        # The next hop is probed only where someone reads /readyz (a metrics
+        # listener): an embedded server must not open connections of its own.
+        self.health = HealthMonitor(
+            self, health_timing or HealthTiming(probe_upstream=bool(settings.metrics.listen))
+        )
+        self.status: StatusServer | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -136,9 +153,15 @@ class Server:
             raise
         for srv in self._servers:
             await srv.start_serving()
+        self.health.start()
         if s.metrics.listen:
             host, port = split_host_port(s.metrics.listen)
-            self.metrics_port = self.metrics.serve(host, port)
+            try:
+                self.status = StatusServer(host, port, registry_metrics(self.metrics.registry), self.health.snapshot)
+            except BaseException:
+                await self.stop(drain_timeout_s=0.1)
+                raise
+            self.metrics_port = self.status.port
         log.info(
             "started",
             listeners=[f"{h}:{p}" for h, p in self.addresses] + [m.describe() for m in self.milter_listeners],
@@ -174,7 +197,10 @@ class Server:
         await self._close_servers()
         await self.upstream.close()
         await self.classifier.close()
-        self.metrics.close()
+        await self.health.close()
+        if self.status is not None:
+            self.status.close()
+            self.status = None
         log.info("stopped")
 
     async def _close_servers(self) -> None:
@@ -211,7 +237,7 @@ def sd_notify(message: str, address: str | None) -> None:
         log.warning("sd_notify_failed", error=exc.strerror)
 
 
-async def _serve(settings: Settings, notify_socket: str | None) -> int:
+async def _serve(settings: Settings, notify_socket: str | None, watchdog_s: float | None = None) -> int:
     from proxy.events import make_event_sink
 
     events = make_event_sink(settings.events)
@@ -245,7 +271,16 @@ async def _serve(settings: Settings, notify_socket: str | None) -> int:
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     sd_notify("READY=1", notify_socket)
+    watchdog = None
+    if watchdog_s is not None:
+        watchdog = loop.create_task(watchdog_loop(
+            lambda: watchdog_healthy(server.health.snapshot()),
+            lambda message: sd_notify(message, notify_socket),
+            watchdog_s,
+        ))
     await stop.wait()
+    if watchdog is not None:
+        watchdog.cancel()
     loop.remove_signal_handler(signal.SIGHUP)
     sd_notify("STOPPING=1", notify_socket)
     log.info("draining", connections=len(server.ctx.connections) if server.ctx else 0)
@@ -260,5 +295,6 @@ def serve_forever(settings: Settings) -> int:
 
     logs.configure(settings.logging)
     notify_socket = os.environ.get("NOTIFY_SOCKET")  # read once, at start
+    watchdog_s = watchdog_interval_s(os.environ, os.getpid()) if notify_socket else None
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(_serve(settings, notify_socket))
+        return runner.run(_serve(settings, notify_socket, watchdog_s))
