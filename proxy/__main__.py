@@ -42,7 +42,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"triaged: config: {exc}", file=sys.stderr)
         return EX_CONFIG
-    return serve_forever(settings)
+    return serve_forever(settings, args.config)
 
 
 def _check_config(args: argparse.Namespace) -> int:

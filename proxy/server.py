@@ -4,8 +4,9 @@ same thing as an importable async API (tests start it on port 0).
 Graceful stop on SIGTERM/SIGINT: stop accepting, close idle sessions with
 421, let open transactions finish for drain_timeout_s, then close the rest.
 Readiness goes to systemd via sd_notify (Type=notify) when NOTIFY_SOCKET is set.
-SIGHUP re-reads the model file (classifier.model_path) and swaps it in between
-batches; a model that fails to load is logged and the old one keeps serving.
+SIGHUP re-reads the config file (proxy/reload.py: live changes between
+transactions, restart-only ones logged) and the model file, swapped in between
+batches; a config or model that fails to load is logged and the old one keeps serving.
 /healthz and /readyz beside /metrics (proxy/health.py, proxy/httpd.py); with
 WATCHDOG_USEC set, WATCHDOG=1 only while the loop and the classifier answer.
 """
@@ -18,6 +19,7 @@ import signal
 import socket
 import ssl
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -37,7 +39,11 @@ from proxy.pipeline import Pipeline
 from proxy.settings import ConfigError, Settings, split_host_port
 from proxy.smtp.session import RelayContext, TriageSMTP
 from proxy.smtp.upstream import Upstream, build_upstream
+from proxy.smtp.upstream_switch import SwitchableUpstream
 from proxy.transaction import TransactionSink
+
+if TYPE_CHECKING:
+    from proxy.events import EventSink
 
 log = structlog.get_logger("triaged")
 
@@ -57,14 +63,15 @@ def build_classifier(settings: Settings, metrics: Metrics | None = None) -> Clas
     return RulesClassifier()
 
 
-async def reload_classifier(classifier: Classifier, metrics: Metrics) -> bool:
-    """SIGHUP: re-read the model file. A failed reload keeps the old model."""
+async def reload_classifier(classifier: Classifier, metrics: Metrics, path: str | None = None) -> bool:
+    """SIGHUP: re-read the model file (or load `path` instead). A failed
+    reload keeps the old model."""
     reload = getattr(classifier, "reload", None)
     if reload is None:
         log.info("classifier_reload_skipped", reason="classifier has no model file")
         return False
     try:
-        model = await reload()
+        model = await (reload() if path is None else reload(path))
     except Exception as exc:
         metrics.classifier_reloads.labels("failed").inc()
         log.error("classifier_reload_failed", error=str(exc))
@@ -103,7 +110,10 @@ class Server:
         self.metrics = Metrics()
         self.classifier = classifier if classifier is not None else build_classifier(settings, self.metrics)
         self.pipeline = Pipeline(settings, self.classifier, [self.metrics, *sinks])
-        self.upstream = upstream or build_upstream(settings.upstream, settings.server.hostname)
+        # Switchable: a SIGHUP with a new [upstream] replaces the pool under
+        # running transactions (proxy/reload.py).
+        self.upstream = SwitchableUpstream(upstream or build_upstream(settings.upstream, settings.server.hostname))
+        self.events: EventSink | None = None  # the events sink among `sinks`, swapped on reload
         self._servers: list[asyncio.Server] = []
         self.addresses: list[tuple[str, int]] = []
         self.metrics_port: int | None = None
@@ -237,8 +247,15 @@ def sd_notify(message: str, address: str | None) -> None:
         log.warning("sd_notify_failed", error=exc.strerror)
 
 
-async def _serve(settings: Settings, notify_socket: str | None, watchdog_s: float | None = None) -> int:
+async def _serve(
+    settings: Settings,
+    notify_socket: str | None,
+    watchdog_s: float | None = None,
+    *,
+    config_path: str | None = None,
+) -> int:
     from proxy.events import make_event_sink
+    from proxy.reload import reload_from_file
 
     events = make_event_sink(settings.events)
     try:
@@ -249,6 +266,7 @@ async def _serve(settings: Settings, notify_socket: str | None, watchdog_s: floa
         log.error("start_failed", component="events", error=str(exc))
         return 1
     server = Server(settings, sinks=[events])
+    server.events = events
     server.metrics.registry.register(events.registry)  # event shipping metrics on the same endpoint
     try:
         await server.start()
@@ -262,10 +280,17 @@ async def _serve(settings: Settings, notify_socket: str | None, watchdog_s: floa
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    reloads: set[asyncio.Task[bool]] = set()  # held so they are not collected mid-run
+    reloads: set[asyncio.Task[object]] = set()  # held so they are not collected mid-run
 
     def on_hup() -> None:
-        task = loop.create_task(reload_classifier(server.classifier, server.metrics))
+        # With a config file: re-read it (what changed live is applied, the
+        # model file re-read); embedded defaults: only the model file.
+        job = (
+            reload_from_file(server, config_path)
+            if config_path is not None
+            else reload_classifier(server.classifier, server.metrics)
+        )
+        task: asyncio.Task[object] = loop.create_task(job)
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
@@ -285,11 +310,12 @@ async def _serve(settings: Settings, notify_socket: str | None, watchdog_s: floa
     sd_notify("STOPPING=1", notify_socket)
     log.info("draining", connections=len(server.ctx.connections) if server.ctx else 0)
     await server.stop()
-    await events.close()  # after the drain: the last transactions' events too
+    # After the drain: the last transactions' events too (the sink a reload put in).
+    await (server.events or events).close()
     return 0
 
 
-def serve_forever(settings: Settings) -> int:
+def serve_forever(settings: Settings, config_path: str | None = None) -> int:
     """`triaged serve`: run until SIGTERM/SIGINT; the process exit status."""
     import uvloop
 
@@ -297,4 +323,4 @@ def serve_forever(settings: Settings) -> int:
     notify_socket = os.environ.get("NOTIFY_SOCKET")  # read once, at start
     watchdog_s = watchdog_interval_s(os.environ, os.getpid()) if notify_socket else None
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(_serve(settings, notify_socket, watchdog_s))
+        return runner.run(_serve(settings, notify_socket, watchdog_s, config_path=config_path))
