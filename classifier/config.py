@@ -17,6 +17,20 @@ class BatcherSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     queue_size: Annotated[int, Meta(ge=1, le=1_000_000)] = 4096
 
 
+class ServiceSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The shared inference service's own side (classifier/serving/): where
+    `triaged inference` listens. Workers find it through classifier.endpoint."""
+
+    # "unix:/path" (workers on this host: the file mode is the access control)
+    # or "host:port" (front-end hosts share this GPU host; allowed_clients
+    # applies).
+    listen: str = "unix:/run/triaged/inference.sock"
+    # TCP clients outside these CIDR blocks are refused at accept.
+    allowed_clients: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    # Mode of the Unix socket file: 0o600 only triaged's user, 0o660 its group too.
+    socket_mode: Annotated[int, Meta(ge=0, le=0o777)] = 0o600
+
+
 class ClassifierSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # "onnx": the model at model_path; "rules": header rules only.
     kind: Literal["onnx", "rules"] = "onnx"
@@ -34,7 +48,14 @@ class ClassifierSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True
     # its own (its own GIL and core; after a crash or hang it is restarted, and
     # only the message that crashed it fails). "thread": the inference thread
     # of this process, sharing the GIL with SMTP (small hosts, debugging).
-    runner: Literal["process", "thread"] = "process"
+    # "service": a shared inference service (classifier/serving/) at
+    # `endpoint`, which batches the model calls of every worker of a host
+    # (or of several hosts); this process only featurizes.
+    runner: Literal["process", "thread", "service"] = "process"
+    # The inference service for runner = "service": "unix:/path" or
+    # "host:port". Unreachable: messages get the header rules' verdict until
+    # it answers again.
+    endpoint: str = ""
     batcher: BatcherSettings = BatcherSettings()
     # authserv-ids (RFC 8601) of the verifiers upstream whose
     # Authentication-Results fields are believed (OpenDKIM/OpenDMARC/rspamd on
@@ -44,3 +65,28 @@ class ClassifierSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True
     trusted_authserv_ids: list[
         Annotated[str, Meta(min_length=1, max_length=255, pattern=r"^[^\s;()]+$")]
     ] = msgspec.field(default_factory=list)
+    service: ServiceSettings = ServiceSettings()
+
+
+def config_problems(s: ClassifierSettings) -> list[str]:
+    """Checks msgspec types cannot express; one "classifier.key: problem" each."""
+    import ipaddress
+
+    from classifier.serving.endpoints import parse_endpoint
+
+    errors: list[str] = []
+    if s.endpoint:
+        try:
+            parse_endpoint(s.endpoint)
+        except ValueError as exc:
+            errors.append(f"classifier.endpoint: {exc}, got {s.endpoint!r}")
+    try:
+        parse_endpoint(s.service.listen)
+    except ValueError as exc:
+        errors.append(f"classifier.service.listen: {exc}, got {s.service.listen!r}")
+    for i, cidr in enumerate(s.service.allowed_clients):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            errors.append(f"classifier.service.allowed_clients[{i}]: not a CIDR network: {cidr!r}")
+    return errors

@@ -1,9 +1,13 @@
 """One batch of raw messages in, one verdict each out: the work of a batch.
 
-Both runners do exactly this, the inference process (classifier/worker_process.py)
-and the in-process thread runner, so a verdict never depends on which one ran it:
-load a model on the configured provider, featurize a batch, run the model once,
-apply the header-rule overrides.
+Every runner does exactly this, so a verdict never depends on which one ran
+it: load a model on the configured provider, featurize a batch (`featurize`),
+run the model once on the arrays (`predict`), apply the auth adjustment and
+the header-rule overrides (`finish`). The inference process
+(classifier/worker_process.py) and the thread runner run all three in one
+place (`classify_batch`); with the shared inference service
+(classifier/serving/) a front-end worker featurizes and finishes and the
+service only predicts.
 """
 
 from __future__ import annotations
@@ -149,6 +153,100 @@ def _load_on(path: str, choice: ProviderChoice, threads: int, loader: ModelLoade
     return model
 
 
+class Featurized(msgspec.Struct):
+    """A batch after feature extraction: what the model call needs, and what
+    the overrides read afterwards (the raw prefixes)."""
+
+    raws: list[bytes]  # the messages (prefixes) as bytes, in order
+    features: list[npt.NDArray[Any]]  # one array per message that has features
+    slots: list[int]  # features[k] belongs to raws[slots[k]]
+    # Per message: None, or why it has no features (it alone fails).
+    errors: list[ClassifierError | None]
+    seconds: float = 0.0  # wall and thread-CPU time of the extraction
+    cpu_seconds: float = 0.0
+
+
+class Featurizer(Protocol):
+    """The featurizing half of a model: what a front-end worker needs to turn
+    messages into the model's input without loading the model itself."""
+
+    def featurize(self, raw: bytes) -> npt.NDArray[Any]: ...
+
+
+def featurize(featurizer: Featurizer, views: Sequence[bytes | memoryview]) -> Featurized:
+    """Feature arrays for `views` (messages or their prefixes); a message
+    whose features fail is marked and skipped, the rest go on."""
+    t0, c0 = time.perf_counter(), time.thread_time()
+    # Features and overrides search bytes; a view (a prefix, or a slice of
+    # the frame the inference process received) is copied here once, and
+    # only up to the model's prefix_bytes.
+    raws = [v if isinstance(v, bytes) else bytes(v) for v in views]
+    errors: list[ClassifierError | None] = [None] * len(raws)
+    features, slots = _featurize(featurizer, raws, errors)
+    return Featurized(raws, features, slots, errors,
+                      time.perf_counter() - t0, time.thread_time() - c0)
+
+
+def predict(model: BatchModel, features: Sequence[npt.NDArray[Any]]) -> list[Classification]:
+    """One model call on feature arrays; ClassifierError when it answers the
+    wrong number of rows (the call's own exceptions propagate)."""
+    predictions = model.predict(features) if features else []
+    if len(predictions) != len(features):
+        raise ClassifierError(
+            f"model returned {len(predictions)} results for {len(features)} inputs"
+        )
+    return predictions
+
+
+class Postprocess(msgspec.Struct, frozen=True):
+    """What the header-rule overrides and the auth adjustment need to know of
+    the model and the site: the same whether the model ran here or elsewhere."""
+
+    overrides: bool
+    labels: frozenset[str] | None
+    spam_threshold: float | None
+    trusted: frozenset[str] = frozenset()
+
+
+def postprocess_of(model: BatchModel, *, overrides: bool,
+                   trusted: frozenset[str] = frozenset()) -> Postprocess:
+    return Postprocess(overrides, labels_of(model), spam_threshold_of(model), trusted)
+
+
+def finish(
+    batch: Featurized,
+    predictions: Sequence[Classification | ClassifierError],
+    post: Postprocess,
+) -> list[Classification | ClassifierError]:
+    """The verdicts in message order: each prediction adjusted by trusted
+    Authentication-Results and overridden by the sure header rules.
+
+    `predictions[k]` belongs to `batch.slots[k]`; a ClassifierError there (the
+    model failed on that message alone) is passed through.
+    """
+    if len(predictions) != len(batch.slots):
+        raise ClassifierError(
+            f"model returned {len(predictions)} results for {len(batch.slots)} inputs"
+        )
+    results: list[Classification | ClassifierError | None] = list(batch.errors)
+    for i, prediction in zip(batch.slots, predictions, strict=True):
+        if isinstance(prediction, ClassifierError):
+            results[i] = prediction
+            continue
+        results[i] = finish_one(batch.raws[i], prediction, post)
+    return [r if r is not None else ClassifierError("no result") for r in results]
+
+
+def finish_one(raw: bytes, prediction: Classification, post: Postprocess) -> Classification:
+    """One model verdict, adjusted by trusted Authentication-Results and
+    overridden by the sure header rules (both read the message's header)."""
+    if post.trusted and post.spam_threshold is not None:
+        prediction = auth_adjust(prediction, raw, post.trusted, post.spam_threshold)
+    if post.overrides:
+        return apply_override(prediction, sure_category(raw), post.labels)
+    return prediction
+
+
 def classify_batch(
     model: BatchModel,
     views: Sequence[bytes | memoryview],
@@ -160,37 +258,26 @@ def classify_batch(
     """Verdicts for `views` (messages or their prefixes), in order; one
     unparseable message fails alone.
 
+    featurize -> predict -> finish: the same three steps the inference
+    service splits between a front-end worker (featurize, finish) and the
+    service (predict), so a verdict never depends on where it ran.
+
     Raises ClassifierError when the model call itself fails or answers the
     wrong number of rows: that fails the whole batch. `trusted`: authserv-ids
     whose Authentication-Results adjust the spam score (classifier/auth.py).
     """
-    t0, c0 = time.perf_counter(), time.thread_time()
-    # Features and overrides search bytes; a view (a prefix, or a slice of
-    # the frame the inference process received) is copied here once, and
-    # only up to the model's prefix_bytes.
-    raws = [v if isinstance(v, bytes) else bytes(v) for v in views]
-    results: list[Classification | ClassifierError | None] = [None] * len(raws)
-    features, slots = _featurize(model, raws, results)
+    batch = featurize(model, views)
     t1, c1 = time.perf_counter(), time.thread_time()
-    predictions = model.predict(features) if features else []
-    if len(predictions) != len(features):
-        raise ClassifierError(
-            f"model returned {len(predictions)} results for {len(features)} inputs"
-        )
-    threshold = spam_threshold_of(model)
-    for i, prediction in zip(slots, predictions, strict=True):
-        if trusted and threshold is not None:
-            prediction = auth_adjust(prediction, raws[i], trusted, threshold)
-        results[i] = (
-            apply_override(prediction, sure_category(raws[i]), labels) if overrides else prediction
-        )
+    predictions = predict(model, batch.features)
+    post = Postprocess(overrides, labels, spam_threshold_of(model), trusted)
+    results = finish(batch, predictions, post)
     t2, c2 = time.perf_counter(), time.thread_time()
-    timing = BatchTiming(t1 - t0, c1 - c0, t2 - t1, c2 - c1)
-    return [r if r is not None else ClassifierError("no result") for r in results], timing
+    timing = BatchTiming(batch.seconds, batch.cpu_seconds, t2 - t1, c2 - c1)
+    return results, timing
 
 
 def _featurize(
-    model: BatchModel, raws: Sequence[bytes], results: list[Classification | ClassifierError | None]
+    model: Featurizer, raws: Sequence[bytes], errors: list[ClassifierError | None]
 ) -> tuple[list[npt.NDArray[Any]], list[int]]:
     """Feature arrays for the messages that have them, and their positions."""
     many = getattr(model, "featurize_many", None)
@@ -206,7 +293,7 @@ def _featurize(
         try:
             features.append(model.featurize(raw))
         except Exception as exc:
-            results[i] = ClassifierError(f"features failed: {type(exc).__name__}")
+            errors[i] = ClassifierError(f"features failed: {type(exc).__name__}")
             continue
         slots.append(i)
     return features, slots
@@ -217,11 +304,19 @@ __all__ = [
     "WARMUP_MESSAGE",
     "BatchModel",
     "BatchTiming",
+    "Featurized",
+    "Featurizer",
     "ModelLoader",
+    "Postprocess",
     "classify_batch",
+    "featurize",
+    "finish",
+    "finish_one",
     "labels_of",
     "load_and_warm",
     "load_onnx_model",
+    "postprocess_of",
+    "predict",
     "prefix_bytes_of",
     "resolve_loader",
 ]

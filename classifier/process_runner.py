@@ -71,6 +71,14 @@ class ProcessModel:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
+    def alive(self) -> bool:
+        """The process runs, or the next batch may start one (not closed, not
+        in the restart backoff). For OnnxClassifierService.ping()."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            return True
+        return not self._closed and time.monotonic() >= self._retry_at
+
     def classify_batch(
         self, raws: Sequence[bytes | memoryview]
     ) -> tuple[list[Classification | ClassifierError], BatchTiming]:

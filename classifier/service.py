@@ -16,6 +16,15 @@ overrides (classifier/inference.py):
   (classifier/process_runner.py). Features are Python and hold a GIL; there
   they hold their own, so the SMTP loop and the model never wait for each other.
 - "thread": the worker thread of this process runs the same code.
+- "service": features here, the model in a shared inference service at
+  `endpoint` that batches across every worker of a host (or several hosts)
+  (classifier/serving/). reload() then does not load a model: the service's
+  owner reloads it once for all its clients (InferenceHost.reload, or SIGHUP
+  to `triaged inference`); a worker's reload() only re-reads what the service
+  serves now (model name, feature spec), which the service also pushes to
+  every connection after a swap. An unreachable service is a ClassifierError
+  for the messages in flight (the header rules' verdict below) and the
+  runner reconnects with backoff.
 
 The deadline (`timeout_ms`) has one owner, the batcher: it counts every
 miss (metrics.timeout). A message the model gives no verdict for, because its
@@ -244,10 +253,14 @@ class OnnxClassifierService:
 
         The old model keeps answering while the new one loads (in a new
         inference process, or a thread); on failure the old model stays and
-        the error is raised.
+        the error is raised. With runner = "service" the model lives in the
+        shared service and is reloaded there, once, by its owner: this only
+        asks the service what it serves now (`path` is not used).
         """
         if self._batcher is None:
             raise BatcherClosed("classifier is not running")
+        if self._settings.runner == "service":
+            return await self._refresh_remote(path)
         async with self._reload_lock:
             target = path if path is not None else self._path
             new = _Current(await self._open(target))
@@ -261,6 +274,29 @@ class OnnxClassifierService:
             log.info("classifier.reloaded", model=new.runner.name_version,
                      pid=getattr(new.runner, "pid", None))
             return new.runner.name_version
+
+    async def ping(self, timeout_s: float = 2.0) -> bool:
+        """True when a verdict could come from the model now: the batcher's
+        worker answers between batches and, per runner, the inference process
+        is up or the inference service answers. For readiness and watchdogs;
+        never raises."""
+        batcher, current = self._batcher, self._current
+        if batcher is None or current is None or not batcher.running:
+            return False
+        runner = current.runner
+        try:
+            async with asyncio.timeout(timeout_s):
+                if self._settings.runner == "service":
+                    from classifier.serving import control
+                    from classifier.serving.remote_runner import RemoteRunner
+
+                    assert isinstance(runner, RemoteRunner)
+                    return await control.ping(runner.endpoint, timeout_s) is not None
+                await batcher.run_in_worker(lambda: None)
+        except (TimeoutError, ClassifierError):
+            return False
+        alive = getattr(runner, "alive", None)
+        return bool(alive()) if callable(alive) else True
 
     # -- introspection -----------------------------------------------------
 
@@ -312,9 +348,27 @@ class OnnxClassifierService:
         self._fallbacks = 0
 
 
+    async def _refresh_remote(self, path: str | None) -> str:
+        assert self._batcher is not None and self._current is not None
+        runner = self._current.runner
+        refresh = getattr(runner, "refresh", None)
+        assert callable(refresh)
+        if path is not None and path != self._path:
+            log.warning("classifier.reload_path_ignored", path=path,
+                        reason="runner = service: the service's owner reloads its model")
+        # In the batcher's thread, between batches: it owns the connection.
+        name: str = await self._batcher.run_in_worker(refresh)
+        log.info("classifier.reloaded", model=name, runner="service",
+                 endpoint=self._settings.endpoint)
+        return name
+
     async def _open(self, path: str) -> Runner:
         s = self._settings
         loader = self._loader
+        if s.runner == "service":
+            from classifier.serving.remote_runner import RemoteRunner
+
+            return await asyncio.to_thread(RemoteRunner.open, s)
         if s.runner == "process":
             assert isinstance(loader, str)
             hang_s = max(HANG_MIN_S, HANG_TIMEOUTS * s.timeout_ms / 1000.0)

@@ -11,7 +11,7 @@ EX_CONFIG = 78  # sysexits.h: configuration error
 
 def build_parser() -> argparse.ArgumentParser:
     from classifier import cli as classifier_cli
-    from proxy import feedback_cli, learn_cli
+    from proxy import feedback_cli, inference_cli, learn_cli
 
     parser = argparse.ArgumentParser(prog="triaged", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     classifier_cli.add_subcommands(sub)
     feedback_cli.add_subcommands(sub)
     learn_cli.add_subcommands(sub)
+    inference_cli.add_subcommands(sub)
     return parser
 
 

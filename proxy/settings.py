@@ -277,6 +277,9 @@ def validate(s: Settings) -> list[str]:
     from proxy.events import config_problems  # here: proxy.events imports this module
 
     errors += config_problems(s.events)
+    from classifier.config import config_problems as classifier_problems
+
+    errors += classifier_problems(s.classifier)
     return errors
 
 
