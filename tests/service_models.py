@@ -6,11 +6,12 @@ worker featurizes. The spec's `shift` is the model's offset and the features
 carry it, so arrays built for another model's spec give wrong categories:
 a stale request that ran through a new model would be caught.
 A row for message b"666" makes the whole model call raise (the service then
-runs that batch one by one).
+runs that batch one by one); one for b"777" makes it hang.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from classifier.serving.feature_spec import FeatureSpec
 from classifier.types import Classification
 
 POISON = 666
+HANG = 777  # a row for this message makes the model call hang
 
 
 class EchoFeaturizer:
@@ -54,6 +56,8 @@ class ServedEcho(EchoModel):
         values = [round(float(v - 2 * self.offset)) for v in y[:, 0]]
         if POISON in values:
             raise RuntimeError("poisoned row")
+        if HANG in values:
+            time.sleep(3600)
         return [Classification(category=str(v), score=1.0, model=self.name_version)
                 for v in values]
 

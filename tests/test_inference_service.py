@@ -21,7 +21,7 @@ import pytest
 import pytest_asyncio
 from batching_models import write_model
 from service_client import messages
-from service_models import POISON
+from service_models import HANG, POISON
 from waiting import wait_until
 
 from classifier.batch_metrics import BatchStats
@@ -210,6 +210,55 @@ async def test_a_model_call_that_raises_fails_only_its_message(echo_host: Infere
     assert [r.model for r in results] == ["echo-a"] * 2 + [FALLBACK_MODEL] + ["echo-a"] * 2
     assert [r.category for i, r in enumerate(results) if i != 2] == ["1", "2", "4", "5"]
     assert stats.errors == 1 and stats.isolated_batches >= 1
+
+
+async def test_a_hung_model_call_ends_the_service_which_is_restarted(sockdir: Path) -> None:
+    model = write_model(sockdir / "echo-a.onnx")
+    endpoint = f"unix:{sockdir}/inference.sock"
+    # timeout_ms 1 s: the caller falls back after 1 s; the service gives the
+    # model call HANG_MIN_S (10 s) before it calls it hung and exits.
+    host = InferenceHost(settings_for(model, endpoint, timeout_ms=1000), endpoint, loader=ECHO)
+    await host.start()
+    stats = BatchStats()
+    (service,) = await clients(endpoint, 1, stats, timeout_ms=1000)
+    try:
+        first = host.pid
+        verdict = await service.classify(b"%d" % HANG)
+        assert verdict.model == FALLBACK_MODEL
+        assert stats.fallbacks == {"timeout": 1}
+        await wait_until(lambda: host.pid not in (None, first), 60,
+                         what="the hung service exits and is restarted")
+
+        async def model_answers() -> bool:
+            return (await service.classify(b"5")).model == "echo-a"
+
+        for _ in range(400):
+            if await model_answers():
+                break
+            await asyncio.sleep(0.05)
+        assert (await service.classify(b"6")).category == "6"
+        assert host.restarts == 1
+    finally:
+        await service.close()
+        await host.close()
+
+
+@pytest.mark.parametrize("runner", ["thread", "process"])
+async def test_ping_answers_for_every_runner(sockdir: Path, runner: str) -> None:
+    from batching_models import provider_setting
+
+    model = write_model(sockdir / "echo-a.onnx")
+    s = ClassifierSettings(model_path=str(model), provider=provider_setting(),  # type: ignore[arg-type]
+                           runner=runner)  # type: ignore[arg-type]
+    service = OnnxClassifierService(s, loader="batching_models:load_echo")
+    assert not await service.ping()
+    await service.start()
+    try:
+        assert await service.ping()
+        assert (await service.classify(b"3")).category == "3"
+    finally:
+        await service.close()
+    assert not await service.ping()
 
 
 async def test_unreachable_service_at_start_falls_back_then_reconnects(sockdir: Path) -> None:

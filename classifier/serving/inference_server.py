@@ -496,6 +496,10 @@ class InferenceServer:
 def _clear_stale_socket(path: str) -> None:
     """Remove a socket file a killed predecessor left; refuse to take the path
     from a service that still answers on it."""
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        raise OSError(f"{folder}: no such directory for the socket "
+                      "(systemd creates /run/triaged with RuntimeDirectory=triaged)")
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
