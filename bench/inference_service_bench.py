@@ -145,19 +145,24 @@ async def main(args: argparse.Namespace) -> None:
             "concurrency_per_worker": args.concurrency,
             "loadavg_at_end": os.getloadavg()}
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-        lines = [f"# {args.name}", "", f"`{meta['command']}` on {meta['cpus']} CPUs "
-                 f"(load average at the end {meta['loadavg_at_end'][0]:.1f}), "
-                 f"{args.provider}, {args.concurrency} calls in flight per worker.", "",
-                 "| runner | workers | verdicts/s | CPU ms/msg | mean batch | multi-worker "
-                 "batches | fallbacks |", "|---|---|---|---|---|---|---|"]
-        for r in rows:
-            lines.append(f"| {r['runner']} | {r['workers']} | {r['verdicts_per_s']} | "
-                         f"{r['cpu_ms_per_msg']} | {r['mean_batch']} | "
-                         f"{r.get('multi_worker_batches', '-')} | {r['fallbacks']} |")
-        (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+        write_results(args, meta, rows)
+
+
+def write_results(args: argparse.Namespace, meta: dict[str, object],
+                  rows: list[dict[str, object]]) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    lines = [f"# {args.name}", "", f"`{meta['command']}` on {meta['cpus']} CPUs "
+             f"(load average at the end {meta['loadavg_at_end'][0]:.1f}), "
+             f"{args.provider}, {args.concurrency} calls in flight per worker.", "",
+             "| runner | workers | verdicts/s | CPU ms/msg | mean batch | multi-worker "
+             "batches | fallbacks |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['runner']} | {r['workers']} | {r['verdicts_per_s']} | "
+                     f"{r['cpu_ms_per_msg']} | {r['mean_batch']} | "
+                     f"{r.get('multi_worker_batches', '-')} | {r['fallbacks']} |")
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
