@@ -4,6 +4,7 @@
     await service.start()            # starts the runner, loads the model
     verdict = await service.classify(raw)
     await service.reload()           # hot swap (SIGHUP)
+    await service.ping()             # readiness/watchdog: True while the model side answers
     await service.close()            # drains the queue, stops the runner
 
 classify() queues a view of the message's first `prefix_bytes` (what the

@@ -513,3 +513,29 @@ async def test_triaged_inference_serves_tcp_and_stops_on_sigterm(sockdir: Path) 
             await proc.wait()
     assert proc.returncode == 0, err.decode()[-2000:]
     assert b"inference.stopped" in err
+
+
+async def test_per_connection_counts_stay_bounded(sockdir: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import classifier.serving.inference_server as server_mod
+
+    monkeypatch.setattr(server_mod, "MAX_CONNECTION_LABELS", 2)
+    model = write_model(sockdir / "echo-a.onnx")
+    endpoint = f"unix:{sockdir}/inference.sock"
+    server = InferenceServer(settings_for(model), parse_endpoint(endpoint), loader=ECHO)
+    await server.start()
+    try:
+        for n in range(4):  # workers that come and go (a restart, a crash)
+            runner = await asyncio.to_thread(
+                RemoteRunner.open, settings_for(Path("unused"), endpoint), client=f"worker w{n}")
+            verdicts, _ = await asyncio.to_thread(runner.classify_batch, [b"%d" % n] * (n + 1))
+            assert [v.category for v in verdicts if isinstance(v, Classification)] == [str(n)] * (n + 1)
+            await asyncio.to_thread(runner.close)
+            await wait_until(lambda: server.stats().connections == 0, 10)
+        stats = server.stats()
+    finally:
+        await server.close()
+    assert stats.requests == 1 + 2 + 3 + 4
+    # The two most recent connections' counts are kept, older closed ones went.
+    assert sorted(stats.per_connection.values()) == [3, 4], stats.per_connection
+    assert all(label.startswith(("worker w2", "worker w3")) for label in stats.per_connection)

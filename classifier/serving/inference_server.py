@@ -80,8 +80,9 @@ log = structlog.get_logger("triaged.inference")
 # process runner kills a hung inference process: classifier/service.py).
 HANG_TIMEOUTS = 4
 HANG_MIN_S = 10.0
-# Labels kept in the per-connection stats (closed connections included):
-# workers come and go, the map must not grow without bound.
+# Labels kept in the per-connection stats: closed connections stay until
+# this many are known, then the oldest closed ones go (workers reconnect after
+# every service restart; the map must not grow without bound).
 MAX_CONNECTION_LABELS = 1024
 EX_SOFTWARE = 70  # sysexits.h: the hung-model exit
 
@@ -395,6 +396,7 @@ class InferenceServer:
             pass
         finally:
             del self._conns[number]
+            self._forget_closed()
             if conn.tasks:
                 await asyncio.gather(*conn.tasks, return_exceptions=True)
             writer.close()
@@ -431,10 +433,18 @@ class InferenceServer:
     def _rename(self, conn: _Conn, label: str) -> None:
         with self._counters.lock:
             per = self._counters.per_connection
-            count = per.pop(conn.label, 0)
-            if count or len(per) < MAX_CONNECTION_LABELS:
-                per[label] = count
+            per[label] = per.pop(conn.label, 0)
         conn.label = label
+
+    def _forget_closed(self) -> None:
+        """Drop the oldest closed connections' counts past MAX_CONNECTION_LABELS."""
+        with self._counters.lock:
+            per = self._counters.per_connection
+            if len(per) <= MAX_CONNECTION_LABELS:
+                return
+            open_labels = {c.label for c in self._conns.values()}
+            for label in [k for k in per if k not in open_labels][:len(per) - MAX_CONNECTION_LABELS]:
+                del per[label]
 
     def _on_task(self, conn: _Conn, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
@@ -460,8 +470,7 @@ class InferenceServer:
     async def _classify(self, conn: _Conn, frame: wire.Classify) -> None:
         with self._counters.lock:
             per = self._counters.per_connection
-            if conn.label in per or len(per) < MAX_CONNECTION_LABELS:
-                per[conn.label] = per.get(conn.label, 0) + len(frame.arrays)
+            per[conn.label] = per.get(conn.label, 0) + len(frame.arrays)
         batcher = self._batcher
         t0, c0 = time.perf_counter(), time.process_time()
         answers = await asyncio.gather(*(
