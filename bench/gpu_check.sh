@@ -6,7 +6,8 @@
 # 1. nvidia-smi; 2. a CUDA build of onnxruntime (already importable, or the
 #    parts bench/gpu_prepare.sh made, or pip where a registry is reachable);
 # 3. proves a session really runs on CUDAExecutionProvider;
-# 4. tests/test_batcher.py + tests/test_service.py on CUDA;
+# 4. tests/test_batcher.py, test_service.py, test_process_runner.py and
+#    test_inference_service.py (the shared inference service) on CUDA;
 # 5. bench/batching_bench.py (offline, in-process, SMTP) on CUDA, then CPU.
 # Writes at most 8 flat files to $OUT. Each step has a timeout; the whole
 # run is sized for < 6 minutes. Fails fast, saying which step failed.
@@ -107,8 +108,9 @@ EOF
 [ "${PIPESTATUS[0]}" -eq 0 ] || die "CUDAExecutionProvider does not come up (see above)"
 
 say "4/5 tests on $TEST_PROVIDER"
-TRIAGED_TEST_PROVIDER=$TEST_PROVIDER timeout 180 "$PY" -m pytest -q -p no:cacheprovider -x \
+TRIAGED_TEST_PROVIDER=$TEST_PROVIDER timeout 300 "$PY" -m pytest -q -p no:cacheprovider -x \
   tests/test_batcher.py tests/test_service.py tests/test_process_runner.py \
+  tests/test_inference_service.py \
   > "$OUT/pytest_$TEST_PROVIDER.txt" 2>&1
 rc=$?
 tail -5 "$OUT/pytest_$TEST_PROVIDER.txt" | tee -a "$LOG"

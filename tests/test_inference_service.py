@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from batching_models import write_model
+from batching_models import provider_setting, write_model
 from conftest import CaptureServer
 from service_client import messages
 from service_models import HANG, POISON
@@ -51,8 +51,9 @@ def sockdir() -> Iterator[Path]:
 
 def settings_for(model: Path, endpoint: str = "", *, runner: str = "service",
                  timeout_ms: float = 30_000, **batcher: float) -> ClassifierSettings:
+    # TRIAGED_TEST_PROVIDER=cuda (bench/gpu_check.sh) runs the service on the GPU.
     return ClassifierSettings(
-        model_path=str(model), provider="cpu", runner=runner,  # type: ignore[arg-type]
+        model_path=str(model), provider=provider_setting(), runner=runner,  # type: ignore[arg-type]
         endpoint=endpoint, timeout_ms=timeout_ms,
         batcher=BatcherSettings(**batcher),  # type: ignore[arg-type]
     )
@@ -132,6 +133,8 @@ async def test_batches_mix_client_processes_and_each_gets_its_own_verdict(sockdi
     workers = {label: n for label, n in stats.per_connection.items() if label.startswith("worker")}
     assert len(workers) == 3 and all(n == 120 for n in workers.values()), stats.per_connection
     assert stats.requests == 360
+    if provider_setting() != "auto":  # cuda on the GPU check: the service really ran there
+        assert stats.provider == provider_setting()
     # The point of the service: one model call for messages of several workers.
     assert stats.multi_client_batches > 0, stats
     assert max(stats.batch_sizes) > 8, stats.batch_sizes  # more than one client batch
@@ -246,8 +249,6 @@ async def test_a_hung_model_call_ends_the_service_which_is_restarted(sockdir: Pa
 
 @pytest.mark.parametrize("runner", ["thread", "process"])
 async def test_ping_answers_for_every_runner(sockdir: Path, runner: str) -> None:
-    from batching_models import provider_setting
-
     model = write_model(sockdir / "echo-a.onnx")
     s = ClassifierSettings(model_path=str(model), provider=provider_setting(),  # type: ignore[arg-type]
                            runner=runner)  # type: ignore[arg-type]
@@ -485,7 +486,7 @@ async def test_triaged_inference_serves_tcp_and_stops_on_sigterm(sockdir: Path) 
     port = free_port()
     config = sockdir / "triaged.toml"
     config.write_text(
-        f'[classifier]\nmodel_path = "{DEFAULT_MODEL}"\nprovider = "cpu"\n'
+        f'[classifier]\nmodel_path = "{DEFAULT_MODEL}"\nprovider = "{provider_setting()}"\n'
         f'[classifier.service]\nlisten = "127.0.0.1:{port}"\n'
     )
     proc = await asyncio.create_subprocess_exec(
@@ -559,7 +560,7 @@ async def test_smtp_proxy_on_the_service_relays_through_a_service_kill(
     host = InferenceHost(settings_for(DEFAULT_MODEL, endpoint), endpoint)
     await host.start()
     settings = base_settings(capture.url, classifier={
-        "kind": "onnx", "model_path": str(DEFAULT_MODEL), "provider": "cpu",
+        "kind": "onnx", "model_path": str(DEFAULT_MODEL), "provider": provider_setting(),
         "runner": "service", "endpoint": endpoint, "timeout_ms": 30_000.0})
     srv = Server(settings)
     await srv.start()
