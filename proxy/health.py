@@ -50,9 +50,7 @@ class HealthTiming(msgspec.Struct, frozen=True):
     ping_timeout_s: float = 2.0  # the inference side answers a ping within this
     upstream_every_s: float = 5.0  # the next hop is probed at most this often
     upstream_timeout_s: float = 3.0  # connect + greeting
-    # Off: the next hop is not probed (an embedded server with no /readyz
-    # reader must not open connections its tests count).
-    probe_upstream: bool = True
+    probe_upstream: bool = True  # off: the next hop is not part of readiness
 
 
 class HealthSnapshot(msgspec.Struct, frozen=True):
@@ -87,11 +85,24 @@ class HealthMonitor:
         self._cached = _NOT_STARTED
         self._upstream: tuple[float, str | None] | None = None  # (when, problem or None)
         self._tasks: list[asyncio.Task[None]] = []
+        self._check_task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
+    def start(self, *, checks: bool = True) -> None:
+        """The heartbeat always; the readiness checks (a ping to the
+        inference side every second, a connection to the next hop every few)
+        only where something reads them: `checks`, or `ensure_checks()` later."""
         loop = asyncio.get_running_loop()
         self._beat = self._checked = time.monotonic()
-        self._tasks = [loop.create_task(self._heartbeat()), loop.create_task(self._checks())]
+        self._tasks = [loop.create_task(self._heartbeat())]
+        if checks:
+            self.ensure_checks()
+
+    def ensure_checks(self) -> None:
+        """Start the readiness checks if they are not running (on the loop)."""
+        if self._check_task is None:
+            self._checked = time.monotonic()
+            self._check_task = asyncio.get_running_loop().create_task(self._checks())
+            self._tasks.append(self._check_task)
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -100,6 +111,7 @@ class HealthMonitor:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        self._check_task = None
 
     # -- read from any thread ---------------------------------------------
 

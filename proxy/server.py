@@ -120,11 +120,7 @@ class Server:
         self.ctx: RelayContext | None = None
         self.milter: MilterContext | None = None
         self.milter_listeners: list[MilterListener] = []
-        # The next hop is probed only where someone reads /readyz (a metrics
-        # listener): an embedded server must not open connections of its own.
-        self.health = HealthMonitor(
-            self, health_timing or HealthTiming(probe_upstream=bool(settings.metrics.listen))
-        )
+        self.health = HealthMonitor(self, health_timing or HealthTiming())
         self.status: StatusServer | None = None
 
     async def start(self) -> None:
@@ -163,7 +159,9 @@ class Server:
             raise
         for srv in self._servers:
             await srv.start_serving()
-        self.health.start()
+        # Readiness checks where /readyz is served (or the watchdog asks, in
+        # _serve): an embedded server pings nothing and opens no connections.
+        self.health.start(checks=bool(s.metrics.listen))
         if s.metrics.listen:
             host, port = split_host_port(s.metrics.listen)
             try:
@@ -298,6 +296,7 @@ async def _serve(
     sd_notify("READY=1", notify_socket)
     watchdog = None
     if watchdog_s is not None:
+        server.health.ensure_checks()
         watchdog = loop.create_task(watchdog_loop(
             lambda: watchdog_healthy(server.health.snapshot()),
             lambda message: sd_notify(message, notify_socket),
