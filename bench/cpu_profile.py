@@ -146,6 +146,8 @@ def main() -> int:
     ap.add_argument("--classifier", choices=("onnx", "rules"), default="onnx")
     ap.add_argument("--server", default="", help="extra lines for [server], e.g. 'workers = 2'")
     ap.add_argument("--rate", type=int, default=250)
+    ap.add_argument("--launcher", default="",
+                    help="run triaged as `python LAUNCHER serve --config ...` (experiments)")
     ap.add_argument("--no-spy", action="store_true")
     ap.add_argument("--gil", action="store_true",
                     help="only samples holding the GIL (py-spy's idle detection misses threads "
@@ -162,6 +164,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="triaged-prof-") as tmp:
         sink = Sink()
         t = TriagedProcess(f"smtp://127.0.0.1:{sink.port}", workdir=Path(tmp),
+                           python_args=(args.launcher,) if args.launcher else (),
                            sections={"classifier": classifier, "server": args.server}).start(120)
         try:
             warm = ["smtp-source", "-s", str(args.sessions), "-l", str(args.length), "-m", "500",

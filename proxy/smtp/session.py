@@ -124,6 +124,8 @@ class TriageSMTP(SMTP):
         self.reserved = 0  # bytes of this session's DATA counted in ctx.inflight_bytes
         self._in_ehlo = False
         self._rejected = False
+        self._deadline = 0.0  # loop.time() the client must have sent its next command by
+        self._armed_at = 0.0  # when the connection's timer fires (see _reset_timeout)
 
     def _create_envelope(self) -> RelayEnvelope:
         # aiosmtpd's seam for per-transaction state: called at connect,
@@ -163,7 +165,7 @@ class TriageSMTP(SMTP):
             transport.close()
             return
         ctx.connections.add(self)
-        ctx.metrics.connections.labels("accepted").inc()
+        ctx.metrics.connections_accepted.inc()
         ctx.metrics.connections_open.set(len(ctx.connections))
         super().connection_made(transport)
 
@@ -177,6 +179,30 @@ class TriageSMTP(SMTP):
         if self.envelope is not None:
             lease.end(self.envelope, ctx)
         super().connection_lost(error)
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # aiosmtpd cancels and re-creates a loop timer at every command (and
+        # we twice per DATA): about ten timers per message. Here the deadline
+        # moves and the one timer of the connection stays; when it fires
+        # before the deadline it is re-armed for the rest. Only a deadline
+        # earlier than the armed timer (back from the longer DATA timeout)
+        # re-arms at once. Same deadlines, a timer per message or less.
+        loop = self.loop
+        deadline = loop.time() + (duration or self._timeout_duration)
+        self._deadline = deadline
+        handle = self._timeout_handle
+        if handle is None or handle.cancelled() or deadline < self._armed_at:
+            if handle is not None:
+                handle.cancel()
+            self._armed_at = deadline
+            self._timeout_handle = loop.call_at(deadline, self._timeout_due)
+
+    def _timeout_due(self) -> None:
+        if self.loop.time() < self._deadline:
+            self._armed_at = self._deadline
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_due)
+            return
+        self._timeout_cb()
 
     def _timeout_cb(self) -> None:
         log.info("client_timeout", peer=self.peer_host, in_data=self.in_data)
@@ -256,10 +282,18 @@ class TriageSMTP(SMTP):
     # -- replies ---------------------------------------------------------
 
     async def push(self, status: Any) -> None:
-        if isinstance(status, str) and not self._in_ehlo and "\r\n" not in status:
-            status = V.with_enhanced(status)
-        await super().push(status)
-        if self.ctx.draining and not self._in_ehlo and self.idle and status[:3] != "221":
+        if isinstance(status, str):
+            if not self._in_ehlo and "\r\n" not in status:
+                status = V.with_enhanced(status)
+            status = status.encode()  # SMTPUTF8 is on (compat.init_session)
+        writer = self._writer
+        writer.write(status + b"\r\n")
+        # aiosmtpd's push awaits drain() after every reply; it only waits
+        # when the client stopped reading (paused) or the connection is
+        # going, so the await (a coroutine per reply) is skipped otherwise.
+        if self._paused or writer.transport.is_closing():  # type: ignore[attr-defined]
+            await writer.drain()
+        if self.ctx.draining and not self._in_ehlo and self.idle and status[:3] != b"221":
             # Draining: the command this answered was the last (RFC 5321 3.8).
             self.shutdown()
 
