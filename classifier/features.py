@@ -966,13 +966,29 @@ def extract_many(raws: Iterable[bytes], params: FeatureParams) -> list[IdArray]:
     return out
 
 
+# Chunks of at most this many messages are hashed one by one (_hash_one):
+# _hash_batch's fixed cost (~60 numpy calls) pays off only from about four
+# messages on (bench/results/cpu_profile.md). Under light load most batches
+# hold one or two messages.
+_ONE_BY_ONE: Final = 3
+
+
 def _hash_chunk(items: Sequence[_Prepared], p: FeatureParams) -> list[IdArray]:
     if not items:
         return []
+    if len(items) <= _ONE_BY_ONE:
+        return [_hash_one_safe(it, p) for it in items]
     try:
         return _hash_batch(items, p)
     except Exception:
         return [extract_one_safe(it, p) for it in items]
+
+
+def _hash_one_safe(item: _Prepared, p: FeatureParams) -> IdArray:
+    try:
+        return _hash_one(item, p)
+    except Exception:
+        return extract_one_safe(item, p)
 
 
 def extract_one_safe(item: _Prepared, p: FeatureParams) -> IdArray:
