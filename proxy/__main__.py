@@ -43,6 +43,9 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"triaged: config: {exc}", file=sys.stderr)
         return EX_CONFIG
+    from proxy.gcpolicy import settle_heap
+
+    settle_heap()  # the start-up heap out of the collector's full scans (proxy/gcpolicy.py)
     return serve_forever(settings, args.config)
 
 

@@ -14,6 +14,9 @@ class Networks:
 
     def __init__(self, cidrs: Sequence[str]) -> None:
         self.nets: tuple[Network, ...] = tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+        # Answers by address string: parsing one costs a few us per
+        # connection, and clients (MTAs, a balancer) are few. Bounded.
+        self._seen: dict[str, bool] = {}
 
     def __contains__(self, address: object) -> bool:
         """True for an address inside one block. An IPv6 zone ("%eth0") is
@@ -22,6 +25,14 @@ class Networks:
         outside."""
         if not isinstance(address, str):
             return False
+        seen = self._seen.get(address)
+        if seen is None:
+            seen = self._contains(address)
+            if len(self._seen) < 4096:
+                self._seen[address] = seen
+        return seen
+
+    def _contains(self, address: str) -> bool:
         try:
             ip = ipaddress.ip_address(address.partition("%")[0])
         except ValueError:
