@@ -303,7 +303,9 @@ class OnnxClassifierService:
 
     @property
     def model_name(self) -> str | None:
-        return self._current.runner.name_version if self._current is not None else None
+        """"name/version" of the model answering; None before start, and with
+        runner = "service" until the service has been reached once."""
+        return (self._current.runner.name_version or None) if self._current is not None else None
 
     @property
     def provider(self) -> str | None:

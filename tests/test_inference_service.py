@@ -271,6 +271,7 @@ async def test_unreachable_service_at_start_falls_back_then_reconnects(sockdir: 
     host = InferenceHost(settings_for(model, endpoint), endpoint, loader=ECHO)
     try:
         assert not await service.ping()
+        assert service.model_name is None  # for /readyz: no model reached yet
         verdict = await service.classify(b"Subject: hi\r\nList-Post: <x>\r\n\r\nhello\r\n")
         assert verdict.model == FALLBACK_MODEL and verdict.category == "forums"
         assert stats.fallbacks == {"error": 1}
