@@ -6,6 +6,9 @@
 #   docker build -t triaged .
 #   docker run --rm -p 127.0.0.1:10025:10025 triaged
 #   docker run --rm -v $PWD/my.toml:/etc/triaged/triaged.toml:ro triaged
+#   podman build -t triaged . && podman run --rm -p 10025:10025 -p 9100:9100 triaged
+# (built and run with podman 4.3 / buildah 1.28 from Debian 12, too).
+# /healthz and /readyz are on port 9100 beside /metrics.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -19,9 +19,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from conftest import CaptureServer, base_settings
-from triaged_proc import TriagedProcess
+from triaged_proc import REPO, TriagedProcess
 from waiting import wait_until
 
 from classifier.rules import RulesClassifier
@@ -147,6 +148,32 @@ async def test_readyz_follows_the_maildir(start_server: StartServer, tmp_path: P
         (maildir / "tmp").chmod(0o700)
     assert any("not writable" in r for r in body["reasons"]), body
     await status_becomes(srv.metrics_port, "/readyz", 200)
+
+
+async def test_readyz_with_the_real_model_and_inference_process(capture: CaptureServer) -> None:
+    """The ONNX service's own model_name and ping(): ready once the inference
+    process has loaded the bundled model; a process killed between batches is
+    restarted by the next batch, so the service still counts as answering."""
+    import signal
+
+    from classifier.config import ClassifierSettings
+
+    settings = base_settings(capture.url, metrics={"listen": "127.0.0.1:0"})
+    model = REPO / "models" / "default.onnx"
+    settings = msgspec.structs.replace(settings, classifier=ClassifierSettings(
+        kind="onnx", model_path=str(model), provider="cpu", runner="process"))
+    srv = Server(settings, health_timing=FAST)
+    await srv.start()
+    try:
+        assert srv.metrics_port is not None
+        body = await status_becomes(srv.metrics_port, "/readyz", 200)
+        assert body["model"] == srv.classifier.model_name and body["classifier_ok"] is True  # type: ignore[attr-defined]
+        pid = srv.classifier.runner.pid  # type: ignore[attr-defined]
+        os.kill(pid, signal.SIGKILL)
+        await asyncio.sleep(0.5)
+        assert (await aget(srv.metrics_port, "/readyz"))[0] == 200
+    finally:
+        await srv.stop(drain_timeout_s=1.0)
 
 
 async def test_readyz_follows_the_model_and_the_inference_side(start_server: StartServer) -> None:
