@@ -2,7 +2,8 @@
 processes, one of them SIGKILLed in the middle of the run.
 
     20 SMTP sessions from 127.0.0.77
-      -> HAProxy (mode tcp, send-proxy-v2, health checks GET /readyz on each
+      -> HAProxy (config/haproxy.cfg as shipped, with this test's ports:
+         mode tcp, send-proxy-v2, health checks GET /readyz on each
          instance's metrics port)
       -> triaged t1, t2 (separate processes, PROXY listeners, own events file)
       -> one capture sink
@@ -41,7 +42,7 @@ from pathlib import Path
 import pytest
 from conftest import Captured, CaptureServer
 from ledger import Ledger, NoReply, Refused, SmtpConn, transact
-from triaged_proc import TriagedProcess, free_port
+from triaged_proc import REPO, TriagedProcess, free_port
 from waiting import wait_until_blocking
 
 pytestmark = pytest.mark.skipif(
@@ -56,32 +57,23 @@ _MID = re.compile(rb"(?mi)^Message-ID:[ \t]*<([^>\r\n]+)>")
 
 
 def haproxy_config(front: int, stats: Path, backends: list[tuple[int, int]]) -> str:
-    servers = "\n".join(
-        f"    server t{i} 127.0.0.1:{smtp} send-proxy-v2 check port {metrics}"
+    """The shipped recipe (config/haproxy.cfg), pointed at this test's ports,
+    with checks every 200 ms instead of 2 s, and a maxconn this sandbox's
+    file limit allows."""
+    recipe = (REPO / "config" / "haproxy.cfg").read_text()
+    lines = [line for line in recipe.splitlines() if not line.strip().startswith("server t")]
+    text = "\n".join(lines) + "\n"
+    for old, new in (("bind :25", f"bind 127.0.0.1:{front}"),
+                     ("stats socket /run/haproxy/admin.sock", f"stats socket {stats}"),
+                     ("inter 2s", "inter 200ms"),
+                     ("maxconn 20000", "maxconn 1000")):
+        assert old in text, f"config/haproxy.cfg no longer has {old!r}"
+        text = text.replace(old, new)
+    servers = "".join(
+        f"    server t{i} 127.0.0.1:{smtp} send-proxy-v2 check port {metrics}\n"
         for i, (smtp, metrics) in enumerate(backends, 1)
     )
-    return f"""
-global
-    maxconn 1000
-    stats socket {stats} mode 600 level admin
-defaults
-    mode tcp
-    timeout connect 2s
-    timeout client 60s
-    timeout server 60s
-    retries 3
-    option redispatch
-frontend smtp_in
-    bind 127.0.0.1:{front}
-    default_backend triaged
-backend triaged
-    balance roundrobin
-    option httpchk
-    http-check send meth GET uri /readyz
-    http-check expect status 200
-    default-server inter 200ms fall 2 rise 2
-{servers}
-"""
+    return text + servers
 
 
 def server_states(stats: Path) -> dict[str, str]:
@@ -146,11 +138,16 @@ async def test_haproxy_two_instances_one_killed(tmp_path: Path, capture: Capture
         # Started in threads: the capture sink runs on this loop and must answer meanwhile.
         await asyncio.gather(asyncio.to_thread(t1.start), asyncio.to_thread(t2.start))
         await asyncio.to_thread(subprocess.run, ["haproxy", "-c", "-q", "-f", str(cfg)], check=True)
-        haproxy = await asyncio.to_thread(subprocess.Popen, ["haproxy", "-db", "-f", str(cfg)],
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        await asyncio.to_thread(wait_until_blocking,
-                                lambda: stats.exists() and server_states(stats) == {"t1": "UP", "t2": "UP"},
-                                30.0, interval=0.1, what="both instances UP in HAProxy (/readyz checks)")
+        with (tmp_path / "haproxy.log").open("wb") as out:
+            haproxy = await asyncio.to_thread(subprocess.Popen, ["haproxy", "-db", "-f", str(cfg)],
+                                              stdout=out, stderr=subprocess.STDOUT)
+
+        def both_up() -> bool:
+            assert haproxy is not None and haproxy.poll() is None, (tmp_path / "haproxy.log").read_text()
+            return stats.exists() and server_states(stats) == {"t1": "UP", "t2": "UP"}
+
+        await asyncio.to_thread(wait_until_blocking, both_up, 30.0, interval=0.1,
+                                what="both instances UP in HAProxy (/readyz checks)")
 
         ledger = Ledger()
         finished = 0
