@@ -1,7 +1,7 @@
 """Every use of aiosmtpd's and asyncio's private internals, in one place.
 
 aiosmtpd is pinned below its next minor (pyproject.toml: `aiosmtpd>=1.4.6,<1.5`)
-because of the two things here; tests/test_proxy_codec.py checks the first
+because of the things here; tests/test_proxy_codec.py checks the first
 against the installed aiosmtpd, tests/test_session_safety.py and the SMTP
 tests exercise the second on both event loops. Everything else in the
 session uses aiosmtpd's public seams: handler hooks (`handle_MAIL`, ...),
@@ -17,15 +17,19 @@ session uses aiosmtpd's public seams: handler hooks (`handle_MAIL`, ...),
    That needs the StreamReader's buffer limit raised for the duration, and a
    CRLF put in front of the buffered bytes so the end marker is always
    CRLF "." CRLF (also for an empty message).
+3. `sanitized_log` is replaced by one that asks the logger's level first
+   (see below); what it logs when the level is on is unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import aiosmtpd.smtp as aiosmtpd_smtp
 from aiosmtpd.smtp import SMTP
 
 
@@ -114,6 +118,27 @@ def init_session(
 
 
 _END = b"\r\n.\r\n"
+
+
+# 3. aiosmtpd's command loop logs every command line through
+#    `sanitized_log(log.debug|log.info, ...)`, which builds a list of the
+#    arguments and runs a regex over the line (to mask AUTH secrets) before
+#    the logger looks at its level. "mail.log" is at WARNING in production
+#    (proxy/logs.py), so that work is thrown away twice per command. The
+#    replacement asks the logger first and otherwise calls the original.
+_original_sanitized_log = aiosmtpd_smtp.sanitized_log
+
+
+def _level_first_sanitized_log(func: Callable[..., None], msg: Any, *args: Any, **kwargs: Any) -> None:
+    logger = getattr(func, "__self__", None)
+    level = _LEVELS.get(getattr(func, "__name__", ""))
+    if isinstance(logger, logging.Logger) and level is not None and not logger.isEnabledFor(level):
+        return
+    _original_sanitized_log(func, msg, *args, **kwargs)
+
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+aiosmtpd_smtp.sanitized_log = _level_first_sanitized_log
 
 
 async def read_data(

@@ -452,14 +452,14 @@ class TriageSMTP(SMTP):
         if refusal is not None:
             return None, size, refusal
         ctx.metrics.inflight_bytes.set(ctx.inflight_bytes)
-        raw = parts[0] if len(parts) == 1 else b"".join(parts)
+        message = syntax.message_from_stream(parts)
         parts.clear()
-        if syntax.has_bare_line_ending(raw):
+        if syntax.has_bare_line_ending(message):
             log.info("bare_line_ending", peer=self.peer_host, policy=server.bare_lf)
             if server.bare_lf == "reject":
                 return None, size, V.BARE_LINE_ENDING
-            raw = syntax.normalize_line_endings(raw)
-        return syntax.unstuff(raw), size, None
+            message = syntax.normalize_line_endings(message)
+        return syntax.unstuff(message), size, None
 
     async def _relay(self, envelope: RelayEnvelope, content: bytes, started: float) -> str:
         ctx = self.ctx

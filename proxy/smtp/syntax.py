@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 _ANY_EOL = re.compile(rb"\r\n|\r|\n")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -36,13 +37,27 @@ def normalize_line_endings(raw: bytes) -> bytes:
     return _ANY_EOL.sub(b"\r\n", raw)
 
 
-def unstuff(raw: bytes) -> bytes:
-    """The message from the DATA stream as read: CRLF, the dot-stuffed body,
-    CRLF "." CRLF. Dot-unstuffing (RFC 5321 4.5.2) is one replace because
-    every line, the first included, now follows a CRLF."""
-    if b"\r\n.." in raw:
-        raw = raw.replace(b"\r\n..", b"\r\n.")
-    return raw[2:-3]
+def message_from_stream(parts: Sequence[bytes]) -> bytes:
+    """The dot-stuffed message in the DATA stream read as `parts` (joined:
+    the CRLF compat.read_data puts in front, the message, "." CRLF): their
+    join less those. One copy however many parts: the ends are cut from
+    views of the first and last part (joining, then slicing, copied a large
+    message twice). The last part holds the whole end marker (readuntil)."""
+    if len(parts) == 1:
+        return parts[0][2:-3]
+    if len(parts[0]) < 2 or len(parts[-1]) < 3:  # not what read_data hands out
+        return b"".join(parts)[2:-3]
+    return b"".join([memoryview(parts[0])[2:], *parts[1:-1], memoryview(parts[-1])[:-3]])
+
+
+def unstuff(message: bytes) -> bytes:
+    """Dot-unstuffing (RFC 5321 4.5.2) of `message_from_stream`'s result:
+    a line that starts with ".." loses the first "." (the first line too)."""
+    if b"\r\n.." in message:
+        message = message.replace(b"\r\n..", b"\r\n.")
+    if message[:2] == b"..":
+        message = message[1:]
+    return message
 
 
 def has_control_characters(text: str) -> bool:
