@@ -121,6 +121,9 @@ class Server:
         self.milter: MilterContext | None = None
         self.milter_listeners: list[MilterListener] = []
         self.health = HealthMonitor(self, health_timing or HealthTiming())
+        # A caller that passes its own timing reads the snapshots itself (a
+        # worker answering its supervisor's pings): the checks run for it.
+        self._health_wanted = health_timing is not None
         self.status: StatusServer | None = None
 
     async def start(self) -> None:
@@ -159,9 +162,10 @@ class Server:
             raise
         for srv in self._servers:
             await srv.start_serving()
-        # Readiness checks where /readyz is served (or the watchdog asks, in
-        # _serve): an embedded server pings nothing and opens no connections.
-        self.health.start(checks=bool(s.metrics.listen))
+        # Readiness checks where /readyz is served, a caller asked for them,
+        # or the watchdog does (_serve): an embedded server pings nothing and
+        # opens no connections.
+        self.health.start(checks=bool(s.metrics.listen) or self._health_wanted)
         if s.metrics.listen:
             host, port = split_host_port(s.metrics.listen)
             try:

@@ -295,3 +295,22 @@ def test_triaged_serve_sends_watchdog_pings(tmp_path: Path, capture_port_url: st
 def capture_port_url(tmp_path: Path) -> str:
     """A Maildir next hop for the subprocess (no asyncio server needed)."""
     return f"maildir:{tmp_path / 'Maildir'}"
+
+
+async def test_checks_run_only_for_a_reader(capture: CaptureServer) -> None:
+    """No metrics listener, no timing of its own: the embedded server pings
+    nothing (and opens nothing). With a timing of its own (a worker whose
+    supervisor reads its snapshots), the checks run and it becomes ready."""
+    quiet_classifier, read_classifier = SwitchableClassifier(), SwitchableClassifier()
+    quiet = Server(base_settings(capture.url), classifier=quiet_classifier)
+    read = Server(base_settings(capture.url), classifier=read_classifier, health_timing=FAST)
+    await quiet.start()
+    await read.start()
+    try:
+        await wait_until(lambda: read.health.snapshot().ready, what="the read server ready")
+        assert read_classifier.pings > 0
+        assert quiet_classifier.pings == 0 and not quiet.health.snapshot().ready
+        assert quiet.health.snapshot().alive  # the heartbeat runs either way
+    finally:
+        await quiet.stop(drain_timeout_s=1.0)
+        await read.stop(drain_timeout_s=1.0)
