@@ -2,6 +2,7 @@
 
   python models/default_recipe.py build   # models/default.onnx, default-int8.onnx, default-metrics.json, MODEL_CARD.md
   python models/default_recipe.py eval    # held-out report + one JSON line (make eval)
+  python models/default_recipe.py replay  # models/default.replay.npz only (build writes it too)
 
 Headline: leave-one-source-out (LOSO). The model meets mail from senders and
 sources it has never seen, so it is scored that way: for each source, a model
@@ -95,6 +96,7 @@ MODEL = ROOT / "models/default.onnx"
 METRICS = ROOT / "models/default-metrics.json"
 CARD = ROOT / "models/MODEL_CARD.md"
 CARD_TEMPLATE = Path(__file__).with_name("model_card.tmpl.md")
+REPLAY = ROOT / "models/default.replay.npz"  # the replay sample `triaged learn` rehearses
 NAME, VERSION = "triaged-default", "2"
 # Balanced class weights (power 1.0): list mail outnumbers person-to-person
 # mail 4 to 1 in the corpora, and with 1/sqrt weights a short personal note
@@ -477,6 +479,25 @@ def summarise(oof: Oof) -> LosoSummary:
 # --- the shipped model -------------------------------------------------------------------
 
 
+def replay_sample(train: Sequence[Message], data: Data, origin: str) -> Any:
+    """The replay sample shipped beside a model trained on `train` (feature ids
+    only: classifier/learning/replay.py says why), stratified by source, category, spam."""
+    from classifier.learning.replay import build_sample
+
+    return build_sample(
+        [data.feats[m.ident] for m in train], [m.category for m in train],
+        [m.spam for m in train], [m.source for m in train], PARAMS, CATEGORIES, origin=origin,
+    )  # fmt: skip
+
+
+def write_replay(data: Data) -> None:
+    from classifier.learning.replay import save
+
+    train = shipped_training_set(data)
+    save(replay_sample(train, data, f"{NAME}/{VERSION} training set"), REPLAY)
+    print(f"wrote {REPLAY.relative_to(ROOT)} ({REPLAY.stat().st_size:,} bytes)")
+
+
 def shipped_training_set(data: Data) -> list[Message]:
     test = {id(m) for m in data.random_test}
     return [m for m in data.trainable if id(m) not in test]
@@ -577,6 +598,7 @@ def build() -> int:
     metrics.update(extra)
     manifest = make_manifest(fitted.result, PARAMS, NAME, VERSION, metrics)
     paths = export(fitted.result, manifest, MODEL)  # again, with the held-out metrics inside
+    write_replay(data)
     int8_reports, _ = _shipped_reports(paths[1], data)
     line = summary_line(reports, s)
     METRICS.write_text(
@@ -692,12 +714,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("action", choices=["build", "eval", "unpack"])
+    ap.add_argument("action", choices=["build", "eval", "unpack", "replay"])
     ap.add_argument("--model", default=str(MODEL))
     args = ap.parse_args()
     np.seterr(all="ignore")
     if args.action == "unpack":  # make test: tests read the modern sets too
         _unpack()
+        return 0
+    if args.action == "replay":  # only the replay sample, for the model as it is
+        write_replay(load_all())
         return 0
     return build() if args.action == "build" else evaluate(Path(args.model))
 

@@ -86,6 +86,39 @@ def decode_event(data: bytes) -> Event:
     return _decoder.decode(data)
 
 
+FEEDBACK_TYPE = "feedback"
+
+
+class FeedbackEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """A user's label for a message (`triaged feedback`), on the same topic as the
+    per-message events: `type` is "feedback" (per-message events have no `type`).
+    No message, no address (convention 8): the model's hashed feature ids, so a
+    learner host can train on it (proxy/feedback_events.py), and hashes."""
+
+    schema: int
+    type: str  # FEEDBACK_TYPE
+    id: str  # unique per event: deduplicate at-least-once deliveries on it
+    time: float  # when the user gave the label
+    instance: str
+    message_id_hash: str  # as Event.message_id_hash
+    body_hash: str  # sha256 of the normalised body (the feedback store's dedup key)
+    user: str  # learning.event_user: HMAC or sha256 of the user name, or the name
+    label: str  # a category, "spam" or "ham"
+    kind: str  # "correction" | "confirmation"
+    decided: str | None  # what triaged had stamped (X-Triage-*), None if unstamped
+    feature_version: int
+    feature_params: str  # digest of every feature parameter the ids were hashed with
+    struct_ids: list[int]
+    text_ids: list[int]
+
+
+_feedback_decoder = msgspec.json.Decoder(FeedbackEvent)
+
+
+def decode_feedback_event(data: bytes) -> FeedbackEvent:
+    return _feedback_decoder.decode(data)
+
+
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:32]
 

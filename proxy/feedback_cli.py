@@ -58,6 +58,12 @@ def add_subcommands(sub: Any) -> None:
         "--map", action="append", default=[], metavar="FOLDER=LABEL",
         help="with --from-maildir: folder (INBOX, Junk, Work.Invoices) to label; repeatable",
     )  # fmt: skip
+    p.add_argument("--ship-events", action="store_true",
+                   help="only ship the feedback events spooled while Kafka was away")
+    p.add_argument("--from-kafka", action="store_true",
+                   help="learner host: read feedback events from events.topic into the store")
+    p.add_argument("--idle-s", type=float, default=2.0,
+                   help="with --from-kafka: stop once the topic was quiet this long")
     p.set_defaults(func=run)
 
 
@@ -75,16 +81,22 @@ def _run(args: argparse.Namespace) -> int:
     settings = _settings(args.config)
     store_path = args.store or settings.learning.store_path
     model_path = args.model or settings.classifier.model_path
-    labels = _labels(model_path)
     store = FeedbackStore(
         Path(store_path),
         max_items=settings.learning.max_items,
         retention_days=settings.learning.retention_days,
     )
+    if args.ship_events or args.from_kafka:
+        return _events_only(args, settings, store)
+    manifest = _manifest(model_path)
+    labels = [*manifest.labels, *(x for x in EXTRA_LABELS if x not in manifest.labels)]
+    ship = _Shipper(settings, manifest.features)
     if args.from_maildir:
         if args.label:
             raise _Fail(EX_DATAERR, "--label goes with a message on stdin, not --from-maildir")
-        return _harvest(store, Path(args.from_maildir), args.map, labels, args.user)
+        status = _harvest(store, Path(args.from_maildir), args.map, labels, args.user, ship)
+        ship.flush()
+        return status
     if not args.label:
         raise _Fail(EX_DATAERR, "--label LABEL is required (or --from-maildir PATH --map F=L)")
     _check_label(args.label, labels)
@@ -97,7 +109,69 @@ def _run(args: argparse.Namespace) -> int:
     except StoreError as exc:
         raise _Fail(EX_TEMPFAIL, f"store: {exc}") from None
     if item is None:
-        print(f"already recorded as {args.label}", file=sys.stderr)
+        # stdout: Dovecot logs a script's stderr as an Error, and a repeat is not one.
+        print(f"already recorded as {args.label}")
+    else:
+        ship.add(item)
+        ship.flush()
+    return EX_OK
+
+
+class _Shipper:
+    """Feedback events of the items recorded in this run (learning.ship_events).
+    The store has the feedback whatever happens here: a failure is a warning."""
+
+    def __init__(self, settings: Any, params: Any) -> None:
+        self._settings = settings
+        self._params = params
+        self._on = settings.learning.ship_events and bool(settings.events.bootstrap_servers)
+        self._events: list[Any] = []
+
+    def add(self, item: Any) -> None:
+        if not self._on:
+            return
+        from classifier.features import extract
+        from classifier.learning.learn import unstamped
+        from proxy.feedback_events import build_event
+
+        ids = extract(unstamped(item.raw), self._params)
+        self._events.append(build_event(item, ids, self._params, self._settings))
+
+    def flush(self) -> None:
+        if not self._events:
+            return
+        from proxy.feedback_events import spool_and_ship
+
+        try:
+            spool_and_ship(self._events, self._settings)
+        except OSError as exc:
+            print(f"triaged feedback: recorded, but the event was not spooled: {exc}", file=sys.stderr)
+        self._events = []
+
+
+def _events_only(args: argparse.Namespace, settings: Any, store: Any) -> int:
+    """--ship-events (the CLI's event spool to Kafka) or --from-kafka (topic -> store)."""
+    import asyncio
+
+    from classifier.learning.store import StoreError
+    from proxy.feedback_events import consume, spool_and_ship
+
+    if not settings.events.bootstrap_servers:
+        raise _Fail(EX_CONFIG, "events.bootstrap_servers is empty: no Kafka to ship to or read from")
+    if args.ship_events:
+        try:
+            out = spool_and_ship([], settings, force=True)
+        except OSError as exc:
+            raise _Fail(EX_TEMPFAIL, f"event spool: {exc}") from None
+        print(f"shipped {out['sent']}, still spooled {out['pending']}")
+        return EX_OK if out["pending"] == 0 else EX_TEMPFAIL
+    try:
+        counts = asyncio.run(consume(store, settings, idle_s=args.idle_s))
+    except StoreError as exc:
+        raise _Fail(EX_TEMPFAIL, f"store: {exc}") from None
+    except (OSError, RuntimeError, TimeoutError) as exc:
+        raise _Fail(EX_TEMPFAIL, f"kafka: {exc or type(exc).__name__}") from None
+    print("feedback events: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return EX_OK
 
 
@@ -138,14 +212,13 @@ def _settings(path: str | None) -> Any:
         raise _Fail(EX_CONFIG, f"config: {exc}") from None
 
 
-def _labels(model_path: str) -> list[str]:
+def _manifest(model_path: str) -> Any:
     from classifier.model import ModelError, load_model
 
     try:
-        manifest = load_model(model_path).manifest
+        return load_model(model_path).manifest
     except ModelError as exc:
         raise _Fail(EX_CONFIG, f"model: {exc}") from None
-    return [*manifest.labels, *(x for x in EXTRA_LABELS if x not in manifest.labels)]
 
 
 def _check_label(label: str, labels: list[str]) -> None:
@@ -167,7 +240,9 @@ def _messages(folder: Path) -> Iterator[Path]:
             yield from sorted(p for p in d.iterdir() if p.is_file())
 
 
-def _harvest(store: Any, root: Path, mapping: list[str], labels: list[str], user: str) -> int:
+def _harvest(
+    store: Any, root: Path, mapping: list[str], labels: list[str], user: str, ship: _Shipper
+) -> int:
     from classifier.learning.store import StoreError
 
     if not mapping:
@@ -204,6 +279,7 @@ def _harvest(store: Any, root: Path, mapping: list[str], labels: list[str], user
                 dup += 1
             else:
                 added += 1
+                ship.add(item)
     print(f"recorded {added}, already there {dup}, not mail {bad}")
     return EX_OK
 

@@ -39,11 +39,17 @@ def add_subcommands(sub: Any) -> None:
     p.add_argument("--out", help="candidate file (default: MODEL.candidate)")
     p.add_argument("--report", help="JSON report (default: MODEL.learn.json)")
     p.add_argument("--canary", help="canary folder <category>/*.eml (default: models/canary)")
+    p.add_argument("--replay", help="replay sample (default: learning.replay_path, else "
+                   "MODEL.replay.npz beside the model, else the bundled one)")
+    p.add_argument("--no-replay", action="store_true",
+                   help="learn from the feedback alone (forgets more: bench/results/learning_curve.md)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--anchor", type=float, default=0.1,
+    p.add_argument("--anchor", type=float, default=None,
                    help="L2 pull toward the current weights: higher forgets less, learns less")  # fmt: skip
     p.add_argument("--min-holdout", type=int, default=10)
+    p.add_argument("--holdout-fraction", type=float, default=0.2,
+                   help="share of the feedback (by body hash) held out for the gate, never trained on")
     p.add_argument("--min-gain", type=float, default=0.01)
     p.add_argument("--canary-margin", type=float, default=0.05)
     p.add_argument("--no-promote", action="store_true", help="gate only, leave MODEL alone")
@@ -65,7 +71,7 @@ def _settings(path: str | None) -> Any:
 
 
 def _learn(args: argparse.Namespace) -> int:
-    from classifier.learning import gate
+    from classifier.learning import gate, replay
     from classifier.learning.learn import LearnConfig, TorchMissing, learn, write_candidate
     from classifier.learning.store import FeedbackStore, StoreError
     from classifier.model import ModelError, load_model
@@ -83,19 +89,34 @@ def _learn(args: argparse.Namespace) -> int:
     model = Path(args.model or settings.classifier.model_path)
     out = Path(args.out) if args.out else model.with_name(model.name + ".candidate")
     report = Path(args.report) if args.report else model.with_name(model.name + ".learn.json")
-    cfg = LearnConfig(seed=args.seed, epochs=args.epochs, anchor=args.anchor)
+    if not 0.0 < args.holdout_fraction < 1.0:
+        print("triaged learn: --holdout-fraction must be between 0 and 1", file=sys.stderr)
+        return 2
+    cfg = LearnConfig(seed=args.seed, epochs=args.epochs, holdout_fraction=args.holdout_fraction)
+    if args.anchor is not None:
+        cfg = msgspec.structs.replace(cfg, anchor=args.anchor)
     gcfg = gate.GateConfig(min_holdout=args.min_holdout, min_gain=args.min_gain,
                            canary_margin=args.canary_margin)  # fmt: skip
     store = FeedbackStore(Path(args.store or settings.learning.store_path),
                           max_items=settings.learning.max_items,
                           retention_days=settings.learning.retention_days)  # fmt: skip
+    explicit = args.replay or settings.learning.replay_path
+    sample: Path | None = None
+    if explicit and not args.no_replay:
+        sample = Path(explicit)  # missing or for other features: learn refuses (ReplayError)
+    elif not args.no_replay:
+        sample = replay.find_sample(model)
+        if sample is None:  # learn still works, it forgets more: say so
+            log.warning("learn_without_replay", model=str(model),
+                        expected=str(replay.beside(model)))  # fmt: skip
     try:
         with gate.exclusive(model):
             items = store.items()
             if not items:  # a quiet night is not a failure of the timer's unit
                 print(f"triaged learn: {store.path}: no feedback yet, nothing to learn")
                 return 0
-            result = learn(model, items, cfg, progress=not args.quiet and sys.stderr.isatty())
+            result = learn(model, items, cfg, replay=sample,
+                           progress=not args.quiet and sys.stderr.isatty())  # fmt: skip
             write_candidate(result, out)
             current, candidate = load_model(str(model)), load_model(str(out))
             canary = gate.load_canary(Path(args.canary) if args.canary else gate.CANARY_DIR)
@@ -107,6 +128,7 @@ def _learn(args: argparse.Namespace) -> int:
                    "candidate_file": str(out), "learn": result.summary}  # fmt: skip
             gate.atomic_write(report, json.dumps(doc, indent=2).encode() + b"\n")
     except (TorchMissing, ModelError, StoreError, ValueError, RuntimeError, OSError) as exc:
+        # ReplayError is a ValueError: a sample for other features is refused here
         print(f"triaged learn: {exc}", file=sys.stderr)
         return 2
     log.info("learn_decision", accepted=decision.accepted, promoted=promoted,

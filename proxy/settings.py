@@ -164,6 +164,24 @@ class LearningSettings(_Section, frozen=True):
     # headers), so a model with new features can be retrained from them.
     # README "Learning from users" says what that means for privacy.
     keep: Literal["messages"] = "messages"
+    # The replay sample `triaged learn` rehearses so that the site's feedback does
+    # not make the model forget the rest (classifier/learning/replay.py). "":
+    # MODEL.replay.npz beside classifier.model_path, else the bundled
+    # models/default.replay.npz. One built for other features is refused.
+    replay_path: str = ""
+    # Ship each feedback as a "feedback" event to events.topic (needs
+    # events.bootstrap_servers), for a learner host that consumes them
+    # (`triaged feedback --from-kafka`). Off: the events carry hashed feature
+    # ids of the message, which a dictionary attack can partly read back.
+    ship_events: bool = False
+    # The user in a feedback event: "hash" (HMAC with events.pseudonymize_secret
+    # when set, else sha256) or "plain" (the name, e.g. for per-user caps you audit).
+    event_user: Literal["hash", "plain"] = "hash"
+    # `triaged feedback` spools its events here (its own spool, apart from the
+    # server's) and ships them within event_timeout_s; what Kafka did not take
+    # goes out with the next feedback or `triaged feedback --ship-events`.
+    event_spool_dir: str = "./var/spool/feedback-events"
+    event_timeout_s: Seconds = 2.0
 
 
 class Settings(_Section, frozen=True):

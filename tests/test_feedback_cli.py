@@ -42,7 +42,7 @@ def test_records_a_correction(tmp_path: Path) -> None:
     )
     assert item.raw == MSG
     r = feedback("--label", "primary", "--store", str(tmp_path), stdin=MSG)
-    assert r.returncode == 0 and b"already recorded" in r.stderr
+    assert r.returncode == 0 and b"already recorded" in r.stdout and not r.stderr
     r = feedback("--label", "spam", "--store", str(tmp_path), stdin=MSG)
     assert r.returncode == 0
     assert [i.label for i in FeedbackStore(tmp_path).items()] == ["spam"]

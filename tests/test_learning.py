@@ -32,7 +32,8 @@ from triaged_proc import TriagedProcess, serve_toml
 from waiting import wait_until
 
 from classifier.corpus import iter_path
-from classifier.learning import gate
+from classifier.features import FeatureParams
+from classifier.learning import gate, replay
 from classifier.learning.learn import (
     LearnConfig,
     LearnResult,
@@ -93,7 +94,7 @@ def items(current: LoadedModel) -> list[Item]:
 
 @pytest.fixture(scope="module")
 def learnt(items: list[Item], tmp_path_factory: pytest.TempPathFactory) -> tuple[LearnResult, Path]:
-    result = learn(DEFAULT, items, LearnConfig(seed=1))
+    result = learn(DEFAULT, items, LearnConfig(seed=1), replay=replay.BUNDLED)
     return result, write_candidate(result, tmp_path_factory.mktemp("cand") / "candidate.onnx")
 
 
@@ -156,7 +157,7 @@ def test_learnt_candidate_gives_held_out_notices_the_users_category(
 def test_learning_is_deterministic_for_a_seed(
     items: list[Item], learnt: tuple[LearnResult, Path]
 ) -> None:
-    again = learn(DEFAULT, items, LearnConfig(seed=1))
+    again = learn(DEFAULT, items, LearnConfig(seed=1), replay=replay.BUNDLED)
     assert np.array_equal(again.weights.emb, learnt[0].weights.emb)
     assert np.array_equal(again.weights.w_cat, learnt[0].weights.w_cat)
 
@@ -167,7 +168,7 @@ def test_a_candidate_from_shuffled_labels_is_refused(
     rng = random.Random(3)
     labels = ["primary", "updates", "forums", "promotions", "spam"]
     bad = [msgspec.structs.replace(i, label=rng.choice(labels), kind="correction") for i in items]
-    result = learn(DEFAULT, bad, LearnConfig(seed=1))
+    result = learn(DEFAULT, bad, LearnConfig(seed=1), replay=replay.BUNDLED)
     cand = load_model(str(write_candidate(result, tmp_path / "bad.onnx")))
     decision = gate.decide(current, cand, result.holdout, gate.load_canary(), gate.GateConfig())
     assert not decision.accepted
@@ -305,11 +306,20 @@ def test_learn_command_promotes_reports_and_rolls_back(filled_store: Path, tmp_p
     assert report["accepted"] and report["promoted"], report
     assert report["candidate"]["holdout_agreement"] > report["current"]["holdout_agreement"]
     assert "learn_decision" in r.stdout + r.stderr
+    assert report["learn"]["replay"]["rows"] > 1000  # the bundled sample, found by default
     assert load_model(str(model)).manifest.version.startswith("2+learn.")
     assert gate.previous_path(model).read_bytes() == DEFAULT.read_bytes()
     r = run_triaged("rollback", "--config", str(cfg))
     assert r.returncode == 0, r.stderr
     assert model.read_bytes() == DEFAULT.read_bytes()
+
+
+def current_params() -> FeatureParams:
+    return load_model(str(DEFAULT)).manifest.features
+
+
+def current_labels() -> list[str]:
+    return load_model(str(DEFAULT)).manifest.labels
 
 
 def test_learn_command_is_off_by_default_and_clear_about_errors(
@@ -329,6 +339,13 @@ def test_learn_command_is_off_by_default_and_clear_about_errors(
     with gate.exclusive(model):
         r = run_triaged(*args)
     assert r.returncode == 2 and "another learn or rollback is running" in r.stderr
+    # A replay sample built for other features: refused, saying which and what to do.
+    stale = replay.load(replay.BUNDLED, current_params(), current_labels())
+    stale = msgspec.structs.replace(stale, meta={**stale.meta, "features": {
+        **stale.meta["features"], "version": stale.features.version - 1}})  # fmt: skip
+    replay.save(stale, tmp_path / "stale.replay.npz")
+    r = run_triaged(*args, "--replay", str(tmp_path / "stale.replay.npz"))
+    assert r.returncode == 2 and "replay sample built for feature version" in r.stderr, r.stderr
     # An empty store: nothing to learn, not a failure of the nightly unit.
     r = run_triaged("learn", "--model", str(model), "--store", str(tmp_path / "empty"))
     assert r.returncode == 0 and "nothing to learn" in r.stdout

@@ -31,7 +31,8 @@ import msgspec
 import numpy as np
 
 from classifier.corpus import iter_path
-from classifier.learning.learn import HAM_LABEL, unstamped
+from classifier.learning.feature_items import ids_for
+from classifier.learning.learn import HAM_LABEL
 from classifier.model import LoadedModel, load_model
 
 CANARY_DIR = Path(__file__).resolve().parent.parent.parent / "models" / "canary"
@@ -65,7 +66,11 @@ def agreement(model: LoadedModel, items: Sequence[Any]) -> float:
     """Share of items where the model gives the user's label (category and not spam, or spam)."""
     if not items:
         return 0.0
-    preds = model.predict(model.featurize_many([unstamped(i.raw) for i in items]))
+    ids, usable = ids_for(items, model.manifest.features)
+    items = [i for i, ok in zip(items, usable, strict=True) if ok]
+    if not items:
+        return 0.0
+    preds = model.predict([a for a, ok in zip(ids, usable, strict=True) if ok])
     spam_label = model.manifest.spam_label
     ok = [
         bool(p.spam)

@@ -34,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from classifier import headers
-from classifier.features import IdArray, extract_many
+from classifier.features import IdArray
 from classifier.model import MANIFEST_KEY, Manifest, ModelError, decode_manifest
 from classifier.train import Weights, build_onnx
 
@@ -72,15 +72,24 @@ class LearnConfig(msgspec.Struct, frozen=True):
     min_steps: int = 60
     batch_size: int = 16
     lr: float = 0.01
-    # L2 pull toward the current weights (`triaged learn --anchor`). A trade-off, see
-    # bench/results/learning_curve.md: with Enron held out of the base, 0.1 lifts Enron
-    # 0.65 -> 0.997 but the other sources' macro-F1 falls 0.93 -> 0.73; 1.0 keeps them at
-    # 0.82, yet fixes only 7 of 10 trained shipping corrections (0.1: all of them).
-    # 0.1 stays: the gate's canary floor refuses a candidate that forgot.
-    anchor: float = 0.1
+    # L2 pull toward the current weights (`triaged learn --anchor`). Without a replay
+    # sample it only trades learning against forgetting (bench/results/learning_curve.md:
+    # 0.1 lifts a held-out source 0.65 -> 0.997 but the other sources' macro-F1 falls
+    # 0.93 -> 0.73); with the sample rehearsed beside the feedback, a light pull is best.
+    anchor: float = 0.01
     correction_weight: float = 4.0  # a correction counts this many confirmations
     user_cap: float = 50.0  # one user's items weigh at most this many items in all
     holdout_fraction: float = 0.2  # by body hash: the gate's slice, never trained on
+    # Rehearsal on the replay sample shipped with the model (classifier/learning/replay.py):
+    # each step also draws `replay_batch` sample rows and pulls the candidate's outputs on
+    # them toward the current model's (distillation), weighted `replay_weight` against the
+    # feedback's loss. Without it a site's one-sided feedback drags the other classes along.
+    # Weights chosen on bench/learning_curve.py (Enron held out of the base): distillation
+    # alone (weight 1-16, batch 32) kept 5 shop notices of the other sources filed as
+    # `primary`; with the sample's own labels too and 128 rows a step, none moved.
+    replay_batch: int = 128
+    replay_weight: float = 4.0  # distillation: KL to the current model's outputs
+    replay_labels: float = 4.0  # the sample's own labels (cross-entropy), beside distillation
 
 
 def require_train_extra() -> None:
@@ -216,9 +225,12 @@ def finetune(
     slots: int,
     cfg: LearnConfig,
     *,
+    replay: Sequence[IdArray] = (),
+    replay_targets: tuple[npt.NDArray[np.int64], F32] | None = None,
     progress: bool = False,
 ) -> Weights:
-    """`start` trained further on (ids, cat, spam) with per-item weights and the anchor."""
+    """`start` trained further on (ids, cat, spam) with per-item weights and the anchor,
+    rehearsing `replay` (feature ids) against the starting model's own outputs."""
     import torch
     from torch import nn
     from tqdm import tqdm
@@ -259,6 +271,17 @@ def finetune(
         offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64))
         return emb(torch.from_numpy(np.concatenate(arrays).astype(np.int64)), offsets)
 
+    def forward(bs: list[IdArray], ts: list[IdArray]) -> tuple[Any, Any]:
+        h = hid(torch.cat([bag(bs), bag(ts)], 1))
+        return head_cat(h), head_spam(h).squeeze(1)
+
+    r_structs = [a[:slots][a[:slots] > 0] for a in replay]
+    r_texts = [a[slots:][a[slots:] > 0] for a in replay]
+    if replay:  # the teacher: the starting model's outputs, fixed for the whole run
+        with torch.no_grad():
+            t_logits, t_z = forward(r_structs, r_texts)
+            t_prob, t_spam = torch.softmax(t_logits, 1), torch.sigmoid(t_z)
+
     n = len(ids)
     per_epoch = -(-n // cfg.batch_size)
     epochs = max(cfg.epochs, -(-cfg.min_steps // max(per_epoch, 1)))
@@ -285,6 +308,21 @@ def finetune(
                 )
                 loss = loss + (ce * wt[m]).sum()
             loss = loss / len(idx)
+            if replay and cfg.replay_weight > 0:
+                r = torch.from_numpy(rng.choice(len(replay), size=min(cfg.replay_batch, len(replay)),
+                                                replace=False))  # fmt: skip
+                s_logits, s_z = forward([r_structs[i] for i in r], [r_texts[i] for i in r])
+                kd = nn.functional.kl_div(
+                    nn.functional.log_softmax(s_logits, 1), t_prob[r], reduction="batchmean"
+                ) + nn.functional.binary_cross_entropy_with_logits(s_z, t_spam[r])
+                loss = loss + cfg.replay_weight * kd
+                if replay_targets is not None and cfg.replay_labels > 0:
+                    rc, rs = replay_targets[0][r.numpy()], replay_targets[1][r.numpy()]
+                    hard = nn.functional.binary_cross_entropy_with_logits(s_z, t(rs))
+                    if (rc >= 0).any():
+                        m = torch.from_numpy(rc >= 0)
+                        hard = hard + nn.functional.cross_entropy(s_logits[m], torch.from_numpy(rc[rc >= 0]))
+                    loss = loss + cfg.replay_labels * hard
             loss = loss + cfg.anchor * sum(
                 ((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True)
             )
@@ -320,21 +358,37 @@ def learn(
     items: Sequence[Feedback],
     cfg: LearnConfig,
     *,
+    replay: str | Path | None = None,
     progress: bool = False,
 ) -> LearnResult:
-    """Warm-start a candidate from `model_path` on the training share of `items`."""
+    """Warm-start a candidate from `model_path` on the training share of `items`,
+    rehearsing the replay sample at `replay` (ReplayError if it does not fit the model)."""
+    from classifier.learning import replay as replay_mod
+    from classifier.learning.feature_items import ids_for
+
     require_train_extra()
     start, manifest = read_model(model_path)
+    sample = (
+        replay_mod.load(replay, manifest.features, manifest.labels) if replay is not None else None
+    )
     train, hold = split(items, cfg.holdout_fraction)
     cat, spam, unknown = targets(train, manifest)
     keep = cat >= -1
     train = [it for it, k in zip(train, keep, strict=True) if k]
     cat, spam = cat[keep], spam[keep]
+    ids, usable = ids_for(train, manifest.features)
+    stale = len(train) - sum(usable)  # feature items hashed for other features: left out
+    if stale:
+        u = np.array(usable)
+        train = [it for it, ok in zip(train, usable, strict=True) if ok]
+        ids = [a for a, ok in zip(ids, usable, strict=True) if ok]
+        cat, spam = cat[u], spam[u]
     if not train:
         raise ValueError("no feedback to learn from (after the held-out slice and unknown labels)")
-    ids = extract_many([unstamped(it.raw) for it in train], manifest.features)
     weights = finetune(start, ids, cat, spam, item_weights(train, cfg), manifest.features.struct_slots,
-                       cfg, progress=progress)  # fmt: skip
+                       cfg, replay=sample.ids if sample is not None else (),
+                       replay_targets=(sample.cat, sample.spam) if sample is not None else None,
+                       progress=progress)  # fmt: skip
     summary = {
         "parent": f"{manifest.name}/{manifest.version}",
         "feedback": len(train),
@@ -343,6 +397,10 @@ def learn(
         "labels": dict(sorted(Counter(i.label for i in train).items())),
         "users": len({i.user for i in train}),
         "unknown_labels": dict(sorted(Counter(unknown).items())),
+        "stale_features": stale,
+        "replay": {"path": str(replay), "rows": len(sample), "origin": sample.meta.get("origin", "")}
+        if sample is not None
+        else None,
         "config": msgspec.to_builtins(cfg),
     }
     new_manifest = msgspec.structs.replace(

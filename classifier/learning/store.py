@@ -60,6 +60,10 @@ CATEGORY_HEADER: Final = b"x-triage-category"
 SPAM_HEADER: Final = b"x-triage-spam"
 
 Kind = Literal["correction", "confirmation"]
+# What `raw` holds: the message ("message"), or only its feature ids
+# ("features": a feedback event consumed from Kafka, classifier.learning.
+# feature_items; msgpack of the ids and the feature parameters' digest).
+Form = Literal["message", "features"]
 
 
 class FeedbackItem(msgspec.Struct, frozen=True):
@@ -71,6 +75,7 @@ class FeedbackItem(msgspec.Struct, frozen=True):
     time: float
     message_id: str
     body_hash: str
+    form: Form = "message"
 
 
 class _Meta(msgspec.Struct, frozen=True, array_like=True):
@@ -81,6 +86,7 @@ class _Meta(msgspec.Struct, frozen=True, array_like=True):
     time: float
     message_id: str
     body_hash: str
+    form: Form = "message"  # last, with a default: records written before it decode as messages
 
 
 _meta_encoder = msgspec.msgpack.Encoder()
@@ -330,6 +336,27 @@ class FeedbackStore:
             message_id=message_id(raw),
             body_hash=body_hash(raw),
         )
+        return self._add(meta, raw)
+
+    def add_features(
+        self,
+        payload: bytes,
+        *,
+        label: str,
+        user: str,
+        kind: Kind,
+        decided: str | None,
+        when: float,
+        message_id: str,
+        body_hash: str,
+    ) -> FeedbackItem | None:
+        """Record feedback known only by its features (a consumed feedback event):
+        `payload` from classifier.learning.feature_items.encode. Same dedup rules."""
+        meta = _Meta(label, user, kind, decided, when, message_id, body_hash, "features")
+        return self._add(meta, payload)
+
+    def _add(self, meta: _Meta, raw: bytes) -> FeedbackItem | None:
+        label = meta.label
         try:
             with self._locked(fcntl.LOCK_EX):
                 with open(self._log, "a+b") as f:
