@@ -2,12 +2,16 @@
 
 A site has no training corpora, only its model and what its users did. So the
 candidate is the current model's weights, read from the ONNX file, trained a
-little further (warm start) on the feedback, with an L2 pull back toward the
-starting weights (the "anchor", as in L2-SP, Li et al. 2018): a few hundred
-corrections move what they are about and leave the rest of the model where it
-was. Confirmations (the user left the message where triaged put it) train too,
-at a lower weight: they are the replay that holds the model's current answers
-in place. No sample of the original corpora is shipped.
+little further (warm start) on the feedback, with a light L2 pull back toward
+the starting weights (the "anchor", as in L2-SP, Li et al. 2018). Feedback is
+one-sided (a site's corrections are mostly one kind of mail), and on its own
+it drags the other classes' boundaries along; so every step also rehearses a
+batch of the replay sample shipped with the model (classifier/learning/
+replay.py: feature ids and labels of a stratified sample of the training
+data), held to the current model's outputs (distillation) and to the
+sample's labels. bench/results/learning_curve.md measures both.
+Confirmations (the user left the message where triaged put it) train too, at
+a lower weight.
 
 Weights per item: a correction counts `correction_weight` times a confirmation;
 then each user's total is capped at `user_cap` (scaled down, not cut), so one
@@ -86,10 +90,10 @@ class LearnConfig(msgspec.Struct, frozen=True):
     # feedback's loss. Without it a site's one-sided feedback drags the other classes along.
     # Weights chosen on bench/learning_curve.py (Enron held out of the base): distillation
     # alone (weight 1-16, batch 32) kept 5 shop notices of the other sources filed as
-    # `primary`; with the sample's own labels too and 128 rows a step, none moved.
+    # `primary`; with the sample's own labels too (weight 4-8) and 128 rows a step, 0-2.
     replay_batch: int = 128
     replay_weight: float = 4.0  # distillation: KL to the current model's outputs
-    replay_labels: float = 4.0  # the sample's own labels (cross-entropy), beside distillation
+    replay_labels: float = 8.0  # the sample's own labels (cross-entropy), beside distillation
 
 
 def require_train_extra() -> None:
@@ -308,7 +312,7 @@ def finetune(
                 )
                 loss = loss + (ce * wt[m]).sum()
             loss = loss / len(idx)
-            if replay and cfg.replay_weight > 0:
+            if replay and (cfg.replay_weight > 0 or cfg.replay_labels > 0):
                 r = torch.from_numpy(rng.choice(len(replay), size=min(cfg.replay_batch, len(replay)),
                                                 replace=False))  # fmt: skip
                 s_logits, s_z = forward([r_structs[i] for i in r], [r_texts[i] for i in r])

@@ -86,7 +86,14 @@ class _Meta(msgspec.Struct, frozen=True, array_like=True):
     time: float
     message_id: str
     body_hash: str
-    form: Form = "message"  # last, with a default: records written before it decode as messages
+    # Last, with a default: records written before it decode as messages. A bool,
+    # one byte a record: `form` of the item is "features" when it is true.
+    features: bool = False
+
+
+def _item(raw: bytes, m: _Meta) -> FeedbackItem:
+    return FeedbackItem(raw, m.label, m.user, m.kind, m.decided, m.time, m.message_id,
+                        m.body_hash, "features" if m.features else "message")  # fmt: skip
 
 
 _meta_encoder = msgspec.msgpack.Encoder()
@@ -352,7 +359,7 @@ class FeedbackStore:
     ) -> FeedbackItem | None:
         """Record feedback known only by its features (a consumed feedback event):
         `payload` from classifier.learning.feature_items.encode. Same dedup rules."""
-        meta = _Meta(label, user, kind, decided, when, message_id, body_hash, "features")
+        meta = _Meta(label, user, kind, decided, when, message_id, body_hash, True)
         return self._add(meta, payload)
 
     def _add(self, meta: _Meta, raw: bytes) -> FeedbackItem | None:
@@ -379,7 +386,7 @@ class FeedbackStore:
                         self._remember(f, idx)
         except OSError as exc:
             raise StoreError(f"{self._log}: {exc.strerror or exc}") from None
-        return FeedbackItem(raw, *msgspec.structs.astuple(meta))
+        return _item(raw, meta)
 
     def items(self) -> list[FeedbackItem]:
         """Live items, oldest first: at most max_items, none past retention."""
@@ -403,7 +410,7 @@ class FeedbackStore:
                             "feedback_store_bad_message", path=str(self._log), offset=rec.offset
                         )
                         continue
-                    out.append(FeedbackItem(raw, *msgspec.structs.astuple(rec.meta)))
+                    out.append(_item(raw, rec.meta))
         except OSError as exc:
             raise StoreError(f"{self._log}: {exc.strerror or exc}") from None
         return out
