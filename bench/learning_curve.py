@@ -10,10 +10,16 @@ order (oldest first). For N in 0, 25, 50, 100, 200, 500 the first N pool
 messages become feedback with the source's category as the users' label
 (a correction where the base disagreed, else a confirmation; user = the
 sender group, so the per-user cap applies), and `learn` (all of it trained
-on: holdout_fraction 0) warm-starts from the base. Reported: SOURCE's held-out
-category accuracy and spam false-positive rate (SOURCE is wanted mail), and
-macro-F1 + spam FP on the other sources' held-out slice.
-Results: bench/results/learning_curve.{json,md}.
+on: holdout_fraction 0) warm-starts from the base, rehearsing the base's
+replay sample (made by the recipe's own `replay_sample` from the base's
+training set, as `default_recipe.py build` makes the shipped one; --no-replay
+leaves it out). Reported: SOURCE's held-out category accuracy and spam
+false-positive rate (SOURCE is wanted mail), and macro-F1 (all classes
+present, and the recipe's rule: classes with >= 20 messages), accuracy,
+per-class figures and spam FP on the other sources' held-out slice.
+--oracle adds the reference a site cannot have: the recipe trained from
+scratch with the whole pool in its corpus.
+Results: bench/results/learning_curve*.{json,md}.
 """
 
 from __future__ import annotations

@@ -52,6 +52,8 @@ def add_subcommands(sub: Any) -> None:
                    help="share of the feedback (by body hash) held out for the gate, never trained on")
     p.add_argument("--min-gain", type=float, default=0.01)
     p.add_argument("--canary-margin", type=float, default=0.05)
+    p.add_argument("--min-fit", type=float, default=0.75,
+                   help="the candidate must agree with this share of the feedback it was trained on")
     p.add_argument("--no-promote", action="store_true", help="gate only, leave MODEL alone")
     p.add_argument("--pidfile", help="SIGHUP this server after a promotion")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -96,7 +98,7 @@ def _learn(args: argparse.Namespace) -> int:
     if args.anchor is not None:
         cfg = msgspec.structs.replace(cfg, anchor=args.anchor)
     gcfg = gate.GateConfig(min_holdout=args.min_holdout, min_gain=args.min_gain,
-                           canary_margin=args.canary_margin)  # fmt: skip
+                           canary_margin=args.canary_margin, min_fit=args.min_fit)  # fmt: skip
     store = FeedbackStore(Path(args.store or settings.learning.store_path),
                           max_items=settings.learning.max_items,
                           retention_days=settings.learning.retention_days)  # fmt: skip
@@ -120,7 +122,7 @@ def _learn(args: argparse.Namespace) -> int:
             write_candidate(result, out)
             current, candidate = load_model(str(model)), load_model(str(out))
             canary = gate.load_canary(Path(args.canary) if args.canary else gate.CANARY_DIR)
-            decision = gate.decide(current, candidate, result.holdout, canary, gcfg)
+            decision = gate.decide(current, candidate, result.holdout, canary, gcfg, result.trained)
             promoted = decision.accepted and not args.no_promote
             if promoted:
                 gate.promote(out, model)

@@ -148,10 +148,12 @@ def test_learnt_candidate_gives_held_out_notices_the_users_category(
     after = [p.category for p in cand.predict(cand.featurize_many(raws))]
     assert before.count("updates") < len(raws)  # the bundled model misfiles some
     assert after.count("updates") == len(raws)
-    decision = gate.decide(current, cand, result.holdout, gate.load_canary(), gate.GateConfig())
+    decision = gate.decide(current, cand, result.holdout, gate.load_canary(), gate.GateConfig(),
+                           result.trained)  # fmt: skip
     assert decision.accepted, decision.reasons
     assert decision.candidate.holdout_agreement > decision.current.holdout_agreement
     assert decision.candidate.canary_spam == 0
+    assert decision.candidate.feedback_fit is not None and decision.candidate.feedback_fit >= 0.9
 
 
 def test_learning_is_deterministic_for_a_seed(
@@ -170,9 +172,11 @@ def test_a_candidate_from_shuffled_labels_is_refused(
     bad = [msgspec.structs.replace(i, label=rng.choice(labels), kind="correction") for i in items]
     result = learn(DEFAULT, bad, LearnConfig(seed=1), replay=replay.BUNDLED)
     cand = load_model(str(write_candidate(result, tmp_path / "bad.onnx")))
-    decision = gate.decide(current, cand, result.holdout, gate.load_canary(), gate.GateConfig())
+    decision = gate.decide(current, cand, result.holdout, gate.load_canary(), gate.GateConfig(),
+                           result.trained)  # fmt: skip
     assert not decision.accepted
     assert any("canary accuracy" in r for r in decision.reasons), decision.reasons
+    assert any("feedback it was trained on" in r for r in decision.reasons), decision.reasons
 
 
 def test_promote_keeps_the_previous_file_and_rollback_restores_it(

@@ -355,6 +355,7 @@ class LearnResult(msgspec.Struct):
     train: int
     holdout: list[Any]  # the gate's items (Feedback)
     summary: dict[str, Any]
+    trained: list[Any] = msgspec.field(default_factory=list)  # the items trained on (the gate's fit check)
 
 
 def learn(
@@ -413,7 +414,7 @@ def learn(
         created=dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
         training={**manifest.training, "learn": summary},
     )
-    return LearnResult(weights, new_manifest, len(train), list(hold), summary)
+    return LearnResult(weights, new_manifest, len(train), list(hold), summary, list(train))
 
 
 def write_candidate(result: LearnResult, out: str | Path) -> Path:
