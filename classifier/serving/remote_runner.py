@@ -27,7 +27,9 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
+import numpy.typing as npt
 import structlog
 
 from classifier.config import ClassifierSettings
@@ -210,12 +212,12 @@ class RemoteRunner:
                     return frame
 
     def _ask(self, conn: wire.BlockingConnection, spec_id: str,
-             features: Sequence[object]) -> tuple[list[Classification | str], list[int]]:
+             features: Sequence[npt.NDArray[Any]]) -> tuple[list[Classification | str], list[int]]:
         if not features:
             return [], []
         request = self._new_id()
         conn.send(wire.Classify(request, spec_id, self._settings.timeout_ms,
-                                wire.arrays_of(features)))  # type: ignore[arg-type]
+                                wire.arrays_of(features)))
         while True:
             frame = conn.receive()
             if isinstance(frame, wire.Info):
