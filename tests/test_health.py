@@ -21,7 +21,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from conftest import CaptureServer, base_settings
+from conftest import CaptureServer, SmtpTestClient, base_settings
 from triaged_proc import REPO, TriagedProcess
 from waiting import wait_until
 
@@ -314,3 +314,26 @@ async def test_checks_run_only_for_a_reader(capture: CaptureServer) -> None:
     finally:
         await quiet.stop(drain_timeout_s=1.0)
         await read.stop(drain_timeout_s=1.0)
+
+
+async def test_readyz_says_draining_while_open_transactions_finish(capture: CaptureServer) -> None:
+    """SIGTERM's drain: a balancer must stop sending new sessions at once
+    (503 "draining") while the open transaction still finishes."""
+    srv = Server(base_settings(capture.url, metrics={"listen": "127.0.0.1:0"}), health_timing=FAST)
+    await srv.start()
+    assert srv.metrics_port is not None
+    port = srv.metrics_port
+    await status_becomes(port, "/readyz", 200)
+    c = await SmtpTestClient.connect(*srv.addresses[0])
+    assert (await c.reply())[0] == 220
+    assert (await c.cmd("EHLO x.test"))[0] == 250
+    assert (await c.cmd("MAIL FROM:<a@example.org>"))[0] == 250
+    assert (await c.cmd("RCPT TO:<b@example.net>"))[0] == 250
+    stopping = asyncio.create_task(srv.stop(drain_timeout_s=20.0))
+    body = await status_becomes(port, "/readyz", 503)
+    assert "draining" in body["reasons"] and body["draining"] is True and body["alive"] is True
+    assert (await c.cmd("DATA"))[0] == 354
+    assert (await c.data(b"Subject: last one\r\n\r\nbody\r\n"))[0] == 250
+    await stopping
+    await c.close()
+    assert len(capture.messages) == 1
