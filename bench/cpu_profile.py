@@ -145,6 +145,7 @@ def main() -> int:
     ap.add_argument("-l", "--length", type=int, default=4096)
     ap.add_argument("--classifier", choices=("onnx", "rules"), default="onnx")
     ap.add_argument("--server", default="", help="extra lines for [server], e.g. 'workers = 2'")
+    ap.add_argument("--runner", default="", help="classifier.runner (default: the shipped one)")
     ap.add_argument("--rate", type=int, default=250)
     ap.add_argument("--launcher", default="",
                     help="run triaged as `python LAUNCHER serve --config ...` (experiments)")
@@ -161,6 +162,9 @@ def main() -> int:
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     classifier = ('kind = "rules"' if args.classifier == "rules"
                   else f'kind = "onnx"\nmodel_path = "{REPO / "models" / "default.onnx"}"')
+    if args.runner:
+        classifier += f'\nrunner = "{args.runner}"'
+
     with tempfile.TemporaryDirectory(prefix="triaged-prof-") as tmp:
         sink = Sink()
         t = TriagedProcess(f"smtp://127.0.0.1:{sink.port}", workdir=Path(tmp),

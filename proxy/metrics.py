@@ -61,10 +61,14 @@ class BatcherPrometheus:
             "triaged_classifier_fallbacks", "Verdicts from the header-rules fallback, by why",
             ["reason"], registry=r,
         )
+        self._batches: dict[str, Any] = {}  # labelled children of `batches`, by reason
 
     def batch(self, size: int, reason: CloseReason) -> None:
         self.batch_size.observe(size)
-        self.batches.labels(reason).inc()
+        child = self._batches.get(reason)
+        if child is None:  # `.labels()` per batch costs more than the rest of this
+            child = self._batches[reason] = self.batches.labels(reason)
+        child.inc()
 
     def queue_wait(self, seconds: float) -> None:
         self.queue_wait_seconds.observe(seconds)
