@@ -6,11 +6,17 @@ and hands batches to a single writer thread, so the event loop never touches
 the disk. One event per line, the same JSON as on the Kafka topic.
 `events.jsonl` rotates to `events.jsonl.1` ... `.N` (N = jsonl_keep) past
 jsonl_max_bytes; the oldest is deleted.
+
+Several worker processes (server.workers) append to the one file: each batch
+is written under an flock on `.events.jsonl.lock` beside it, with the size
+re-read from the file and the file reopened when another process rotated it,
+so lines never interleave and a rotation happens once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import time
 from pathlib import Path
@@ -39,18 +45,50 @@ class RotatingFile(FsyncedFile):
         self._max_bytes = max_bytes
         self._keep = keep
         self._size = 0
+        self._lock_fd: int | None = None
         self.rotations = 0
 
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self._lock_fd is None:
+            lock = self.path.with_name(f".{self.path.name}.lock")
+            self._lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o640)
+        self._open_file()
+
+    def _open_file(self) -> None:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
         self._size = os.fstat(self._fd).st_size
 
     def write_lines(self, lines: list[bytes]) -> None:
         """Append lines (without newlines); rotates between lines, so a file
         exceeds max_bytes only when one line alone does."""
-        if self._fd is None:
+        if self._fd is None or self._lock_fd is None:
             self.open()
+        assert self._lock_fd is not None
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            self._follow_rotation()
+            self._write_lines(lines)
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        self._sync_per_policy()
+
+    def _follow_rotation(self) -> None:
+        """Under the lock: reopen when another process rotated the file; take
+        the size from the file (others append too)."""
+        assert self._fd is not None
+        mine = os.fstat(self._fd)
+        try:
+            current = os.stat(self.path)
+        except FileNotFoundError:
+            current = None
+        if current is None or (current.st_dev, current.st_ino) != (mine.st_dev, mine.st_ino):
+            self._close_file()
+            self._open_file()
+        else:
+            self._size = mine.st_size
+
+    def _write_lines(self, lines: list[bytes]) -> None:
         group: list[bytes] = []
         group_bytes = 0
         for line in lines:
@@ -61,7 +99,6 @@ class RotatingFile(FsyncedFile):
             group.append(line)
             group_bytes += len(line) + 1
         self._write(group, group_bytes)
-        self._sync_per_policy()
 
     def _write(self, lines: list[bytes], nbytes: int) -> None:
         if not lines:
@@ -75,13 +112,19 @@ class RotatingFile(FsyncedFile):
         self._dirty = True
 
     def close(self) -> None:
+        self._close_file()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _close_file(self) -> None:
         if self._fd is not None:
             self.sync()
             os.close(self._fd)
             self._fd = None
 
     def _rotate(self) -> None:
-        self.close()
+        self._close_file()
         # .keep is overwritten by .keep-1: the oldest goes.
         for i in range(self._keep - 1, 0, -1):
             older = self.path.with_name(f"{self.path.name}.{i}")
@@ -89,7 +132,7 @@ class RotatingFile(FsyncedFile):
                 os.replace(older, self.path.with_name(f"{self.path.name}.{i + 1}"))
         os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
         self.rotations += 1
-        self.open()
+        self._open_file()
 
 
 class JsonlSink(QueuedSink):

@@ -56,7 +56,8 @@ class JsonLine:
 _LEVEL_NAMES = {"warn": "warning", "exception": "error"}
 
 
-def configure(settings: LoggingSettings, *, stream: Any = None) -> None:
+def configure(settings: LoggingSettings, *, stream: Any = None, fields: dict[str, Any] | None = None) -> None:
+    """`fields` go into every line (a worker process adds its slot: `worker`)."""
     stream = stream or sys.stderr
     level = _LEVELS[settings.level]
     fmt = settings.format
@@ -72,6 +73,8 @@ def configure(settings: LoggingSettings, *, stream: Any = None) -> None:
         if fmt == "console"
         else [JsonLine()]
     )
+    if fields:
+        processors.insert(0, _add_fields(dict(fields)))
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(level),
@@ -87,6 +90,15 @@ def configure(settings: LoggingSettings, *, stream: Any = None) -> None:
     # aiosmtpd ("mail.log") logs every command at INFO, and its warnings carry
     # raw client bytes (the peer, unrecognised commands): see _StructlogHandler.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+
+def _add_fields(fields: dict[str, Any]) -> Any:
+    def add(_logger: Any, _method: str, event: Any) -> Any:
+        for key, value in fields.items():
+            event.setdefault(key, value)
+        return event
+
+    return add
 
 
 class _StructlogHandler(logging.Handler):

@@ -36,7 +36,7 @@ from proxy.httpd import StatusServer, registry_metrics
 from proxy.metrics import Metrics
 from proxy.milter.listener import MilterContext, MilterListener, drain_milter
 from proxy.pipeline import Pipeline
-from proxy.settings import ConfigError, Settings, split_host_port
+from proxy.settings import ConfigError, ListenerSettings, Settings, split_host_port
 from proxy.smtp.session import RelayContext, TriageSMTP
 from proxy.smtp.upstream import Upstream, build_upstream
 from proxy.smtp.upstream_switch import SwitchableUpstream
@@ -105,8 +105,13 @@ class Server:
         sinks: Sequence[TransactionSink] = (),
         upstream: Upstream | None = None,
         health_timing: HealthTiming | None = None,
+        listen_sockets: Sequence[Sequence[socket.socket]] | None = None,
     ) -> None:
         self.settings = settings
+        # Supervisor mode (proxy/worker.py): listening sockets bound by the
+        # supervisor and inherited, one list per settings.server.listeners
+        # entry; the worker serves on them instead of binding its own.
+        self._listen_sockets = listen_sockets
         self.metrics = Metrics()
         self.classifier = classifier if classifier is not None else build_classifier(settings, self.metrics)
         self.pipeline = Pipeline(settings, self.classifier, [self.metrics, *sinks])
@@ -135,26 +140,17 @@ class Server:
         try:
             # Milter body bytes count against the same budget as SMTP DATA.
             self.milter = MilterContext(s, self.pipeline, ctx, self.metrics)
-            for listener in s.server.listeners:
+            for i, listener in enumerate(s.server.listeners):
+                inherited = self._listen_sockets[i] if self._listen_sockets is not None else None
                 if listener.protocol == "milter":
-                    milter = MilterListener(self.milter, listener)
+                    milter = MilterListener(self.milter, listener, sockets=inherited)
                     self.milter_listeners.append(milter)
                     await milter.start()
                     continue
-                host, port = split_host_port(listener.address)
-                srv = await loop.create_server(
-                    lambda listener=listener: TriageSMTP(ctx, listener),  # type: ignore[misc]
-                    host,
-                    port,
-                    reuse_address=True,
-                    backlog=1024,
-                    # Serve only once every listener is bound: a client that
-                    # saw one port answer must find the others answering too.
-                    start_serving=False,
-                )
-                self._servers.append(srv)
-                bound = srv.sockets[0].getsockname()
-                self.addresses.append((str(bound[0]), int(bound[1])))
+                for srv in await _smtp_servers(loop, ctx, listener, inherited):
+                    self._servers.append(srv)
+                    bound = srv.sockets[0].getsockname()
+                    self.addresses.append((str(bound[0]), int(bound[1])))
         except BaseException:
             await self._close_servers()
             await self.upstream.close()
@@ -231,6 +227,29 @@ class Server:
         self._servers.clear()
 
 
+async def _smtp_servers(
+    loop: asyncio.AbstractEventLoop,
+    ctx: RelayContext,
+    listener: ListenerSettings,
+    inherited: Sequence[socket.socket] | None,
+) -> list[asyncio.Server]:
+    # Serve only once every listener is bound (start_serving=False): a client
+    # that saw one port answer must find the others answering too.
+    def factory() -> TriageSMTP:
+        return TriageSMTP(ctx, listener)
+
+    if inherited is not None:
+        return [
+            await loop.create_server(factory, sock=sock, backlog=1024, start_serving=False)
+            for sock in inherited
+        ]
+    host, port = split_host_port(listener.address)
+    srv = await loop.create_server(
+        factory, host, port, reuse_address=True, backlog=1024, start_serving=False
+    )
+    return [srv]
+
+
 def _redact(url: str) -> str:
     return url.split("@")[-1] if url.startswith("smtp://") else url
 
@@ -249,16 +268,44 @@ def sd_notify(message: str, address: str | None) -> None:
         log.warning("sd_notify_failed", error=exc.strerror)
 
 
+class ServeHooks:
+    """What differs between `triaged serve` as one process and as one worker
+    of the supervisor (proxy/worker.py overrides these). Everything else
+    (signals, SIGHUP reload, drain) is the same code in both."""
+
+    def __init__(self, notify_socket: str | None) -> None:
+        self.notify_socket = notify_socket
+        # One list of listening sockets per settings.server.listeners entry,
+        # inherited from the supervisor; None: bind them here.
+        self.listen_sockets: Sequence[Sequence[socket.socket]] | None = None
+        self.health_timing: HealthTiming | None = None  # None: Server's default
+
+    def adapt(self, settings: Settings) -> Settings:
+        """Applied to every config this process serves (also one re-read on
+        SIGHUP): a worker points the event spool at its own slot, etc."""
+        return settings
+
+    def notify(self, message: str) -> None:
+        """READY=1 / STOPPING=1: to systemd here, to the supervisor in a worker."""
+        sd_notify(message, self.notify_socket)
+
+    def started(self, server: Server) -> None:
+        """The server serves (a worker starts answering its supervisor here)."""
+
+
 async def _serve(
     settings: Settings,
     notify_socket: str | None,
     watchdog_s: float | None = None,
     *,
     config_path: str | None = None,
+    hooks: ServeHooks | None = None,
 ) -> int:
     from proxy.events import make_event_sink
     from proxy.reload import reload_from_file
 
+    hooks = hooks or ServeHooks(notify_socket)
+    settings = hooks.adapt(settings)
     events = make_event_sink(settings.events)
     try:
         await events.start()
@@ -267,7 +314,9 @@ async def _serve(
         # second instance holding the spool lock): one line, not a traceback.
         log.error("start_failed", component="events", error=str(exc))
         return 1
-    server = Server(settings, sinks=[events])
+    server = Server(
+        settings, sinks=[events], listen_sockets=hooks.listen_sockets, health_timing=hooks.health_timing
+    )
     server.events = events
     server.metrics.registry.register(events.registry)  # event shipping metrics on the same endpoint
     try:
@@ -288,7 +337,7 @@ async def _serve(
         # With a config file: re-read it (what changed live is applied, the
         # model file re-read); embedded defaults: only the model file.
         job = (
-            reload_from_file(server, config_path)
+            reload_from_file(server, config_path, adapt=hooks.adapt)
             if config_path is not None
             else reload_classifier(server.classifier, server.metrics)
         )
@@ -297,20 +346,21 @@ async def _serve(
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
-    sd_notify("READY=1", notify_socket)
+    hooks.started(server)
+    hooks.notify("READY=1")
     watchdog = None
     if watchdog_s is not None:
         server.health.ensure_checks()
         watchdog = loop.create_task(watchdog_loop(
             lambda: watchdog_healthy(server.health.snapshot()),
-            lambda message: sd_notify(message, notify_socket),
+            hooks.notify,
             watchdog_s,
         ))
     await stop.wait()
     if watchdog is not None:
         watchdog.cancel()
     loop.remove_signal_handler(signal.SIGHUP)
-    sd_notify("STOPPING=1", notify_socket)
+    hooks.notify("STOPPING=1")
     log.info("draining", connections=len(server.ctx.connections) if server.ctx else 0)
     await server.stop()
     # After the drain: the last transactions' events too (the sink a reload put in).
@@ -319,11 +369,24 @@ async def _serve(
 
 
 def serve_forever(settings: Settings, config_path: str | None = None) -> int:
-    """`triaged serve`: run until SIGTERM/SIGINT; the process exit status."""
-    import uvloop
+    """`triaged serve`: run until SIGTERM/SIGINT; the process exit status.
 
+    server.workers = 1: this process serves. Otherwise it becomes the
+    supervisor of that many worker processes (proxy/supervisor.py).
+    """
     logs.configure(settings.logging)
     notify_socket = os.environ.get("NOTIFY_SOCKET")  # read once, at start
+    if effective_workers(settings) != 1:
+        from proxy.supervisor import supervise
+
+        return supervise(settings, config_path, notify_socket)
+    import uvloop
+
     watchdog_s = watchdog_interval_s(os.environ, os.getpid()) if notify_socket else None
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(_serve(settings, notify_socket, watchdog_s, config_path=config_path))
+
+
+def effective_workers(settings: Settings) -> int:
+    """server.workers, with 0 ("auto") as the number of usable cores."""
+    return settings.server.workers or len(os.sched_getaffinity(0))

@@ -60,6 +60,14 @@ class ServerSettings(_Section, frozen=True):
     # class): "reject" answers 550 5.5.2 after the data; "normalize" turns each
     # into CRLF before the message goes on. Only CRLF.CRLF ends DATA either way.
     bare_lf: Literal["reject", "normalize"] = "reject"
+    # Front-end processes sharing the listeners (proxy/supervisor.py);
+    # 0: one per usable core; 1: a single process, no supervisor.
+    workers: Annotated[int, Meta(ge=0, le=1024)] = 0
+    # A worker whose event loop has not answered the supervisor this long is
+    # killed and replaced (its open transactions fail; clients retry). Keep
+    # it well below the unit's WatchdogSec=: the watchdog is withheld while
+    # a worker is silent.
+    worker_hang_timeout_s: Seconds = 10.0
 
 
 class UpstreamSettings(_Section, frozen=True):

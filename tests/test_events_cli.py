@@ -23,10 +23,13 @@ pytestmark = [
 ]
 
 
-def write_config(workdir: Path, port: int, bootstrap: str) -> Path:
+def write_config(workdir: Path, port: int, bootstrap: str, *, workers: int = 0) -> Path:
     config = workdir / "triaged.toml"
     config.write_text(
         f"""\
+[server]
+workers = {workers}
+
 [[server.listeners]]
 address = "127.0.0.1:{port}"
 
@@ -110,16 +113,22 @@ async def test_broker_gone_at_shutdown_leaves_events_in_the_spool(tmp_path: Path
     finally:
         if serve.proc and serve.proc.poll() is None:
             serve.proc.kill()
-    spool = Spool(tmp_path / "spool", max_bytes=1 << 30, segment_bytes=1 << 24)
-    spool.open()
-    records = spool.read(1000)
-    assert spool.pending == len(records) == 150
+    # One spool directory per worker slot (slot 0: spool_dir itself).
+    records, pending = [], 0
+    for directory in [tmp_path / "spool", *sorted((tmp_path / "spool").glob("worker-*"))]:
+        spool = Spool(directory, max_bytes=1 << 30, segment_bytes=1 << 24)
+        spool.open()
+        records += spool.read(1000)
+        pending += spool.pending
+        spool.close()
+    assert pending == len(records) == 150
     assert sorted(decode_event(r.value).message_id_hash for r in records) == mid_hashes(mids)
     assert len(list((tmp_path / "maildir" / "new").iterdir())) == 150  # and every message delivered
 
 
 def test_unusable_spool_is_one_error_line_not_a_traceback(tmp_path: Path) -> None:
-    config = write_config(tmp_path, free_port(), "127.0.0.1:9")
+    # One process: with workers, each logs its own start_failed line.
+    config = write_config(tmp_path, free_port(), "127.0.0.1:9", workers=1)
     (tmp_path / "spool").write_text("a file where the spool directory should be")
     done = subprocess.run([str(TRIAGED), "serve", "--config", str(config)],
                           capture_output=True, text=True, timeout=60)

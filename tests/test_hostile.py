@@ -107,7 +107,9 @@ async def make_rig(capture: CaptureServer, tmp_path: Path) -> AsyncIterator[Make
 
     async def make(**sections: str) -> Rig:
         sections.setdefault("classifier", ONNX)
-        sections["server"] = "idle_timeout_s = 60.0\ndrain_timeout_s = 10.0\n" + sections.get("server", "")
+        # One process: these tests measure one server (its memory, its inference
+        # child, its log lines); tests/test_workers.py covers the supervisor.
+        sections["server"] = "workers = 1\nidle_timeout_s = 60.0\ndrain_timeout_s = 10.0\n" + sections.get("server", "")
         sections["upstream"] = "connect_timeout_s = 3.0\ncommand_timeout_s = 5.0\n" + sections.get("upstream", "")
         workdir = tmp_path / f"t{len(rigs)}"
         workdir.mkdir()

@@ -366,14 +366,19 @@ def test_triaged_hung_tempfails_then_the_retry_arrives(short_timeouts: MilterSet
     setup = short_timeouts
     proc = setup.process.proc
     assert proc is not None
-    os.kill(proc.pid, signal.SIGSTOP)  # hung: the kernel still accepts its connections
+    # Hung: the kernel still accepts its connections. Every process of it
+    # (the supervisor and its workers, or the one process and its inference child).
+    hung = [proc.pid, *setup.process.children()]
+    for pid in hung:
+        os.kill(pid, signal.SIGSTOP)
     try:
         msg = message("hung", 0)
         _expect_tempfail(setup.front, msg)
         assert setup.postfix.queue() == [] and sink.deliveries == []
         setup.postfix.wait_for_log(r"milter inet:127\.0\.0\.1:\d+: .*timed out")
     finally:
-        os.kill(proc.pid, signal.SIGCONT)
+        for pid in hung:
+            os.kill(pid, signal.SIGCONT)
     send(setup.front, [msg])
     (d,) = sink.wait_for(1, timeout=60)
     assert_stamped(msg, d)

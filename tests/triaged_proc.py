@@ -197,10 +197,13 @@ class TriagedProcess:
 
 
 def serve_toml(port: int, upstream: str, workdir: Path, model: Path) -> str:
-    """Config for a `triaged serve` child with an ONNX model (the SIGHUP swap tests)."""
+    """Config for a `triaged serve` child with an ONNX model (the SIGHUP swap
+    tests). One process: they follow one model swap in one log; the swap in
+    every worker is tests/test_workers.py's."""
     return f"""\
 [server]
 hostname = "triaged.test"
+workers = 1
 
 [[server.listeners]]
 address = "127.0.0.1:{port}"

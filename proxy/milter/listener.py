@@ -23,6 +23,7 @@ import pwd
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import structlog
 
@@ -250,16 +251,28 @@ def _quickack(sock: socket.socket) -> socket.socket | None:
 class MilterListener:
     """One `inet:host:port` or `unix:/path` milter socket."""
 
-    def __init__(self, ctx: MilterContext, listener: ListenerSettings) -> None:
+    def __init__(
+        self, ctx: MilterContext, listener: ListenerSettings, *, sockets: Sequence[socket.socket] | None = None
+    ) -> None:
         self.ctx = ctx
         self.listener = listener
+        # Inherited from the supervisor (proxy/worker.py): serve on these; the
+        # supervisor owns a unix: socket's file, so close() leaves it alone.
+        self._inherited = sockets
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.address: tuple[str, int] | str = ""
 
     async def start(self) -> None:
         where = listener_address(self.listener)
-        if isinstance(where, str):
+        if self._inherited is not None:
+            sock = self._inherited[0]
+            if sock.family == socket.AF_UNIX:
+                self._server = await asyncio.start_unix_server(self._accept, sock=sock, limit=c.MAX_PACKET)
+            else:
+                self._server = await asyncio.start_server(self._accept, sock=sock, limit=c.MAX_PACKET)
+            self.address = where if isinstance(where, str) else _tcp_address(sock)
+        elif isinstance(where, str):
             self._server = await _start_unix(self._accept, where, self.listener)
             self.address = where
         else:
@@ -267,8 +280,7 @@ class MilterListener:
             self._server = await asyncio.start_server(
                 self._accept, host, port, reuse_address=True, backlog=1024, limit=c.MAX_PACKET
             )
-            bound = self._server.sockets[0].getsockname()
-            self.address = (str(bound[0]), int(bound[1]))
+            self.address = _tcp_address(self._server.sockets[0])
         log.info("milter_listening", address=self.describe())
 
     def describe(self) -> str:
@@ -301,7 +313,7 @@ class MilterListener:
         """Stop accepting; open connections go on (see drain)."""
         if self._server is not None:
             self._server.close()
-        if isinstance(self.address, str) and self.address:
+        if isinstance(self.address, str) and self.address and self._inherited is None:
             try:
                 os.unlink(self.address)
             except OSError:
@@ -337,8 +349,13 @@ async def _start_unix(
     path: str,
     listener: ListenerSettings,
 ) -> asyncio.Server:
-    """A unix socket with the configured mode and owner (Postfix's smtpd runs
-    as `postfix` and must be able to connect). A stale socket file is replaced."""
+    return await asyncio.start_unix_server(cb, sock=bind_unix(path, listener), limit=c.MAX_PACKET)
+
+
+def bind_unix(path: str, listener: ListenerSettings) -> socket.socket:
+    """A listening unix socket with the configured mode and owner (Postfix's
+    smtpd runs as `postfix` and must be able to connect). A stale socket file
+    is replaced. Also used by the supervisor, which binds for its workers."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
             probe.connect(path)
@@ -348,19 +365,36 @@ async def _start_unix(
         os.unlink(path)  # nobody listens on it: left over from a crash
     else:
         raise OSError(f"{path}: another process is listening on it")
-    server = await asyncio.start_unix_server(cb, path, backlog=1024, limit=c.MAX_PACKET)
-    os.chmod(path, int(listener.socket_mode, 8))
-    if listener.socket_owner:
-        user, _, group = listener.socket_owner.partition(":")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(1024)
+        os.chmod(path, int(listener.socket_mode, 8))
+        if listener.socket_owner:
+            user, _, group = listener.socket_owner.partition(":")
+            try:
+                uid = pwd.getpwnam(user).pw_uid if user else -1
+                gid = grp.getgrnam(group).gr_gid if group else -1
+            except KeyError:
+                raise OSError(
+                    f"{path}: socket_owner {listener.socket_owner!r}: no such user or group"
+                ) from None
+            os.chown(path, uid, gid)
+    except BaseException:
+        sock.close()
         try:
-            uid = pwd.getpwnam(user).pw_uid if user else -1
-            gid = grp.getgrnam(group).gr_gid if group else -1
-        except KeyError:
-            server.close()
             os.unlink(path)
-            raise OSError(f"{path}: socket_owner {listener.socket_owner!r}: no such user or group") from None
-        os.chown(path, uid, gid)
-    return server
+        except OSError:
+            pass
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def _tcp_address(sock: Any) -> tuple[str, int]:
+    # a socket.socket or asyncio's TransportSocket
+    bound = sock.getsockname()
+    return (str(bound[0]), int(bound[1]))
 
 
 def milter_listeners(settings: Settings) -> Sequence[ListenerSettings]:

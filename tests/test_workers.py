@@ -1,0 +1,385 @@
+"""`triaged serve` with several worker processes (server.workers, proxy/supervisor.py).
+
+Real processes, real sockets: the supervisor binds, workers serve the shared
+listeners. A SIGKILLed worker is replaced while the others carry the mail;
+SIGTERM in the middle of 50 transactions leaves none half done; systemd
+hears READY=1 only once every worker listens, and WATCHDOG=1 only while
+every worker answers; a broken config on SIGHUP changes nothing; a new model
+on SIGHUP reaches every worker with mail flowing. Every mail check goes
+through the ledger (tests/ledger.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import onnx
+import pytest
+from batching_models import train_tiny_model
+from conftest import CaptureServer
+from ledger import Ledger, LedgerReport, Load, NoReply, Refused, SmtpConn, split_stamp, transact
+from triaged_proc import TriagedProcess, free_port
+from waiting import wait_until
+
+from classifier.model import MANIFEST_KEY
+
+pytestmark = pytest.mark.timeout(240)
+
+HOST = "127.0.0.1"
+
+
+def log_events(proc: TriagedProcess) -> list[dict[str, Any]]:
+    out = []
+    for line in proc.log_tail(1 << 24).splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass  # a line being written
+    return out
+
+
+def logged(proc: TriagedProcess, event: str, **fields: object) -> list[dict[str, Any]]:
+    return [
+        e for e in log_events(proc)
+        if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
+    ]
+
+
+async def wait_logged(proc: TriagedProcess, event: str, count: int = 1, timeout_s: float = 60.0,
+                      **fields: object) -> list[dict[str, Any]]:
+    try:
+        await wait_until(lambda: len(logged(proc, event, **fields)) >= count, timeout_s, interval=0.05)
+    except AssertionError:
+        raise AssertionError(f"{event} {fields} not logged {count}x; log:\n{proc.log_tail(6000)}") from None
+    return logged(proc, event, **fields)
+
+
+def supervisor_started(proc: TriagedProcess) -> dict[str, Any]:
+    [line] = [e for e in logged(proc, "started") if "worker" not in e]
+    return line
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
+            return int(resp.status), resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
+    return None
+
+
+def served_by(proc: TriagedProcess) -> set[int]:
+    """Worker slots that logged a finished transaction."""
+    return {e["worker"] for e in logged(proc, "transaction") if "worker" in e}
+
+
+@pytest.fixture
+async def rig(capture: CaptureServer, tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    """`await rig(workers=2, **sections)`: a running multi-worker triaged to `capture`."""
+    procs: list[TriagedProcess] = []
+
+    async def start(*, workers: int = 2, metrics_port: int | None = None, **sections: str) -> TriagedProcess:
+        sections.setdefault("classifier", 'kind = "rules"')
+        sections["server"] = f"workers = {workers}\ndrain_timeout_s = 10.0\n" + sections.get("server", "")
+        extra = f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n' if metrics_port else ""
+        workdir = tmp_path / f"t{len(procs)}"
+        workdir.mkdir()
+        proc = TriagedProcess(capture.url, workdir=workdir, sections=sections, extra_toml=extra)
+        procs.append(proc)
+        await asyncio.to_thread(proc.start, 90.0)
+        # start() returns at the first banner: one worker. Every worker listens
+        # once the supervisor logged "started".
+        await wait_until(lambda: any("worker" not in e for e in logged(proc, "started")), 90)
+        return proc
+
+    yield start
+    for proc in procs:
+        await asyncio.to_thread(proc.close)
+
+
+def check(ledger: Ledger, capture: CaptureServer) -> LedgerReport:
+    return ledger.check(m.data for m in capture.messages)
+
+
+async def test_killed_worker_is_replaced_and_the_others_keep_serving(
+    rig: Callable[..., Any], capture: CaptureServer
+) -> None:
+    metrics_port = free_port()
+    proc = await rig(metrics_port=metrics_port)
+    workers = supervisor_started(proc)["workers"]
+    assert len(workers) == 2 and sorted(proc.children()) == sorted(workers)
+    ledger = Ledger()
+    clients = 4
+    load = Load(HOST, proc.port, ledger, clients=clients, rate_per_s=80).start()
+    try:
+        await wait_until(lambda: len(capture.messages) >= 20, 60)
+        # A worker that carries some of the load (the kernel hands a shared
+        # socket's connections to whichever worker accepts first).
+        slot = min(served_by(proc))
+        victim = workers[slot]
+        os.kill(victim, signal.SIGKILL)
+        at_kill = len(capture.messages)
+        [exited] = await wait_logged(proc, "worker_exited", worker=slot)
+        assert exited["status"] == -signal.SIGKILL
+        # The replacement takes the slot and listens (its own "started" line).
+        await wait_logged(proc, "started", count=2, worker=slot)
+        at_replaced = len(capture.messages)
+        await wait_until(lambda: len(capture.messages) >= at_replaced + 20, 60)
+    finally:
+        await load.stop()
+    # Mail kept flowing through the surviving worker while slot 0 was empty.
+    assert at_replaced > at_kill
+    [started] = logged(proc, "worker_started", worker=slot)
+    new_pid = started["pid"]
+    assert new_pid != victim and new_pid in proc.children()
+    # One metrics port: every worker's registry, labelled, and the restart.
+    status, text = await asyncio.to_thread(http_get, metrics_port, "/metrics")
+    assert status == 200
+    assert sample(text, "triaged_worker_restarts_total") == 1.0
+    assert sample(text, "triaged_workers_alive") == 2.0
+    # Both slots' registries are there (the replacement's is fresh); the
+    # survivor carried the victim's clients.
+    survivor = str(1 - slot)
+    assert sample(text, "triaged_connections_open", worker=str(slot)) is not None
+    assert (sample(text, "triaged_transactions_total", worker=survivor, verdict="accept", category="primary") or 0) > 0
+    assert 1 - slot in served_by(proc)
+    status, body = await asyncio.to_thread(http_get, metrics_port, "/healthz")
+    assert status == 200 and json.loads(body)["alive"] is True
+    assert await asyncio.to_thread(proc.stop) == 0
+    report = check(ledger, capture)
+    errors = report.errors
+    # A transaction on the killed worker's connections had no reply (the
+    # connection reset): at most one per client, and never a 250 lost.
+    unanswered = errors.pop("unanswered", [])
+    assert errors == {}, report.summary()
+    assert len(unanswered) <= clients, report.summary()
+    assert report.accepted >= 60
+
+
+async def test_sigterm_during_50_transactions_across_workers_leaves_none_half_done(
+    rig: Callable[..., Any], capture: CaptureServer
+) -> None:
+    proc = await rig()
+    capture.reply_delay_s = 1.0  # transactions stay open at the next hop while SIGTERM comes
+    ledger = Ledger()
+    conns = await asyncio.gather(*(SmtpConn.open(HOST, proc.port) for _ in range(50)))
+    entries = [ledger.new(4096) for _ in conns]
+
+    async def one(conn: SmtpConn, entry: Any) -> None:
+        try:
+            if await transact(conn, entry):
+                try:
+                    await conn.cmd(b"QUIT")
+                except NoReply:
+                    pass
+        except Refused as exc:  # pragma: no cover - transact records replies itself
+            entry.code = exc.code
+        finally:
+            await conn.close()
+
+    clients = [asyncio.create_task(one(c, e)) for c, e in zip(conns, entries, strict=True)]
+    # Half of them have their message at the next hop, waiting for its reply.
+    await wait_until(lambda: capture.commands.count("DATA") >= 25, 60)
+    proc.signal(signal.SIGTERM)
+    await asyncio.gather(*clients)
+    assert proc.proc is not None
+    assert await asyncio.to_thread(proc.proc.wait, 60) == 0
+    report = check(ledger, capture)
+    # Every client got a reply: 250 and its message at the sink exactly once,
+    # or a 4xx (421 included) and nothing arrived.
+    assert report.errors == {}, report.summary()
+    assert report.delivered_after_tempfail == [], report.summary()
+    assert report.accepted >= 25 and report.accepted + report.tempfailed == 50, report.summary()
+    assert served_by(proc) == {0, 1}
+    assert logged(proc, "stopped", worker=0) and logged(proc, "stopped", worker=1)
+
+
+def _recv_all(sock: socket.socket, until: Callable[[list[tuple[float, bytes]]], bool],
+              got: list[tuple[float, bytes]], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not until(got):
+        sock.settimeout(max(0.05, deadline - time.monotonic()))
+        try:
+            got.append((time.monotonic(), sock.recv(256)))
+        except TimeoutError:
+            raise AssertionError(f"notify: not reached within {timeout_s} s: {got[-10:]}") from None
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])  # two minutes of waiting: one loop is enough
+async def test_ready_only_once_every_worker_listens_and_watchdog_only_while_they_answer(
+    rig: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    notify_path = tmp_path / "notify.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify_path))
+    monkeypatch.setenv("WATCHDOG_USEC", "1000000")  # WatchdogSec=1: WATCHDOG=1 every 0.5 s
+    metrics_port = free_port()
+    got: list[tuple[float, bytes]] = []
+    try:
+        start = asyncio.create_task(
+            rig(workers=3, metrics_port=metrics_port, server="worker_hang_timeout_s = 8.0")
+        )
+        await asyncio.to_thread(_recv_all, notify, lambda g: bool(g), got, 90)
+        assert got[0][1] == b"READY=1"
+        # READY came after every worker's "started" (they log it, then report).
+        proc = await start
+        ready_at = got[0][0]
+        workers_started = logged(proc, "started")
+        assert sorted(e["worker"] for e in workers_started if "worker" in e) == [0, 1, 2]
+        status, body = await asyncio.to_thread(http_get, metrics_port, "/metrics")
+        assert status == 200 and sample(body, "triaged_workers_alive") == 3.0
+        await asyncio.to_thread(_recv_all, notify, lambda g: sum(m == b"WATCHDOG=1" for _, m in g) >= 3, got, 30)
+        # A worker whose loop stops answering: WATCHDOG=1 is withheld, then
+        # the worker is killed and replaced and the watchdog resumes.
+        victim = supervisor_started(proc)["workers"][1]
+        os.kill(victim, signal.SIGSTOP)
+        await wait_logged(proc, "watchdog_withheld", timeout_s=60)
+        await wait_logged(proc, "worker_unresponsive", worker=1, timeout_s=60)
+        await wait_logged(proc, "started", count=2, worker=1, timeout_s=90)
+        withheld_at = len(got)
+        await asyncio.to_thread(_recv_all, notify,
+                                lambda g: sum(m == b"WATCHDOG=1" for _, m in g[withheld_at:]) >= 2, got, 30)
+        proc.signal(signal.SIGTERM)
+        await asyncio.to_thread(_recv_all, notify, lambda g: g[-1][1] == b"STOPPING=1", got, 30)
+        assert proc.proc is not None
+        assert await asyncio.to_thread(proc.proc.wait, 60) == 0
+    finally:
+        notify.close()
+    messages = [m for _, m in got]
+    assert messages.count(b"READY=1") == 1 and ready_at == got[0][0]
+    assert set(messages) == {b"READY=1", b"WATCHDOG=1", b"STOPPING=1"}
+
+
+async def test_broken_config_on_sighup_keeps_the_old_one_serving(
+    rig: Callable[..., Any], capture: CaptureServer
+) -> None:
+    proc = await rig()
+    ledger = Ledger()
+
+    async def send(n: int) -> None:
+        load = Load(HOST, proc.port, ledger, clients=2)
+        load.start()
+        await wait_until(lambda: sum(e.code == 250 for e in ledger.entries.values()) >= n, 60)
+        await load.stop()
+
+    await send(5)
+    good = proc.config_path.read_text()
+    proc.config_path.write_text(good.replace("[upstream]", "[upstream]\nurl = "))  # not TOML
+    proc.signal(signal.SIGHUP)
+    [failed] = await wait_logged(proc, "config_reload_failed")
+    assert "not valid TOML" in failed["error"]
+    await send(15)
+    # Nothing was signalled: no worker reloaded anything.
+    assert not logged(proc, "reload_signalled")
+    assert not [e for e in log_events(proc) if "reload" in str(e.get("event")) and "worker" in e]
+    # A valid file changing what needs a restart: logged, the rest reloads.
+    proc.config_path.write_text(good.replace("workers = 2", "workers = 3"))
+    proc.signal(signal.SIGHUP)
+    restart = await wait_logged(proc, "config_reload_needs_restart")
+    assert [e["keys"] for e in restart if "worker" not in e] == [["server.workers"]]
+    await wait_logged(proc, "reload_signalled")
+    await send(25)
+    assert len(supervisor_started(proc)["workers"]) == 2 and len(proc.children()) == 2
+    assert await asyncio.to_thread(proc.stop) == 0
+    report = check(ledger, capture)
+    assert report.errors == {} and report.tempfailed == 0, report.summary()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("tiny-workers")
+    return train_tiny_model(work, work / "tiny.onnx", name="tiny", version="1")
+
+
+def with_version(src: Path, dst: Path, version: str) -> None:
+    model = onnx.load(str(src))
+    for prop in model.metadata_props:
+        if prop.key == MANIFEST_KEY:
+            prop.value = prop.value.replace('"version":"1"', f'"version":"{version}"', 1)
+    onnx.save(model, str(dst))
+
+
+def model_of(data: bytes) -> str:
+    fields, _ = split_stamp(data)
+    return fields.get(b"x-triage-model", b"").decode()
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])  # the children run uvloop whatever this loop is
+async def test_sighup_swaps_the_model_in_every_worker_under_load(
+    rig: Callable[..., Any], capture: CaptureServer, tiny: Path, tmp_path: Path
+) -> None:
+    model = tmp_path / "current.onnx"
+    shutil.copyfile(tiny, model)
+    proc = await rig(classifier=f'kind = "onnx"\nmodel_path = "{model}"\nprovider = "cpu"\nrunner = "process"')
+    ledger = Ledger()
+    clients = 4
+    load = Load(HOST, proc.port, ledger, clients=clients, rate_per_s=60).start()
+    try:
+        await wait_until(lambda: len(capture.messages) >= 20, 60)
+        with_version(tiny, tmp_path / "new.onnx", "2")
+        os.replace(tmp_path / "new.onnx", model)
+        proc.signal(signal.SIGHUP)
+        reloaded = await wait_logged(proc, "classifier_reloaded", count=2)
+        assert {e["worker"] for e in reloaded} == {0, 1}
+        mark = len(capture.messages)
+        await wait_until(lambda: len(capture.messages) >= mark + 30, 60)
+    finally:
+        await load.stop()
+    assert await asyncio.to_thread(proc.stop) == 0
+    report = check(ledger, capture)
+    report.assert_balanced(unstamped_ok=False)
+    assert report.tempfailed == 0 and report.rejected == 0, report.summary()
+    models = [model_of(m.data) for m in capture.messages]
+    assert set(models[:10]) == {"tiny/1"}
+    # Transactions in flight when the last worker swapped may carry the old model.
+    assert set(models[mark + clients:]) == {"tiny/2"}, models[mark:]
+
+
+def test_workers_that_cannot_start_fail_the_start_naming_the_cause(tmp_path: Path) -> None:
+    from triaged_proc import TRIAGED, triaged_toml
+
+    config = tmp_path / "t.toml"
+    config.write_text(triaged_toml(
+        free_port(), f"maildir:{tmp_path / 'md'}", tmp_path,
+        sections={"server": "workers = 2", "classifier": f'model_path = "{tmp_path / "nope.onnx"}"'},
+    ))
+    done = subprocess.run([str(TRIAGED), "serve", "--config", str(config)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    lines = [json.loads(line) for line in done.stderr.splitlines()]
+    failed = [e for e in lines if e["event"] == "start_failed"]
+    assert any("no such model file" in e.get("error", "") and "worker" in e for e in failed), failed
+    # The supervisor's own line says which worker, and nothing kept running.
+    assert any("reason" in e for e in failed), failed
+    assert not [e for e in lines if e["event"] == "started"]
+
+
+def test_worker_spool_directories(tmp_path: Path) -> None:
+    from proxy.settings import EventsSettings
+    from proxy.worker import slot_spool_dir
+
+    events = EventsSettings(spool_dir=str(tmp_path / "spool"))
+    assert slot_spool_dir(events, 0) == str(tmp_path / "spool")
+    assert slot_spool_dir(events, 3) == str(tmp_path / "spool" / "worker-3")
