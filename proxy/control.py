@@ -36,6 +36,8 @@ class Init(msgspec.Struct, frozen=True, tag=True):
     listener_fds: list[list[int]]
     # The file SIGHUP re-reads (proxy/reload.py); None: embedded defaults.
     config_path: str | None = None
+    # The supervisor's shared inference service ("unix:PATH"), "" when none.
+    inference_endpoint: str = ""
 
 
 class Listening(msgspec.Struct, frozen=True, tag=True):

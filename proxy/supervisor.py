@@ -42,6 +42,7 @@ import msgspec
 import structlog
 from prometheus_client.registry import Collector
 
+from classifier.types import ClassifierError
 from proxy import control
 from proxy.health import watchdog_healthy, watchdog_interval_s, watchdog_loop
 from proxy.httpd import StatusServer
@@ -55,6 +56,7 @@ from proxy.settings import (
     load_settings,
     split_host_port,
 )
+from proxy.supervisor_inference import SharedInference, host_restart_keys, wants_host
 from proxy.supervisor_status import combined, metrics_provider
 
 log = structlog.get_logger("triaged.supervisor")
@@ -184,7 +186,10 @@ class WorkerSlot:
     def responsive(self, now: float) -> bool:
         return self.live and now - self.last_pong < RESPONSIVE_S
 
-    async def spawn(self, settings: Settings, sockets: list[list[socket.socket]], config_path: str | None) -> None:
+    async def spawn(
+        self, settings: Settings, sockets: list[list[socket.socket]], config_path: str | None,
+        inference_endpoint: str = "",
+    ) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         fds = [theirs.fileno(), *(s.fileno() for group in sockets for s in group)]
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
@@ -204,6 +209,7 @@ class WorkerSlot:
             settings=msgspec.msgpack.encode(settings),
             listener_fds=[[s.fileno() for s in group] for group in sockets],
             config_path=config_path,
+            inference_endpoint=inference_endpoint,
         )
         try:
             await self.channel.send(init)
@@ -281,6 +287,9 @@ class Supervisor:
         self.restarts = 0
         self.status: StatusServer | None = None
         self.metrics_port: int | None = None
+        # One inference service for all workers (proxy/supervisor_inference.py).
+        self.inference: SharedInference | None = None
+        self._reload_lock = asyncio.Lock()
 
     # -- run ------------------------------------------------------------------
 
@@ -296,6 +305,14 @@ class Supervisor:
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         try:
+            if wants_host(self.settings):
+                self.inference = SharedInference(self.settings.classifier)
+                try:
+                    await self.inference.start()
+                except ClassifierError as exc:
+                    log.error("start_failed", component="inference", error=str(exc))
+                    self.inference = None
+                    return 1
             if not await self._start_all():
                 await self._stop_workers()
                 return 0 if self._stop.is_set() else 1
@@ -336,6 +353,9 @@ class Supervisor:
             if self.status is not None:
                 self.status.close()
             close_listeners(self.sockets, self.settings, unlink=True)
+            if self.inference is not None:
+                # After the workers: their last batches ran through it.
+                await self.inference.close()
         log.info("stopped")
         return 0
 
@@ -348,7 +368,7 @@ class Supervisor:
         """Start every worker; True once all listen. A worker that dies before
         listening at start is a start failure (its own log line says why)."""
         for slot in self.slots:
-            await slot.spawn(self.settings, self.sockets, self.config_path)
+            await slot.spawn(self.settings, self.sockets, self.config_path, self._endpoint())
         waits: dict[asyncio.Future[object], WorkerSlot] = {
             asyncio.ensure_future(s.listening.wait()): s for s in self.slots
         }
@@ -398,7 +418,7 @@ class Supervisor:
             if self.stopping:
                 return
             self.restarts += 1
-            await slot.spawn(self.settings, self.sockets, self.config_path)
+            await slot.spawn(self.settings, self.sockets, self.config_path, self._endpoint())
             log.info("worker_started", worker=slot.slot, pid=slot.pid, restarts=self.restarts)
             if self.stopping:  # SIGTERM came while it was being started
                 slot.signal(signal.SIGTERM)
@@ -432,6 +452,8 @@ class Supervisor:
                     continue
                 if slot.listening.is_set():
                     self._spawn_task(self._ping(slot), f"ping-{slot.slot}")
+            if self.inference is not None:
+                self._spawn_task(self.inference.check(), "ping-inference")
 
     async def _ping(self, slot: WorkerSlot) -> None:
         try:
@@ -446,11 +468,17 @@ class Supervisor:
 
     def inference_problem(self) -> str | None:
         """Why the shared inference service is not answering, or None."""
-        return None
+        return self.inference.problem if self.inference is not None else None
 
-    def extra_collectors(self) -> list[Collector]:
-        """Registries of the supervisor's own parts for /metrics."""
-        return []
+    async def extra_collectors(self) -> list[Collector]:
+        """The supervisor's own parts for /metrics: the inference service's stats."""
+        if self.inference is None:
+            return []
+        collector = await self.inference.collector()
+        return [collector] if collector is not None else []
+
+    def _endpoint(self) -> str:
+        return self.inference.endpoint if self.inference is not None else ""
 
     def _serve_status(self, loop: asyncio.AbstractEventLoop) -> None:
         host, port = split_host_port(self.settings.metrics.listen)
@@ -482,27 +510,39 @@ class Supervisor:
     def _on_hup(self) -> None:
         if self.stopping:
             return
-        try:
-            new = load_settings(self.config_path)
-        except ConfigError as exc:
-            log.error("config_reload_failed", error=str(exc), kept="running config")
-            return
-        keys = restart_needed(self.settings, new)
-        if keys:
-            log.warning("config_reload_needs_restart", keys=keys)
-        # Replacement workers start from the new config, on the sockets we hold.
-        server = msgspec.structs.replace(
-            new.server, listeners=self.settings.server.listeners, workers=self.settings.server.workers
-        )
-        self.settings = msgspec.structs.replace(
-            new, server=server, metrics=self.settings.metrics, logging=self.settings.logging
-        )
-        pids = []
-        for slot in self.slots:
-            if slot.pid is not None:
-                slot.signal(signal.SIGHUP)
-                pids.append(slot.pid)
-        log.info("reload_signalled", workers=pids)
+        self._spawn_task(self._reload(), "reload")
+
+    async def _reload(self) -> None:
+        """SIGHUP: check the file; reload the shared model once; signal every worker."""
+        async with self._reload_lock:  # SIGHUPs in a row: one after the other
+            try:
+                new = await asyncio.to_thread(load_settings, self.config_path)
+            except ConfigError as exc:
+                log.error("config_reload_failed", error=str(exc).replace("\n", "; "), kept="running config")
+                return
+            keys = restart_needed(self.settings, new)
+            if self.inference is not None:
+                keys += host_restart_keys(self.settings.classifier, new.classifier)
+            if keys:
+                log.warning("config_reload_needs_restart", keys=keys)
+            # Replacement workers start from the new config, on the sockets we hold.
+            server = msgspec.structs.replace(
+                new.server, listeners=self.settings.server.listeners, workers=self.settings.server.workers
+            )
+            self.settings = msgspec.structs.replace(
+                new, server=server, metrics=self.settings.metrics, logging=self.settings.logging
+            )
+            if self.inference is not None and new.classifier.kind == "onnx":
+                # Once for the host, before the workers re-read what it serves.
+                await self.inference.reload(new.classifier.model_path)
+            if self.stopping:
+                return
+            pids = []
+            for slot in self.slots:
+                if slot.pid is not None:
+                    slot.signal(signal.SIGHUP)
+                    pids.append(slot.pid)
+            log.info("reload_signalled", workers=pids)
 
     # -- events ---------------------------------------------------------------
 

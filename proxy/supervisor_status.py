@@ -128,7 +128,7 @@ async def merged_registry(sup: Supervisor) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Merged(results))
     registry.register(_SupervisorCollector(sup))
-    for extra in sup.extra_collectors():
+    for extra in await sup.extra_collectors():
         registry.register(extra)
     return registry
 

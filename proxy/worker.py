@@ -31,6 +31,7 @@ from proxy import control, logs
 from proxy.health import HealthTiming
 from proxy.server import ServeHooks, Server, _serve
 from proxy.settings import EventsSettings, Settings
+from proxy.supervisor_inference import for_worker
 
 log = structlog.get_logger("triaged.worker")
 
@@ -53,6 +54,7 @@ class WorkerHooks(ServeHooks):
         super().__init__(None)
         self.slot = slot
         self.listen_sockets = sockets
+        self.inference_endpoint = ""
         # The supervisor serves /readyz from our health snapshots: probe the
         # next hop when it has a metrics listener, as a single process does.
         self.health_timing = HealthTiming(probe_upstream=probe_upstream)
@@ -64,7 +66,11 @@ class WorkerHooks(ServeHooks):
         events = msgspec.structs.replace(settings.events, spool_dir=slot_spool_dir(settings.events, self.slot))
         # The supervisor serves the one metrics port (with every worker's registry).
         metrics = msgspec.structs.replace(settings.metrics, listen="")
-        return msgspec.structs.replace(settings, events=events, metrics=metrics)
+        classifier = settings.classifier
+        if self.inference_endpoint:
+            # The supervisor's one inference service for all workers.
+            classifier = for_worker(classifier, self.inference_endpoint)
+        return msgspec.structs.replace(settings, events=events, metrics=metrics, classifier=classifier)
 
     def notify(self, message: str) -> None:
         if message == "READY=1":
@@ -141,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sock.setblocking(False)
     control_sock.setblocking(False)
     hooks = WorkerHooks(init.slot, sockets, control_sock, probe_upstream=bool(settings.metrics.listen))
+    hooks.inference_endpoint = init.inference_endpoint
 
     import uvloop
 

@@ -28,7 +28,17 @@ import onnx
 import pytest
 from batching_models import train_tiny_model
 from conftest import CaptureServer
-from ledger import Ledger, LedgerReport, Load, NoReply, Refused, SmtpConn, split_stamp, transact
+from ledger import (
+    Ledger,
+    LedgerReport,
+    Load,
+    NoReply,
+    Refused,
+    SmtpConn,
+    send_one,
+    split_stamp,
+    transact,
+)
 from triaged_proc import TriagedProcess, free_port
 from waiting import wait_until
 
@@ -115,6 +125,34 @@ async def rig(capture: CaptureServer, tmp_path: Path) -> AsyncIterator[Callable[
     yield start
     for proc in procs:
         await asyncio.to_thread(proc.close)
+
+
+class FreshLoad:
+    """`clients` senders, each message on a fresh connection (an MTA without
+    connection caching). The kernel hands a shared listening socket's next
+    connection to whichever worker accepts first, so fresh connections spread
+    by load where Load's long-lived ones stay wherever they first landed."""
+
+    def __init__(self, port: int, ledger: Ledger, *, clients: int, rate_per_s: float) -> None:
+        self.port, self.ledger, self.clients, self.interval = port, ledger, clients, clients / rate_per_s
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> FreshLoad:
+        self._tasks = [asyncio.create_task(self._client()) for _ in range(self.clients)]
+        return self
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+
+    async def _client(self) -> None:
+        while not self._stop.is_set():
+            await send_one(HOST, self.port, self.ledger.new(2048))
+            try:
+                await asyncio.wait_for(self._stop.wait(), self.interval)
+            except TimeoutError:
+                pass
 
 
 def check(ledger: Ledger, capture: CaptureServer) -> LedgerReport:
@@ -325,16 +363,27 @@ def model_of(data: bytes) -> str:
     return fields.get(b"x-triage-model", b"").decode()
 
 
+def onnx_section(model: Path) -> str:
+    # A wider batch window than the default 2 ms: on this small machine the
+    # workers' messages then meet in one batch often enough to see it.
+    return (f'kind = "onnx"\nmodel_path = "{model}"\nprovider = "cpu"\nrunner = "process"\n'
+            "batcher = { max_wait_ms = 20.0 }")
+
+
 @pytest.mark.asyncio(loop_factories=["uvloop"])  # the children run uvloop whatever this loop is
-async def test_sighup_swaps_the_model_in_every_worker_under_load(
+async def test_sighup_swaps_the_model_once_in_the_shared_service_under_load(
     rig: Callable[..., Any], capture: CaptureServer, tiny: Path, tmp_path: Path
 ) -> None:
     model = tmp_path / "current.onnx"
     shutil.copyfile(tiny, model)
-    proc = await rig(classifier=f'kind = "onnx"\nmodel_path = "{model}"\nprovider = "cpu"\nrunner = "process"')
+    metrics_port = free_port()
+    proc = await rig(classifier=onnx_section(model), metrics_port=metrics_port)
+    # runner = "process" with workers: one inference service for all of them.
+    [host] = logged(proc, "inference.host_started")
+    assert {e["worker"] for e in logged(proc, "classifier.runner") if e.get("runner") == "service"} == {0, 1}
     ledger = Ledger()
-    clients = 4
-    load = Load(HOST, proc.port, ledger, clients=clients, rate_per_s=60).start()
+    clients = 6
+    load = FreshLoad(proc.port, ledger, clients=clients, rate_per_s=120).start()
     try:
         await wait_until(lambda: len(capture.messages) >= 20, 60)
         with_version(tiny, tmp_path / "new.onnx", "2")
@@ -343,37 +392,97 @@ async def test_sighup_swaps_the_model_in_every_worker_under_load(
         reloaded = await wait_logged(proc, "classifier_reloaded", count=2)
         assert {e["worker"] for e in reloaded} == {0, 1}
         mark = len(capture.messages)
-        await wait_until(lambda: len(capture.messages) >= mark + 30, 60)
+        await wait_until(lambda: len(capture.messages) >= mark + 40, 60)
     finally:
         await load.stop()
+    status, text = await asyncio.to_thread(http_get, metrics_port, "/metrics")
     assert await asyncio.to_thread(proc.stop) == 0
+    # The model was loaded once for the host, not once per worker.
+    assert [e["model"] for e in logged(proc, "inference.host_reloaded")] == ["tiny/2"]
+    assert len(logged(proc, "inference.host_started")) == 1 and host["model"] == "tiny/1"
+    # Batches in the service held messages from several workers.
+    assert status == 200
+    inference = [line for line in text.splitlines() if line.startswith("triaged_inference")]
+    assert (sample(text, "triaged_inference_multi_client_batches_total") or 0) > 0, inference
+    assert sample(text, "triaged_inference_reloads_total") == 1.0
     report = check(ledger, capture)
     report.assert_balanced(unstamped_ok=False)
     assert report.tempfailed == 0 and report.rejected == 0, report.summary()
     models = [model_of(m.data) for m in capture.messages]
     assert set(models[:10]) == {"tiny/1"}
-    # Transactions in flight when the last worker swapped may carry the old model.
+    # Transactions in flight when the workers re-read the service may carry the old name.
     assert set(models[mark + clients:]) == {"tiny/2"}, models[mark:]
 
 
-def test_workers_that_cannot_start_fail_the_start_naming_the_cause(tmp_path: Path) -> None:
-    from triaged_proc import TRIAGED, triaged_toml
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_shared_inference_service_killed_under_load_is_restarted_and_no_mail_is_lost(
+    rig: Callable[..., Any], capture: CaptureServer, tiny: Path
+) -> None:
+    proc = await rig(classifier=onnx_section(tiny))
+    [host] = logged(proc, "inference.host_started")
+    ledger = Ledger()
+    load = Load(HOST, proc.port, ledger, clients=4, rate_per_s=80).start()
+    try:
+        await wait_until(lambda: len(capture.messages) >= 20, 60)
+        os.kill(host["pid"], signal.SIGKILL)
+        await wait_logged(proc, "inference.service_died")
+        [_, again] = await wait_logged(proc, "inference.host_started", count=2)
+        assert again["pid"] != host["pid"]
+        mark = len(capture.messages)
+        # The workers reconnect on their own: the model stamps again.
+        await wait_until(lambda: len(capture.messages) >= mark + 10 and all(
+            model_of(m.data) == "tiny/1" for m in capture.messages[-10:]), 60)
+    finally:
+        await load.stop()
+    assert await asyncio.to_thread(proc.stop) == 0
+    report = check(ledger, capture)
+    # Every message relayed (stamped by the model, or by the header rules
+    # while the service was down) or got the documented 4xx; none lost.
+    report.assert_balanced(unstamped_ok=False)
+    assert {model_of(m.data) for m in capture.messages} <= {"tiny/1", "rules-fallback/1"}
 
-    config = tmp_path / "t.toml"
+
+def _serve_once(config: Path) -> tuple[int, str, list[dict[str, Any]]]:
+    from triaged_proc import TRIAGED
+
+    done = subprocess.run([str(TRIAGED), "serve", "--config", str(config)],
+                          capture_output=True, text=True, timeout=120)
+    lines = []
+    for line in done.stderr.splitlines():
+        try:
+            lines.append(json.loads(line))
+        except ValueError:
+            pass
+    return done.returncode, done.stderr, lines
+
+
+def test_a_start_that_fails_exits_1_naming_the_cause(tmp_path: Path) -> None:
+    from triaged_proc import triaged_toml
+
+    # A model that does not load: the shared inference service cannot start.
+    config = tmp_path / "model.toml"
     config.write_text(triaged_toml(
         free_port(), f"maildir:{tmp_path / 'md'}", tmp_path,
         sections={"server": "workers = 2", "classifier": f'model_path = "{tmp_path / "nope.onnx"}"'},
     ))
-    done = subprocess.run([str(TRIAGED), "serve", "--config", str(config)],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1
-    assert "Traceback" not in done.stderr
-    lines = [json.loads(line) for line in done.stderr.splitlines()]
-    failed = [e for e in lines if e["event"] == "start_failed"]
-    assert any("no such model file" in e.get("error", "") and "worker" in e for e in failed), failed
-    # The supervisor's own line says which worker, and nothing kept running.
-    assert any("reason" in e for e in failed), failed
-    assert not [e for e in lines if e["event"] == "started"]
+    status, stderr, lines = _serve_once(config)
+    assert status == 1 and "Traceback" not in stderr
+    assert "no such model file" in stderr
+    assert [e.get("component") for e in lines if e.get("event") == "start_failed"] == ["inference"]
+    # Workers that cannot start (their event file's directory is a file):
+    # each says why, the supervisor says which, nothing keeps running.
+    (tmp_path / "blocked").write_text("a file where a directory should be")
+    config = tmp_path / "events.toml"
+    config.write_text(triaged_toml(
+        free_port(), f"maildir:{tmp_path / 'md'}", tmp_path,
+        sections={"server": "workers = 2", "events": f'jsonl_path = "{tmp_path / "blocked" / "e.jsonl"}"'},
+    ).replace(f'jsonl_path = "{tmp_path / "events.jsonl"}"\n', ""))
+    status, stderr, lines = _serve_once(config)
+    assert status == 1 and "Traceback" not in stderr
+    failed = [e for e in lines if e.get("event") == "start_failed"]
+    assert any(e.get("component") == "events" and "worker" in e for e in failed), failed
+    assert any("reason" in e and "worker" in e for e in failed), failed
+    assert not [e for e in lines if e.get("event") == "started"]
 
 
 def test_worker_spool_directories(tmp_path: Path) -> None:
