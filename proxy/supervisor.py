@@ -171,6 +171,7 @@ class WorkerSlot:
         self.health: dict[str, object] = {}
         self.starts = 0
         self.failures = 0  # consecutive short lives
+        self.reload_pending = False  # a SIGHUP came while it was starting
         self._seq = 0
         self._pending: dict[int, asyncio.Future[control.Message]] = {}
         self._reader: asyncio.Task[None] | None = None
@@ -201,6 +202,7 @@ class WorkerSlot:
         finally:
             theirs.close()
         self.starts += 1
+        self.reload_pending = False  # it starts from the config we hold now
         self.started_at = time.monotonic()
         self.listening = asyncio.Event()
         self.channel = await control.Channel.open(ours)
@@ -224,6 +226,9 @@ class WorkerSlot:
                 if isinstance(msg, control.Listening):
                     self.last_pong = time.monotonic()
                     self.listening.set()
+                    if self.reload_pending:
+                        self.reload_pending = False
+                        self.signal(signal.SIGHUP)
                 elif isinstance(msg, control.Pong | control.MetricsReply):
                     if isinstance(msg, control.Pong):
                         self.last_pong = time.monotonic()
@@ -539,9 +544,12 @@ class Supervisor:
                 return
             pids = []
             for slot in self.slots:
-                if slot.pid is not None:
+                if slot.live:
                     slot.signal(signal.SIGHUP)
                     pids.append(slot.pid)
+                elif slot.pid is not None:
+                    # Still starting (it may have read the old config): once it listens.
+                    slot.reload_pending = True
             log.info("reload_signalled", workers=pids)
 
     # -- events ---------------------------------------------------------------

@@ -77,6 +77,8 @@ class WorkerHooks(ServeHooks):
             self._listening.set()
 
     def started(self, server: Server) -> None:
+        if _hup_while_starting:  # the loop's SIGHUP handler is installed now
+            os.kill(os.getpid(), signal.SIGHUP)
         task = asyncio.get_running_loop().create_task(self._control(server), name="worker-control")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -125,7 +127,26 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
+_hup_while_starting = False
+
+
+def _early_signals() -> None:
+    """Until `_serve` installs its handlers: a SIGHUP (the supervisor's, or a
+    `kill -HUP` of the whole group) must not kill a starting worker (SIGHUP's
+    default action); it is remembered and replayed once the handler is there.
+    SIGINT (Ctrl-C reaches the whole foreground group) is the supervisor's to
+    turn into SIGTERM, not a KeyboardInterrupt traceback in the middle of imports."""
+
+    def on_hup(_sig: int, _frame: object) -> None:
+        global _hup_while_starting
+        _hup_while_starting = True
+
+    signal.signal(signal.SIGHUP, on_hup)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _early_signals()
     parser = argparse.ArgumentParser(prog="proxy.worker")
     parser.add_argument("--control-fd", type=int, required=True)
     args = parser.parse_args(argv)

@@ -17,7 +17,9 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
+import tempfile
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable
@@ -39,6 +41,7 @@ from ledger import (
     split_stamp,
     transact,
 )
+from milter_client import MilterClient
 from triaged_proc import TriagedProcess, free_port
 from waiting import wait_until
 
@@ -363,6 +366,34 @@ def model_of(data: bytes) -> str:
     return fields.get(b"x-triage-model", b"").decode()
 
 
+async def test_milter_listeners_are_served_by_the_workers(
+    rig: Callable[..., Any], tmp_path: Path
+) -> None:
+    """The supervisor binds the milter sockets too (unix: with its mode);
+    the workers serve them; the socket file goes when the supervisor stops."""
+    path = Path(tempfile.mkdtemp(prefix="triaged-w-")) / "milter.sock"
+    inet = free_port()
+    listeners = (
+        f'\n[[server.listeners]]\naddress = "unix:{path}"\nprotocol = "milter"\nsocket_mode = "0666"\n'
+        f'\n[[server.listeners]]\naddress = "inet:127.0.0.1:{inet}"\nprotocol = "milter"\n'
+    )
+    proc = await rig(listener=listeners)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666
+    headers = [(b"From", b"Alice <alice@example.test>"), (b"Subject", b"hello"), (b"Message-ID", b"<m@x.test>")]
+    for n in range(12):
+        client = await MilterClient.connect(str(path) if n % 2 else (HOST, inet))
+        await client.negotiate()
+        answer = await client.message(headers, b"Hello.\r\n")
+        assert answer[-1][0] in b"ac", answer
+        assert any(code == b"i" and b"X-Triage-Category" in data for code, data in answer), answer
+        await client.close()
+    done = [e for e in logged(proc, "transaction") if e.get("queue_id") == "QID1"]  # the milter client's
+    assert len(done) == 12 and all(e["worker"] in (0, 1) for e in done)
+    assert await asyncio.to_thread(proc.stop) == 0
+    assert not path.exists()
+    shutil.rmtree(path.parent, ignore_errors=True)
+
+
 def onnx_section(model: Path) -> str:
     # A wider batch window than the default 2 ms: on this small machine the
     # workers' messages then meet in one batch often enough to see it.
@@ -440,6 +471,33 @@ async def test_shared_inference_service_killed_under_load_is_restarted_and_no_ma
     # while the service was down) or got the documented 4xx; none lost.
     report.assert_balanced(unstamped_ok=False)
     assert {model_of(m.data) for m in capture.messages} <= {"tiny/1", "rules-fallback/1"}
+
+
+async def test_sighup_while_workers_start_reaches_each_once_it_listens(
+    capture: CaptureServer, tmp_path: Path
+) -> None:
+    """The first banner comes from the first worker; the others may still be
+    loading when SIGHUP comes. None may die of it (SIGHUP's default action),
+    and each applies the new config once it listens."""
+    proc = TriagedProcess(capture.url, workdir=tmp_path, sections={"server": "workers = 3"})
+    try:
+        await asyncio.to_thread(proc.start, 90.0)  # returns at the first banner
+        text = proc.config_path.read_text()
+        proc.config_path.write_text(text + '\n[stamping]\ncategory_header = "X-Reloaded-Category"\n')
+        proc.signal(signal.SIGHUP)
+        await wait_until(lambda: any("worker" not in e for e in logged(proc, "started")), 90)
+        reloaded = await wait_logged(proc, "config_reloaded", count=3)
+        assert sorted(e["worker"] for e in reloaded) == [0, 1, 2]
+        assert not logged(proc, "worker_exited") and not logged(proc, "start_failed")
+        ledger = Ledger()
+        entries = [ledger.new(1024) for _ in range(6)]
+        for entry in entries:
+            await send_one(HOST, proc.port, entry)
+        assert [e.code for e in entries] == [250] * 6
+        assert all(b"X-Reloaded-Category:" in m.data for m in capture.messages)
+        assert await asyncio.to_thread(proc.stop) == 0
+    finally:
+        await asyncio.to_thread(proc.close)
 
 
 def _serve_once(config: Path) -> tuple[int, str, list[dict[str, Any]]]:
