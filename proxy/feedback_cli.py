@@ -94,7 +94,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.from_maildir:
         if args.label:
             raise _Fail(EX_DATAERR, "--label goes with a message on stdin, not --from-maildir")
-        status = _harvest(store, Path(args.from_maildir), args.map, labels, args.user, ship)
+        keep = (settings.learning.keep, manifest.features)
+        status = _harvest(store, Path(args.from_maildir), args.map, labels, args.user, ship, keep)
         ship.flush()
         return status
     if not args.label:
@@ -105,7 +106,7 @@ def _run(args: argparse.Namespace) -> int:
     if problem:
         raise _Fail(EX_DATAERR, f"not a mail message: {problem}")
     try:
-        item = store.add(raw, args.label, args.user)
+        item = _record(store, raw, args.label, args.user, settings.learning.keep, manifest.features)
     except StoreError as exc:
         raise _Fail(EX_TEMPFAIL, f"store: {exc}") from None
     if item is None:
@@ -115,6 +116,28 @@ def _run(args: argparse.Namespace) -> int:
         ship.add(item)
         ship.flush()
     return EX_OK
+
+
+def _record(store: Any, raw: bytes, label: str, user: str, keep: str, params: Any) -> Any:
+    """Into the store as learning.keep says: the message, or its feature ids only
+    (computed here, without our X-Triage-* fields, as learn would)."""
+    if keep == "messages":
+        return store.add(raw, label, user)
+    import time
+
+    from classifier.features import extract
+    from classifier.learning import feature_items
+    from classifier.learning.learn import unstamped
+    from classifier.learning.store import body_hash, decided, kind_of, message_id
+    from proxy.feedback_events import message_id_key
+
+    stamped = decided(raw)
+    struct, text = feature_items.split_ids(extract(unstamped(raw), params), params)
+    return store.add_features(
+        feature_items.encode(struct, text, params), label=label, user=user,
+        kind=kind_of(label, stamped), decided=stamped, when=time.time(),
+        message_id=message_id_key(message_id(raw)), body_hash=body_hash(raw),
+    )  # fmt: skip
 
 
 class _Shipper:
@@ -130,11 +153,10 @@ class _Shipper:
     def add(self, item: Any) -> None:
         if not self._on:
             return
-        from classifier.features import extract
-        from classifier.learning.learn import unstamped
+        from classifier.learning.feature_items import ids_for
         from proxy.feedback_events import build_event
 
-        ids = extract(unstamped(item.raw), self._params)
+        [ids], _ = ids_for([item], self._params)  # a message or (keep = "features") its ids
         self._events.append(build_event(item, ids, self._params, self._settings))
 
     def flush(self) -> None:
@@ -241,7 +263,8 @@ def _messages(folder: Path) -> Iterator[Path]:
 
 
 def _harvest(
-    store: Any, root: Path, mapping: list[str], labels: list[str], user: str, ship: _Shipper
+    store: Any, root: Path, mapping: list[str], labels: list[str], user: str, ship: _Shipper,
+    keep: tuple[str, Any],
 ) -> int:
     from classifier.learning.store import StoreError
 
@@ -272,7 +295,7 @@ def _harvest(
                 bad += 1
                 continue
             try:
-                item = store.add(raw, label, user)
+                item = _record(store, raw, label, user, *keep)
             except StoreError as exc:
                 raise _Fail(EX_TEMPFAIL, f"store: {exc}") from None
             if item is None:

@@ -61,6 +61,13 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
 
+def message_id_key(message_id: str) -> str:
+    """The store's key for a message known by features only: the Message-ID's hash,
+    as a feedback event carries it (so both dedupe alike), never the Message-ID."""
+    mid = message_id.strip()
+    return "sha:" + _digest(mid) if mid else ""
+
+
 def user_field(user: str, mode: str, secret: str) -> str:
     if mode == "plain":
         return user
@@ -271,10 +278,10 @@ def _take(store: Any, value: bytes, counts: dict[str, int]) -> None:
     payload = msgspec.msgpack.encode(FeatureIds(e.feature_params, e.struct_ids, e.text_ids))
     item = store.add_features(
         payload, label=e.label, user=e.user, kind=e.kind, decided=e.decided, when=e.time,
-        message_id=("sha:" + e.message_id_hash) if e.message_id_hash else "",
+        message_id=("sha:" + e.message_id_hash) if e.message_id_hash else "",  # = message_id_key
         body_hash=e.body_hash,
     )  # fmt: skip
     counts["added" if item is not None else "duplicates"] += 1
 
 
-__all__ = ["build_event", "consume", "spool_and_ship", "user_field"]
+__all__ = ["build_event", "consume", "message_id_key", "spool_and_ship", "user_field"]

@@ -168,10 +168,11 @@ class LearningSettings(_Section, frozen=True):
     # Oldest feedback is dropped past this many items or this age.
     max_items: Annotated[int, Meta(ge=1, le=10_000_000)] = 50_000
     retention_days: Annotated[float, Meta(gt=0, le=36_500)] = 365.0
-    # What the store keeps: the messages themselves (with our X-Triage-*
-    # headers), so a model with new features can be retrained from them.
-    # README "Learning from users" says what that means for privacy.
-    keep: Literal["messages"] = "messages"
+    # What the store keeps: "messages" (with our X-Triage-* headers), so a
+    # model with new features can be retrained from them; or "features" (the
+    # model's hashed feature ids only: no text on disk, but feedback is lost
+    # for a model with another feature version). README "Learning from users".
+    keep: Literal["messages", "features"] = "messages"
     # The replay sample `triaged learn` rehearses so that the site's feedback does
     # not make the model forget the rest (classifier/learning/replay.py). "":
     # MODEL.replay.npz beside classifier.model_path, else the bundled

@@ -126,3 +126,22 @@ def test_events_need_kafka_configured(tmp_path: Path, what: str) -> None:
     cfg.write_text(f'[learning]\nstore_path = "{tmp_path / "s"}"\n')
     r = feedback("--config", str(cfg), "--ship-events" if what == "ship" else "--from-kafka")
     assert r.returncode == 78 and b"bootstrap_servers" in r.stderr
+
+
+def test_keep_features_stores_no_text_and_still_learns_the_same_ids(tmp_path: Path) -> None:
+    """learning.keep = "features": the store holds the feature ids, not the message."""
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(f'[classifier]\nmodel_path = "{MODEL}"\n'
+                   f'[learning]\nstore_path = "{tmp_path / "s"}"\nkeep = "features"\n')  # fmt: skip
+    r = feedback("--config", str(cfg), "--label", "primary", "--user", "alice", stdin=msg(7))
+    assert r.returncode == 0, r.stderr
+    r = feedback("--config", str(cfg), "--label", "primary", "--user", "alice", stdin=msg(7))
+    assert r.returncode == 0 and b"already recorded" in r.stdout  # dedup as for messages
+    log = (tmp_path / "s" / "feedback.log").read_bytes()
+    for secret in (b"zebrafish", b"Carol", b"friends.example", b"Thursday"):
+        assert secret not in log, secret
+    [item] = FeedbackStore(tmp_path / "s").items()
+    assert (item.form, item.label, item.kind, item.decided) == ("features", "primary", "correction", "promotions")
+    params = load_model(str(MODEL)).manifest.features
+    [ids], [ok] = ids_for([item], params)
+    assert ok and np.array_equal(ids, extract(unstamped(msg(7)), params))
