@@ -98,7 +98,9 @@ class Rig:
             self.broker.start()
             events = f'bootstrap_servers = ["{self.broker.bootstrap}"]\nrequest_timeout_s = 5.0'
         sections = {
-            "server": f"max_inflight_data_bytes = {self.args.max_inflight_bytes}\nidle_timeout_s = 60.0",
+            # One process: the faults below kill its inference child (children()),
+            # and the recorded soak figures are of one process.
+            "server": f"workers = 1\nmax_inflight_data_bytes = {self.args.max_inflight_bytes}\nidle_timeout_s = 60.0",
             "upstream": (
                 f"pool_size = {POOL_SIZE}\nconnect_timeout_s = 3.0\ncommand_timeout_s = 5.0\n"
                 f"data_timeout_s = {UPSTREAM_DATA_TIMEOUT_S}"

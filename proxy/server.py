@@ -388,5 +388,7 @@ def serve_forever(settings: Settings, config_path: str | None = None) -> int:
 
 
 def effective_workers(settings: Settings) -> int:
-    """server.workers, with 0 ("auto") as the number of usable cores."""
-    return settings.server.workers or len(os.sched_getaffinity(0))
+    """server.workers, with 0 ("auto") as the number of usable cores (proxy/cpus.py)."""
+    from proxy.cpus import usable_cpus
+
+    return settings.server.workers or usable_cpus()

@@ -61,7 +61,8 @@ class ServerSettings(_Section, frozen=True):
     # into CRLF before the message goes on. Only CRLF.CRLF ends DATA either way.
     bare_lf: Literal["reject", "normalize"] = "reject"
     # Front-end processes sharing the listeners (proxy/supervisor.py);
-    # 0: one per usable core; 1: a single process, no supervisor.
+    # 0: one per usable core (affinity and cgroup quota, proxy/cpus.py);
+    # 1: a single process, no supervisor.
     workers: Annotated[int, Meta(ge=0, le=1024)] = 0
     # A worker whose event loop has not answered the supervisor this long is
     # killed and replaced (its open transactions fail; clients retry). Keep

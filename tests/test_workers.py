@@ -543,6 +543,26 @@ def test_a_start_that_fails_exits_1_naming_the_cause(tmp_path: Path) -> None:
     assert not [e for e in lines if e.get("event") == "started"]
 
 
+def test_auto_workers_count_the_cgroup_cpu_quota(tmp_path: Path) -> None:
+    from proxy.cpus import cgroup_cpu_limit
+
+    root = tmp_path / "cgroup"
+    leaf = root / "system.slice" / "triaged.service"
+    leaf.mkdir(parents=True)
+    (root / "cpu.max").write_text("max 100000\n")
+    (root / "system.slice" / "cpu.max").write_text("400000 100000\n")
+    (leaf / "cpu.max").write_text("150000 100000\n")
+    me = tmp_path / "self-cgroup"
+    me.write_text("0::/system.slice/triaged.service\n")
+    assert cgroup_cpu_limit(root, me) == 1.5  # the tightest on the way up
+    (leaf / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_limit(root, me) == 4.0
+    (root / "system.slice" / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_limit(root, me) is None
+    me.write_text("1:name=systemd:/x\n")  # cgroup v1 only: affinity alone
+    assert cgroup_cpu_limit(root, me) is None
+
+
 def test_worker_spool_directories(tmp_path: Path) -> None:
     from proxy.settings import EventsSettings
     from proxy.worker import slot_spool_dir
