@@ -57,6 +57,10 @@ _DATA_CHUNK = 1 << 20  # read DATA in pieces of up to 1 MiB
 _PROXY_TIMEOUT_S = 10.0
 _XFORWARD_ATTRS = frozenset({"NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE"})
 _QUEUE_PREFIX = f"{os.getpid():x}"
+# Replies -> with their enhanced status code (verdict.with_enhanced, a regex
+# per reply): most replies repeat (220, 250, 354, 221); bounded, since a next
+# hop's final reply usually carries a queue id.
+_ENHANCED: dict[str, str] = {}
 _queue_ids = count(1)
 
 
@@ -284,7 +288,12 @@ class TriageSMTP(SMTP):
     async def push(self, status: Any) -> None:
         if isinstance(status, str):
             if not self._in_ehlo and "\r\n" not in status:
-                status = V.with_enhanced(status)
+                enhanced = _ENHANCED.get(status)
+                if enhanced is None:
+                    enhanced = V.with_enhanced(status)
+                    if len(_ENHANCED) < 512:
+                        _ENHANCED[status] = enhanced
+                status = enhanced
             status = status.encode()  # SMTPUTF8 is on (compat.init_session)
         writer = self._writer
         writer.write(status + b"\r\n")

@@ -29,6 +29,22 @@ def _tag_subject(block: bytes, tag: bytes, eol: bytes) -> bytes:
     return block[:at] + tag + b" " + block[at:]
 
 
+_LOWERED: dict[object, frozenset[bytes]] = {}
+
+
+def _lowered(names: Iterable[str]) -> frozenset[bytes]:
+    """The field names to remove, lower-cased bytes; built once per names tuple
+    (the pipeline passes the same one for every message)."""
+    if not isinstance(names, tuple):
+        return frozenset(n.lower().encode() for n in names)
+    got = _LOWERED.get(names)
+    if got is None:
+        got = frozenset(n.lower().encode() for n in names)
+        if len(_LOWERED) < 64:
+            _LOWERED[names] = got
+    return got
+
+
 def stamp_pieces(
     raw: bytes,
     fields: Sequence[tuple[str, str]],
@@ -50,7 +66,7 @@ def stamp_pieces(
     )
     end, _ = headers.split(raw)
     block = raw[:end]
-    changed = headers.remove(block, frozenset(n.lower().encode() for n in remove))
+    changed = headers.remove(block, _lowered(remove))
     if subject_tag:
         changed = _tag_subject(changed, subject_tag.encode("utf-8"), eol)
     if changed is block:
