@@ -169,7 +169,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     control_sock.setblocking(False)
     hooks = WorkerHooks(init.slot, sockets, control_sock, probe_upstream=bool(settings.metrics.listen))
     hooks.inference_endpoint = init.inference_endpoint
+    from proxy.gcpolicy import settle_heap
 
+    settle_heap()  # as `triaged serve` does: the start-up heap out of full collections
     import uvloop
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
