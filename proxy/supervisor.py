@@ -21,6 +21,9 @@ per worker the kernel resets what was queued on the dead one's socket).
 - metrics.listen: one port, served here; /metrics merges every worker's
   registry with a `worker` label, /healthz and /readyz combine the workers'
   health snapshots (proxy/supervisor_status.py).
+- With the ONNX model out of process, one inference service for all workers
+  (proxy/supervisor_inference.py): started before them, closed after them,
+  its model reloaded once per SIGHUP.
 
 It runs the stdlib event loop: it relays no mail, and the stdlib's child
 watcher (pidfd) is the well-trodden path for subprocess handling.
@@ -199,10 +202,14 @@ class WorkerSlot:
                 sys.executable, "-m", "proxy.worker", "--control-fd", str(theirs.fileno()),
                 pass_fds=fds, stdin=asyncio.subprocess.DEVNULL, env=env,
             )
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
         self.starts += 1
         self.reload_pending = False  # it starts from the config we hold now
+        self.health = {}  # the last one was the dead worker's
         self.started_at = time.monotonic()
         self.listening = asyncio.Event()
         self.channel = await control.Channel.open(ours)
@@ -372,8 +379,12 @@ class Supervisor:
     async def _start_all(self) -> bool:
         """Start every worker; True once all listen. A worker that dies before
         listening at start is a start failure (its own log line says why)."""
-        for slot in self.slots:
-            await slot.spawn(self.settings, self.sockets, self.config_path, self._endpoint())
+        try:
+            for slot in self.slots:
+                await slot.spawn(self.settings, self.sockets, self.config_path, self._endpoint())
+        except OSError as exc:
+            log.error("start_failed", error=f"cannot start a worker: {exc}")
+            return False
         waits: dict[asyncio.Future[object], WorkerSlot] = {
             asyncio.ensure_future(s.listening.wait()): s for s in self.slots
         }
@@ -420,13 +431,31 @@ class Supervisor:
                     return
                 except TimeoutError:
                     pass
-            if self.stopping:
-                return
-            self.restarts += 1
-            await slot.spawn(self.settings, self.sockets, self.config_path, self._endpoint())
-            log.info("worker_started", worker=slot.slot, pid=slot.pid, restarts=self.restarts)
+            while not await self._respawn(slot):
+                # No process at all (out of memory, of processes, of fds):
+                # try again, like a worker that keeps dying.
+                slot.failures += 1
+                try:
+                    async with asyncio.timeout(min(MAX_BACKOFF_S, 2.0 ** slot.failures)):
+                        await self._stop.wait()
+                    return
+                except TimeoutError:
+                    pass
             if self.stopping:  # SIGTERM came while it was being started
                 slot.signal(signal.SIGTERM)
+                return
+
+    async def _respawn(self, slot: WorkerSlot) -> bool:
+        if self.stopping:
+            return True
+        try:
+            await slot.spawn(self.settings, self.sockets, self.config_path, self._endpoint())
+        except OSError as exc:
+            log.error("worker_start_failed", worker=slot.slot, error=str(exc))
+            return False
+        self.restarts += 1
+        log.info("worker_started", worker=slot.slot, pid=slot.pid, restarts=self.restarts)
+        return True
 
     async def _pinger(self) -> None:
         """Ping every worker each second; kill one whose loop stays silent."""
