@@ -782,9 +782,14 @@ def _token_spans(hdr: bytes, text: bytes) -> tuple[bytes, Spans, Spans, Spans]:
 
 def _span_hashes(joined: bytes, starts: Spans, ends: Spans, lens: Spans) -> npt.NDArray[np.uint64]:
     """Polynomial hash of each span of the case-folded bytes, from one
-    uint64 prefix sum (wrap-around arithmetic), plus its length."""
-    n = len(joined)
-    buf = np.frombuffer(joined.translate(_FOLD_T), dtype=np.uint8)
+    uint64 prefix sum (wrap-around arithmetic), plus its length.
+
+    Only the bytes up to the last span's end are summed: spans come in order
+    (ends ascending), and nothing after the last one changes a hash. That is
+    most of a message whose body is past max_body_tokens, or whose lines are
+    too long to be tokens."""
+    n = int(ends[-1]) if ends.shape[0] else 0
+    buf = np.frombuffer(joined[:n].translate(_FOLD_T), dtype=np.uint8)
     prefix = np.zeros(n + 1, dtype=np.uint64)
     np.cumsum(buf * _POW[:n], dtype=np.uint64, out=prefix[1:])
     h = (prefix[ends] - prefix[starts]) * _INV[starts]
