@@ -91,13 +91,23 @@ _SALT_BODY: Final = 0x27D4EB2F165667C5
 _SALT_BI: Final = 0x85EBCA77C2B2AE63
 
 
+_S30: Final = np.uint64(30)
+_S27: Final = np.uint64(27)
+_S31: Final = np.uint64(31)
+_M1: Final = np.uint64(0xBF58476D1CE4E5B9)
+_M2: Final = np.uint64(0x94D049BB133111EB)
+
+
 def _mix(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
-    # splitmix64 finaliser: spreads the polynomial hash over all bits.
-    x = x ^ (x >> np.uint64(30))
-    x = x * np.uint64(0xBF58476D1CE4E5B9)
-    x = x ^ (x >> np.uint64(27))
-    x = x * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
+    # splitmix64 finaliser: spreads the polynomial hash over all bits. The
+    # first step makes a new array; the rest work in it (per message, numpy's
+    # per-call and allocation costs are most of the time, not the bytes).
+    x = x ^ (x >> _S30)
+    x *= _M1
+    x ^= x >> _S27
+    x *= _M2
+    x ^= x >> _S31
+    return x
 
 
 def _to_ids(h: npt.NDArray[np.uint64], p: FeatureParams) -> IdArray:
@@ -837,10 +847,7 @@ def _hash_batch(items: Sequence[_Prepared], p: FeatureParams) -> list[IdArray]:
             rank[keep],
         )
     h = _span_hashes(joined, starts, ends, lens)
-    salts = np.array(
-        [s ^ p.seed for s in (_SALT_HDR, _SALT_SUBJ, _SALT_NAME, _SALT_BODY)], dtype=np.uint64
-    )
-    h = _mix(h ^ salts[kind])
+    h = _mix(h ^ _segment_salts(p.seed)[kind])
     ids = _to_ids(h, p)
     msg = g >> 2
     slots = p.struct_slots
@@ -878,6 +885,19 @@ def _hash_batch(items: Sequence[_Prepared], p: FeatureParams) -> list[IdArray]:
     return [flat[a:b] for a, b in pairwise(bounds_list)]
 
 
+_SEGMENT_SALTS: dict[int, npt.NDArray[np.uint64]] = {}
+
+
+def _segment_salts(seed: int) -> npt.NDArray[np.uint64]:
+    got = _SEGMENT_SALTS.get(seed)
+    if got is None:
+        got = np.array([s ^ seed for s in (_SALT_HDR, _SALT_SUBJ, _SALT_NAME, _SALT_BODY)], dtype=np.uint64)
+        got.flags.writeable = False
+        if len(_SEGMENT_SALTS) < 16:
+            _SEGMENT_SALTS[seed] = got
+    return got
+
+
 def _hash_one(item: _Prepared, p: FeatureParams) -> IdArray:
     """`_hash_batch([item])[0]` in half the numpy calls: the per-message path
     (the service featurizes each message as it arrives), where numpy's per-call
@@ -892,9 +912,8 @@ def _hash_one(item: _Prepared, p: FeatureParams) -> IdArray:
     end = min(starts.shape[0], f3 + p.max_body_tokens)
     starts, ends, lens = starts[:end], ends[:end], lens[:end]
     h = _span_hashes(joined, starts, ends, lens)
-    for salt, a, b in ((_SALT_HDR, 0, f1), (_SALT_SUBJ, f1, f2), (_SALT_NAME, f2, f3)):
-        h[a:b] ^= np.uint64(salt ^ p.seed)
-    h[f3:] ^= np.uint64(_SALT_BODY ^ p.seed)
+    # Each segment's salt on its tokens: structure [0, f1), subject, name, body [f3, end).
+    h ^= np.repeat(_segment_salts(p.seed), (f1, f2 - f1, f3 - f2, end - f3))
     h = _mix(h)
     ids = _to_ids(h, p)
     slots = p.struct_slots
