@@ -48,6 +48,11 @@ class TrainConfig(msgspec.Struct, frozen=True):
     # the structure signals (headers, MIME) must then decide alone, so they
     # keep weight when the words are ones the corpora never tied to a class.
     text_bag_dropout: float = 0.0
+    # A hidden layer of the spam head's own (0: the spam head shares the
+    # category head's). Apart, the weight given to scarce modern spam moves
+    # the spam tower, not the layer the category head reads; they still share
+    # the embeddings.
+    spam_hidden: int = 0
 
 
 class Weights(msgspec.Struct):
@@ -58,6 +63,8 @@ class Weights(msgspec.Struct):
     b_cat: F32  # [C]
     w_spam: F32  # [dim, 1]
     b_spam: F32  # [1]
+    w_hid_spam: F32 | None = None  # [2*dim, Hs]: the spam tower's own hidden layer
+    b_hid_spam: F32 | None = None
 
 
 def featurize(
@@ -90,6 +97,7 @@ def fit(
     cfg: TrainConfig,
     *,
     progress: bool = True,
+    spam_weight: npt.NDArray[np.float32] | None = None,  # per message, the spam loss only
 ) -> Weights:
     import torch
     from torch import nn
@@ -107,8 +115,10 @@ def fit(
     lin = nn.Linear(2 * cfg.dim, cfg.hidden) if cfg.hidden else None
     hid: Any = nn.Sequential(lin, nn.ReLU()) if lin is not None else nn.Identity()
     head_cat = nn.Linear(width, max(n_classes, 1))
-    head_spam = nn.Linear(width, 1)
-    model = nn.ModuleList([emb, hid, head_cat, head_spam])
+    lin_spam = nn.Linear(2 * cfg.dim, cfg.spam_hidden) if cfg.spam_hidden else None
+    hid_spam: Any = nn.Sequential(lin_spam, nn.ReLU()) if lin_spam is not None else None
+    head_spam = nn.Linear(cfg.spam_hidden or width, 1)
+    model = nn.ModuleList([emb, hid, head_cat, head_spam, *([hid_spam] if hid_spam else [])])
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
 
     # Class weights ~ 1/sqrt(frequency): the small classes count for macro-F1.
@@ -117,7 +127,8 @@ def fit(
     cw = (counts.sum() / counts) ** cfg.class_weight_power
     cw = cw / cw.mean()
     ce = nn.CrossEntropyLoss(weight=torch.tensor(cw, dtype=torch.float32), reduction="sum")
-    bce = nn.BCEWithLogitsLoss(reduction="mean")
+    bce = nn.BCEWithLogitsLoss(reduction="none")
+    sw = np.ones(len(ids), dtype=np.float32) if spam_weight is None else spam_weight
 
     slots = params.struct_slots
     structs = [a[:slots][a[:slots] > 0] for a in ids]
@@ -155,9 +166,11 @@ def fit(
                 elif cfg.token_dropout > 0 and a.shape[0] > 4:
                     a = a[rng.random(a.shape[0]) >= cfg.token_dropout]
                 text_bags.append(a)
-            h = hid(torch.cat([bag([structs[i] for i in idx]), bag(text_bags)], dim=1))
+            means = torch.cat([bag([structs[i] for i in idx]), bag(text_bags)], dim=1)
+            h = hid(means)
+            hs = hid_spam(means) if hid_spam is not None else h
             y_spam = torch.from_numpy(spam[idx])
-            loss = bce(head_spam(h).squeeze(1), y_spam)
+            loss = (bce(head_spam(hs).squeeze(1), y_spam) * torch.from_numpy(sw[idx])).mean()
             c = cat[idx]
             mask = c >= 0
             if mask.any():
@@ -198,6 +211,12 @@ def fit(
             b_cat=head_cat.bias.detach().numpy().astype(np.float32).copy(),
             w_spam=head_spam.weight.detach().numpy().T.astype(np.float32).copy(),
             b_spam=head_spam.bias.detach().numpy().astype(np.float32).copy(),
+            w_hid_spam=lin_spam.weight.detach().numpy().T.astype(np.float32).copy()
+            if lin_spam is not None
+            else None,
+            b_hid_spam=lin_spam.bias.detach().numpy().astype(np.float32).copy()
+            if lin_spam is not None
+            else None,
         )
 
 
@@ -216,10 +235,14 @@ def forward_logits(w: Weights, ids: Sequence[IdArray], slots: int) -> tuple[F32,
     h = np.stack(
         [np.concatenate([_mean_rows(w.emb, a[:slots]), _mean_rows(w.emb, a[slots:])]) for a in ids]
     )
+    means = h
     if w.w_hid is not None and w.b_hid is not None:
         h = np.maximum(h @ w.w_hid + w.b_hid, 0.0)
+    hs = h
+    if w.w_hid_spam is not None and w.b_hid_spam is not None:
+        hs = np.maximum(means @ w.w_hid_spam + w.b_hid_spam, 0.0)
     logits: F32 = (h @ w.w_cat + w.b_cat).astype(np.float32)
-    z: F32 = (h @ w.w_spam + w.b_spam)[:, 0].astype(np.float32)
+    z: F32 = (hs @ w.w_spam + w.b_spam)[:, 0].astype(np.float32)
     return logits, z
 
 
@@ -303,6 +326,8 @@ def calibrated(w: Weights, temperature: float, platt: tuple[float, float]) -> We
         b_cat=(w.b_cat / temperature).astype(np.float32),
         w_spam=(w.w_spam * a).astype(np.float32),
         b_spam=(w.b_spam * a + b).astype(np.float32),
+        w_hid_spam=w.w_hid_spam,
+        b_hid_spam=w.b_hid_spam,
     )
 
 
@@ -385,6 +410,18 @@ def build_onnx(w: Weights, manifest: Manifest, opset: int = 17) -> Any:
         ]
     else:
         top = [helper.make_node("Identity", ["means"], ["mean"])]
+    spam_in = "mean"
+    if w.w_hid_spam is not None and w.b_hid_spam is not None:
+        # The spam tower: its own hidden layer over the same two means.
+        inits += [
+            numpy_helper.from_array(w.w_hid_spam, "w_hid_spam"),
+            numpy_helper.from_array(w.b_hid_spam, "b_hid_spam"),
+        ]
+        top += [
+            helper.make_node("Gemm", ["means", "w_hid_spam", "b_hid_spam"], ["hidden_spam"]),
+            helper.make_node("Relu", ["hidden_spam"], ["mean_spam"]),
+        ]
+        spam_in = "mean_spam"
     nodes = [
         *mean_of("struct", "start0", "slots"),
         *mean_of("text", "slots", "end"),
@@ -392,7 +429,7 @@ def build_onnx(w: Weights, manifest: Manifest, opset: int = 17) -> Any:
         *top,
         helper.make_node("Gemm", ["mean", "w_cat", "b_cat"], ["cat_logits"]),
         helper.make_node("Softmax", ["cat_logits"], ["category_probs"], axis=1),
-        helper.make_node("Gemm", ["mean", "w_spam", "b_spam"], ["spam_logit"]),
+        helper.make_node("Gemm", [spam_in, "w_spam", "b_spam"], ["spam_logit"]),
         helper.make_node("Sigmoid", ["spam_logit"], ["spam_prob"]),
     ]
     graph = helper.make_graph(

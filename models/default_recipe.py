@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import sys
 import time
 from collections import Counter, defaultdict
@@ -56,7 +57,13 @@ from classifier.evaluate import (
     predict_messages,
     report_dict,
 )
-from classifier.features import MODERN_ONLY_TOKENS, FeatureParams, IdArray, structure_ids
+from classifier.features import (
+    MODERN_ONLY_TOKENS,
+    FeatureParams,
+    IdArray,
+    extract,
+    structure_ids,
+)
 from classifier.labels import (
     CATEGORIES,
     MODERN_SETS,
@@ -132,6 +139,17 @@ GROUP_FOLDS = 3
 # in the per-class rows; `macro_f1_all_classes` is the figure without the rule.
 MIN_CLASS_SUPPORT = 20
 ERA_BALANCE = True  # era_balance_spam()
+# Weight of modern spam in the spam loss alone (on top of era_balance_spam's
+# copies). Above 1 it pays only with a spam tower (TrainConfig.spam_hidden):
+# through the shared hidden layer, 3x cost 3-6 points of LOSO macro-F1.
+MODERN_SPAM_WEIGHT = 1.0
+# unredacted(): off. Alone on this recipe (full build, 2026-12-01): phishing-pot
+# recall 0.509 -> 0.560, but LOSO macro-F1 0.916 -> 0.873 (easy-ham-1's RSS
+# items, held out, went to `promotions`: they flip between builds) and held-out
+# modern ham FP 0.0009 -> 0.0032. Not shipped; the artifact is real, though.
+UNREDACT = False
+# A From field the corpus donor scrubbed (see unredacted()).
+REDACTED_FROM = re.compile(rb"(?mi)^from:[ \t]*\[removed\][ \t]*\r?$")
 # The two public lists go to different folds (the list is the group).
 LIST_FOLD = {"open-iscsi.googlegroups.com.0.mbox": 0, "linux-oxnas.groups.io.0.mbox": 1}
 SA_GROUPS = ("easy-ham-1", "easy-ham-2", "hard-ham-1", "spam-1", "spam-2")
@@ -222,10 +240,13 @@ def recipe(train: Sequence[Message], data: Data, cfg: TrainConfig, progress: boo
         return cat, np.array([m.spam for m in ms], dtype=bool)
 
     cat, spam = targets(fit_on)
-    x = era_augment(fit_on, [data.feats[m.ident] for m in fit_on], cfg.seed)
+    xs = [data.feats[m.ident] for m in fit_on]
+    x = era_augment(fit_on, unredacted(xs, fit_on) if UNREDACT else xs, cfg.seed)
+    modern_spam = np.array([is_modern(m) and m.spam for m in fit_on], dtype=bool)
     w = fit(
         x, cat, spam.astype(np.float32), len(CATEGORIES),
         PARAMS, cfg, progress=progress,
+        spam_weight=np.where(modern_spam, MODERN_SPAM_WEIGHT, 1.0).astype(np.float32),
     )  # fmt: skip
     logits, z = forward_logits(w, [data.feats[m.ident] for m in cal], PARAMS.struct_slots)
     ccat, cspam = targets(cal)
@@ -263,6 +284,36 @@ def recipe(train: Sequence[Message], data: Data, cfg: TrainConfig, progress: boo
     }
     result = TrainResult(calibrated(w, temperature, platt), CATEGORIES, threshold, validation, summary)
     return Fitted(result, temperature, platt)
+
+
+def _redaction_ids() -> frozenset[int]:
+    """The ids a donor's "From: [removed]" gives a message (the glitchyzorua set
+    scrubbed every sender): its name, and the tokens of an empty sender domain."""
+    body = b"Subject: s\n\nhello\n"
+    probe = set(extract(b"From:[removed]\n" + body, PARAMS).tolist())
+    bare = set(extract(body, PARAMS).tolist())
+    # The tokens of an empty sender domain come with both; they are the scrub too.
+    empty = structure_ids(["from-tld:", "from-labels:0", "from-no-name"], PARAMS).tolist()
+    return frozenset(((probe ^ bare) | set(empty)) - {0})
+
+
+def unredacted(xs: list[IdArray], ms: Sequence[Message]) -> list[IdArray]:
+    """`xs` with the sender ids of messages whose From the corpus donor removed
+    dropped: every glitchyzorua spam says "From: [removed]" and no ham does, so
+    the spam head can learn "no sender domain = spam" (how the set was scrubbed)
+    instead of what the mail says. Those messages keep their subject, body and
+    the rest of their structure; what they say of a sender is nothing."""
+    redacted = np.array(sorted(_redaction_ids()), dtype=np.int64)
+    out = list(xs)
+    for i, m in enumerate(ms):
+        if not REDACTED_FROM.search(m.raw[:65536]):
+            continue
+        a, slots = xs[i], PARAMS.struct_slots
+        struct = a[:slots].copy()
+        struct[np.isin(struct, redacted)] = 0
+        text = a[slots:]
+        out[i] = np.concatenate([struct, text[~np.isin(text, redacted)]])
+    return out
 
 
 def era_balance_spam(ms: Sequence[Message]) -> list[Message]:

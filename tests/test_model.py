@@ -26,7 +26,7 @@ P = FeatureParams(buckets=4096)
 LABELS = ["alpha", "beta", "gamma"]
 
 
-def _weights(hidden: int = 0, seed: int = 0) -> Weights:
+def _weights(hidden: int = 0, seed: int = 0, spam_hidden: int = 0) -> Weights:
     rng = np.random.default_rng(seed)
     d = 8
     emb = rng.normal(size=(P.buckets, d)).astype(np.float32)
@@ -38,8 +38,11 @@ def _weights(hidden: int = 0, seed: int = 0) -> Weights:
         b_hid=rng.normal(size=hidden).astype(np.float32) if hidden else None,
         w_cat=rng.normal(size=(width, len(LABELS))).astype(np.float32),
         b_cat=rng.normal(size=len(LABELS)).astype(np.float32),
-        w_spam=rng.normal(size=(width, 1)).astype(np.float32),
+        w_spam=rng.normal(size=(spam_hidden or width, 1)).astype(np.float32),
         b_spam=np.zeros(1, np.float32),
+        # The spam tower (TrainConfig.spam_hidden): its own layer over the two means.
+        w_hid_spam=rng.normal(size=(2 * d, spam_hidden)).astype(np.float32) if spam_hidden else None,
+        b_hid_spam=rng.normal(size=spam_hidden).astype(np.float32) if spam_hidden else None,
     )
 
 
@@ -53,9 +56,9 @@ def _save(tmp_path: Path, w: Weights, m: Manifest, name: str = "m.onnx") -> Path
     return path
 
 
-@pytest.mark.parametrize("hidden", [0, 6])
-def test_graph_matches_numpy_and_predict_shapes(tmp_path: Path, hidden: int) -> None:
-    w = _weights(hidden)
+@pytest.mark.parametrize(("hidden", "spam_hidden"), [(0, 0), (6, 0), (6, 5)])
+def test_graph_matches_numpy_and_predict_shapes(tmp_path: Path, hidden: int, spam_hidden: int) -> None:
+    w = _weights(hidden, spam_hidden=spam_hidden)
     model = load_model(str(_save(tmp_path, w, _manifest())))
     assert model.name_version == "t/9"
     batch = [model.featurize(PLAIN), model.featurize(LIST), model.featurize(b"")]
@@ -124,3 +127,43 @@ def test_default_model_loads_and_classifies() -> None:
     listmail, person = model.predict([model.featurize(LIST), model.featurize(PLAIN)])
     assert listmail.category == "forums"
     assert listmail.spam is False and person.spam is False
+
+
+def test_spam_tower_trains_exports_and_warm_starts(tmp_path: Path) -> None:
+    """TrainConfig.spam_hidden: the spam head gets a hidden layer of its own; the
+    ONNX graph, the numpy twin and `triaged learn`'s warm start agree on it, and
+    the per-message spam weight reaches the spam loss only."""
+    from classifier.learning.learn import read_model
+    from classifier.train import TrainConfig, fit
+
+    raws = [PLAIN, LIST] * 8
+    ids = [extract_ids(r) for r in raws]
+    cat = np.array([0, 1] * 8, dtype=np.int64)
+    spam = np.array([0.0, 1.0] * 8, dtype=np.float32)
+    cfg = TrainConfig(dim=8, epochs=2, min_steps=20, hidden=6, spam_hidden=5)
+    w = fit(ids, cat, spam, 2, P, cfg, progress=False)
+    assert w.w_hid_spam is not None and w.w_hid_spam.shape == (16, 5) and w.w_spam.shape == (5, 1)
+    assert w.w_hid is not None and w.w_cat.shape == (6, 2)
+    path = _save(tmp_path, w, _manifest(labels=["a", "b"]))
+    model = load_model(str(path))
+    got_cat, got_spam = model.run(ids[:2])
+    ref_cat, ref_spam = forward(w, ids[:2], P.struct_slots)
+    np.testing.assert_allclose(got_cat, ref_cat, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got_spam, ref_spam, rtol=1e-4, atol=1e-5)
+    back, _ = read_model(path)
+    assert back.w_hid_spam is not None and np.array_equal(back.w_hid_spam, w.w_hid_spam)
+    # The per-message spam weight scales the spam loss: at 0 the spam labels
+    # change nothing at all; at 1 they do.
+    zero = np.zeros(16, np.float32)
+    w0 = fit(ids, cat, spam, 2, P, cfg, progress=False, spam_weight=zero)
+    w0_flipped = fit(ids, cat, 1.0 - spam, 2, P, cfg, progress=False, spam_weight=zero)
+    for a, b in ((w0.emb, w0_flipped.emb), (w0.w_cat, w0_flipped.w_cat), (w0.w_spam, w0_flipped.w_spam)):
+        np.testing.assert_array_equal(a, b)
+    w1_flipped = fit(ids, cat, 1.0 - spam, 2, P, cfg, progress=False)
+    assert not np.allclose(w.w_spam, w1_flipped.w_spam)
+
+
+def extract_ids(raw: bytes) -> np.ndarray:
+    from classifier.features import extract
+
+    return extract(raw, P)

@@ -131,6 +131,7 @@ def read_model(path: str | Path) -> tuple[Weights, Manifest]:
         return np.ascontiguousarray(inits[name], dtype=np.float32)
 
     hid = "w_hid" in inits
+    tower = "w_hid_spam" in inits  # the spam head's own hidden layer (train.TrainConfig.spam_hidden)
     return (
         Weights(
             emb=f32("emb"),
@@ -140,6 +141,8 @@ def read_model(path: str | Path) -> tuple[Weights, Manifest]:
             b_cat=f32("b_cat"),
             w_spam=f32("w_spam"),
             b_spam=f32("b_spam"),
+            w_hid_spam=f32("w_hid_spam") if tower else None,
+            b_hid_spam=f32("b_hid_spam") if tower else None,
         ),
         manifest,
     )
@@ -255,6 +258,13 @@ def finetune(
             lin.weight.copy_(t(start.w_hid.T))
             lin.bias.copy_(t(start.b_hid))
     hid: Any = nn.Sequential(lin, nn.ReLU()) if lin is not None else nn.Identity()
+    lin_spam: Any = None
+    if start.w_hid_spam is not None and start.b_hid_spam is not None:
+        lin_spam = nn.Linear(*start.w_hid_spam.shape)
+        with torch.no_grad():
+            lin_spam.weight.copy_(t(start.w_hid_spam.T))
+            lin_spam.bias.copy_(t(start.b_hid_spam))
+    hid_spam: Any = nn.Sequential(lin_spam, nn.ReLU()) if lin_spam is not None else None
     head_cat = nn.Linear(*start.w_cat.shape)
     head_spam = nn.Linear(*start.w_spam.shape)
     with torch.no_grad():
@@ -262,7 +272,7 @@ def finetune(
         head_cat.bias.copy_(t(start.b_cat))
         head_spam.weight.copy_(t(start.w_spam.T))
         head_spam.bias.copy_(t(start.b_spam))
-    model = nn.ModuleList([emb, hid, head_cat, head_spam])
+    model = nn.ModuleList([emb, hid, head_cat, head_spam, *([hid_spam] if hid_spam else [])])
     params = list(model.parameters())
     anchors = [p.detach().clone() for p in params]
     opt = torch.optim.Adam(params, lr=cfg.lr)
@@ -295,11 +305,13 @@ def finetune(
         order = rng.permutation(n)
         for s in range(0, n, cfg.batch_size):
             idx = order[s : s + cfg.batch_size]
-            h = hid(torch.cat([bag([structs[i] for i in idx]), bag([texts[i] for i in idx])], 1))
+            means = torch.cat([bag([structs[i] for i in idx]), bag([texts[i] for i in idx])], 1)
+            h = hid(means)
+            hs = hid_spam(means) if hid_spam is not None else h
             wt = t(weight[idx])
             loss = (
                 nn.functional.binary_cross_entropy_with_logits(
-                    head_spam(h).squeeze(1), t(spam[idx]), reduction="none"
+                    head_spam(hs).squeeze(1), t(spam[idx]), reduction="none"
                 )
                 * wt
             ).sum()
@@ -346,6 +358,8 @@ def finetune(
             b_cat=head_cat.bias.detach().numpy().astype(np.float32).copy(),
             w_spam=head_spam.weight.detach().numpy().T.astype(np.float32).copy(),
             b_spam=head_spam.bias.detach().numpy().astype(np.float32).copy(),
+            w_hid_spam=lin_spam.weight.detach().numpy().T.astype(np.float32).copy() if lin_spam is not None else None,
+            b_hid_spam=lin_spam.bias.detach().numpy().astype(np.float32).copy() if lin_spam is not None else None,
         )  # fmt: skip
 
 
