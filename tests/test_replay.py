@@ -80,3 +80,24 @@ def test_a_sample_for_other_features_or_labels_is_refused(tmp_path: Path) -> Non
         replay.load(tmp_path / "bad.npz", m.features, m.labels)
     with pytest.raises(replay.ReplayError, match="not a readable"):
         replay.load(tmp_path / "missing.npz", m.features, m.labels)
+
+
+def test_rehearsal_follows_the_spam_tower() -> None:
+    """A model with its own spam layer (TrainConfig.spam_hidden): the replay's
+    distillation reads the spam head through that layer, as the graph does."""
+    from classifier.features import extract
+    from classifier.learning.learn import LearnConfig, finetune
+    from classifier.train import TrainConfig, fit
+
+    p = FeatureParams()
+    raws = [b"From: a%d@b.example\r\nSubject: s%d\r\n\r\nhello %d world\r\n" % (i, i, i) for i in range(16)]
+    ids = [extract(r, p) for r in raws]
+    cat = np.array([0, 1] * 8, dtype=np.int64)
+    spam = np.array([0.0, 1.0] * 8, dtype=np.float32)
+    w = fit(ids, cat, spam, 2, p, TrainConfig(dim=8, epochs=1, min_steps=4, hidden=6, spam_hidden=5),
+            progress=False)  # fmt: skip
+    out = finetune(w, ids[:4], cat[:4], spam[:4], np.ones(4, np.float32), p.struct_slots,
+                   LearnConfig(epochs=1, min_steps=2, replay_batch=8), replay=ids,
+                   replay_targets=(cat, spam))  # fmt: skip
+    # Read through the category layer (width 6), the 5-wide spam head would not even run.
+    assert out.w_hid_spam is not None and out.w_hid_spam.shape == (16, 5)

@@ -286,8 +286,11 @@ def finetune(
         return emb(torch.from_numpy(np.concatenate(arrays).astype(np.int64)), offsets)
 
     def forward(bs: list[IdArray], ts: list[IdArray]) -> tuple[Any, Any]:
-        h = hid(torch.cat([bag(bs), bag(ts)], 1))
-        return head_cat(h), head_spam(h).squeeze(1)
+        """(category logits, spam logit) as the exported graph computes them."""
+        means = torch.cat([bag(bs), bag(ts)], 1)
+        h = hid(means)
+        hs = hid_spam(means) if hid_spam is not None else h  # the spam tower, when there is one
+        return head_cat(h), head_spam(hs).squeeze(1)
 
     r_structs = [a[:slots][a[:slots] > 0] for a in replay]
     r_texts = [a[slots:][a[slots:] > 0] for a in replay]
