@@ -54,30 +54,32 @@ MESSAGES = 2000
 SESSIONS = 20
 KILL_AFTER = 600  # final replies seen before t1 is killed
 _MID = re.compile(rb"(?mi)^Message-ID:[ \t]*<([^>\r\n]+)>")
+_SERVER = re.compile(r"(?m)^(\s*server t(\d+)) \S+ send-proxy-v2 check port \d+$")
 
 
 def haproxy_config(front: int, stats: Path, backends: list[tuple[int, int]]) -> str:
     """The shipped recipe (config/haproxy.cfg), pointed at this test's ports,
     with checks every 200 ms instead of 2 s, and a maxconn this sandbox's
     file limit allows."""
-    recipe = (REPO / "config" / "haproxy.cfg").read_text()
-    lines = [line for line in recipe.splitlines() if not line.strip().startswith("server t")]
-    text = "\n".join(lines) + "\n"
+    text = (REPO / "config" / "haproxy.cfg").read_text()
+    # Each backend's `server tN ADDR ... check port P` line, at this test's ports.
+    def server(m: re.Match[str]) -> str:
+        smtp, metrics = backends[int(m.group(2)) - 1]
+        return f"{m.group(1)} 127.0.0.1:{smtp} send-proxy-v2 check port {metrics}"
+
+    text, servers = _SERVER.subn(server, text)
+    assert servers == 2 * len(backends), f"config/haproxy.cfg: {servers} server lines"
     for old, new in (("bind :25", f"bind 127.0.0.1:{front}"),
                      ("stats socket /run/haproxy/admin.sock", f"stats socket {stats}"),
                      ("inter 2s", "inter 200ms"),
                      ("maxconn 20000", "maxconn 1000")):
         assert old in text, f"config/haproxy.cfg no longer has {old!r}"
         text = text.replace(old, new)
-    servers = "".join(
-        f"    server t{i} 127.0.0.1:{smtp} send-proxy-v2 check port {metrics}\n"
-        for i, (smtp, metrics) in enumerate(backends, 1)
-    )
-    return text + servers
+    return text
 
 
-def server_states(stats: Path) -> dict[str, str]:
-    """HAProxy's view: {"t1": "UP", ...} from `show stat` on the stats socket."""
+def server_states(stats: Path, backend: str = "triaged") -> dict[str, str]:
+    """HAProxy's view of one backend: {"t1": "UP", ...} from `show stat` on the stats socket."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(5)
         s.connect(str(stats))
@@ -90,12 +92,12 @@ def server_states(stats: Path) -> dict[str, str]:
     out = {}
     for line in lines[1:]:
         row = dict(zip(header, line.split(","), strict=False))
-        if row.get("pxname") == "triaged" and row.get("svname", "").startswith("t"):
+        if row.get("pxname") == backend and row.get("svname", "").startswith("t"):
             out[row["svname"]] = row["status"]
     return out
 
 
-def instance(capture_url: str, workdir: Path) -> tuple[TriagedProcess, int, int]:
+def instance(capture_url: str, workdir: Path, classifier: str = 'kind = "rules"') -> tuple[TriagedProcess, int, int]:
     """A triaged with a plain listener (for the start-up banner check), a
     PROXY listener behind HAProxy and its own metrics port."""
     workdir.mkdir()
@@ -106,6 +108,7 @@ def instance(capture_url: str, workdir: Path) -> tuple[TriagedProcess, int, int]
         sections={
             "listener": f'\n[[server.listeners]]\naddress = "127.0.0.1:{proxy_port}"\nproxy_protocol = true',
             "events": "linger_ms = 10.0",
+            "classifier": classifier,
         },
         extra_toml=f'\n[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n',
     )
@@ -225,6 +228,57 @@ async def test_haproxy_two_instances_one_killed(tmp_path: Path, capture: Capture
             addresses = Counter(str(ev["client_address"]) for ev in events_of(t))
             assert addresses and set(addresses) == {CLIENT_ADDRESS}, (t.workdir.name, addresses)
         print(f"scale-out: {summary} drops={len(drops)} took={took:.1f}s")
+    finally:
+        if haproxy is not None:
+            haproxy.send_signal(signal.SIGTERM)
+            haproxy.wait(timeout=10)
+        t1.close()
+        t2.close()
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_haproxy_every_instance_degraded_keeps_mail_flowing(tmp_path: Path, capture: CaptureServer) -> None:
+    """Both instances alive but not ready (their shared inference service is
+    unreachable, so /readyz is 503): the recipe's `triaged_live` backend
+    (GET /healthz) takes the mail, stamped by the header rules, instead of
+    HAProxy refusing every session."""
+    delivered: list[bytes] = []
+    capture.on_message = lambda m: delivered.append(m.data)
+    unreachable = f'kind = "onnx"\nrunner = "service"\nendpoint = "unix:{tmp_path}/no-inference.sock"'
+    t1, p1, m1 = instance(capture.url, tmp_path / "t1", unreachable)
+    t2, p2, m2 = instance(capture.url, tmp_path / "t2", unreachable)
+    front, stats = free_port(), tmp_path / "haproxy.sock"
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(haproxy_config(front, stats, [(p1, m1), (p2, m2)]))
+    haproxy: subprocess.Popen[bytes] | None = None
+    try:
+        await asyncio.gather(asyncio.to_thread(t1.start), asyncio.to_thread(t2.start))
+        with (tmp_path / "haproxy.log").open("wb") as out:
+            haproxy = await asyncio.to_thread(subprocess.Popen, ["haproxy", "-db", "-f", str(cfg)],
+                                              stdout=out, stderr=subprocess.STDOUT)
+
+        def routed_to_live() -> bool:
+            assert haproxy is not None and haproxy.poll() is None, (tmp_path / "haproxy.log").read_text()
+            return (stats.exists()
+                    and server_states(stats) == {"t1": "DOWN", "t2": "DOWN"}
+                    and server_states(stats, "triaged_live") == {"t1": "UP", "t2": "UP"})
+
+        await asyncio.to_thread(wait_until_blocking, routed_to_live, 30.0, interval=0.1,
+                                what="/readyz DOWN and /healthz UP on both instances")
+        ledger = Ledger()
+
+        async def session() -> None:
+            conn = await SmtpConn.open("127.0.0.1", front, timeout_s=30, local_addr=CLIENT_ADDRESS)
+            for _ in range(10):
+                entry = ledger.new(512)
+                assert await transact(conn, entry) and entry.code == 250, (entry.code, entry.failure)
+            await conn.cmd(b"QUIT")
+            await conn.close()
+
+        await asyncio.gather(*(session() for _ in range(4)))
+        report = ledger.check(delivered)
+        assert report.accepted == 40 and not report.lost and not report.duplicated, report.summary()
+        assert all(b"X-Triage-Model: rules-fallback/1" in d for d in delivered)
     finally:
         if haproxy is not None:
             haproxy.send_signal(signal.SIGTERM)
