@@ -37,6 +37,9 @@ import socket
 import subprocess
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -122,6 +125,51 @@ def events_of(t: TriagedProcess) -> list[dict[str, object]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+@dataclass
+class Balanced:
+    """Two triaged instances behind a running HAProxy (the shipped recipe)."""
+
+    t1: TriagedProcess
+    t2: TriagedProcess
+    front: int  # HAProxy's SMTP port
+    stats: Path  # its stats socket
+    haproxy: subprocess.Popen[bytes]
+    log: Path
+
+    async def wait_for(self, states: dict[str, dict[str, str]], what: str) -> None:
+        """Until HAProxy's view of each backend is `states` ({backend: {server: status}})."""
+
+        def reached() -> bool:
+            assert self.haproxy.poll() is None, self.log.read_text()
+            return self.stats.exists() and all(server_states(self.stats, b) == s for b, s in states.items())
+
+        await asyncio.to_thread(wait_until_blocking, reached, 30.0, interval=0.1, what=what)
+
+
+@asynccontextmanager
+async def balanced(tmp_path: Path, capture: CaptureServer, classifier: str = 'kind = "rules"') -> AsyncIterator[Balanced]:
+    t1, p1, m1 = instance(capture.url, tmp_path / "t1", classifier)
+    t2, p2, m2 = instance(capture.url, tmp_path / "t2", classifier)
+    front, stats = free_port(), tmp_path / "haproxy.sock"
+    cfg, log = tmp_path / "haproxy.cfg", tmp_path / "haproxy.log"
+    cfg.write_text(haproxy_config(front, stats, [(p1, m1), (p2, m2)]))
+    haproxy: subprocess.Popen[bytes] | None = None
+    try:
+        # Started in threads: the capture sink runs on this loop and must answer meanwhile.
+        await asyncio.gather(asyncio.to_thread(t1.start), asyncio.to_thread(t2.start))
+        await asyncio.to_thread(subprocess.run, ["haproxy", "-c", "-q", "-f", str(cfg)], check=True)
+        with log.open("wb") as out:
+            haproxy = await asyncio.to_thread(subprocess.Popen, ["haproxy", "-db", "-f", str(cfg)],
+                                              stdout=out, stderr=subprocess.STDOUT)
+        yield Balanced(t1, t2, front, stats, haproxy, log)
+    finally:
+        if haproxy is not None:
+            haproxy.send_signal(signal.SIGTERM)
+            haproxy.wait(timeout=10)
+        t1.close()
+        t2.close()
+
+
 # The client side's loop is not what is under test (the instances run uvloop): one variant.
 @pytest.mark.asyncio(loop_factories=["uvloop"])
 async def test_haproxy_two_instances_one_killed(tmp_path: Path, capture: CaptureServer) -> None:
@@ -131,26 +179,9 @@ async def test_haproxy_two_instances_one_killed(tmp_path: Path, capture: Capture
         delivered.append(m.data)
 
     capture.on_message = on_message
-    t1, p1, m1 = instance(capture.url, tmp_path / "t1")
-    t2, p2, m2 = instance(capture.url, tmp_path / "t2")
-    front, stats = free_port(), tmp_path / "haproxy.sock"
-    cfg = tmp_path / "haproxy.cfg"
-    cfg.write_text(haproxy_config(front, stats, [(p1, m1), (p2, m2)]))
-    haproxy: subprocess.Popen[bytes] | None = None
-    try:
-        # Started in threads: the capture sink runs on this loop and must answer meanwhile.
-        await asyncio.gather(asyncio.to_thread(t1.start), asyncio.to_thread(t2.start))
-        await asyncio.to_thread(subprocess.run, ["haproxy", "-c", "-q", "-f", str(cfg)], check=True)
-        with (tmp_path / "haproxy.log").open("wb") as out:
-            haproxy = await asyncio.to_thread(subprocess.Popen, ["haproxy", "-db", "-f", str(cfg)],
-                                              stdout=out, stderr=subprocess.STDOUT)
-
-        def both_up() -> bool:
-            assert haproxy is not None and haproxy.poll() is None, (tmp_path / "haproxy.log").read_text()
-            return stats.exists() and server_states(stats) == {"t1": "UP", "t2": "UP"}
-
-        await asyncio.to_thread(wait_until_blocking, both_up, 30.0, interval=0.1,
-                                what="both instances UP in HAProxy (/readyz checks)")
+    async with balanced(tmp_path, capture) as rig:
+        t1, t2, front, stats = rig.t1, rig.t2, rig.front, rig.stats
+        await rig.wait_for({"triaged": {"t1": "UP", "t2": "UP"}}, "both instances UP in HAProxy (/readyz checks)")
 
         ledger = Ledger()
         finished = 0
@@ -228,12 +259,6 @@ async def test_haproxy_two_instances_one_killed(tmp_path: Path, capture: Capture
             addresses = Counter(str(ev["client_address"]) for ev in events_of(t))
             assert addresses and set(addresses) == {CLIENT_ADDRESS}, (t.workdir.name, addresses)
         print(f"scale-out: {summary} drops={len(drops)} took={took:.1f}s")
-    finally:
-        if haproxy is not None:
-            haproxy.send_signal(signal.SIGTERM)
-            haproxy.wait(timeout=10)
-        t1.close()
-        t2.close()
 
 
 @pytest.mark.asyncio(loop_factories=["uvloop"])
@@ -245,26 +270,10 @@ async def test_haproxy_every_instance_degraded_keeps_mail_flowing(tmp_path: Path
     delivered: list[bytes] = []
     capture.on_message = lambda m: delivered.append(m.data)
     unreachable = f'kind = "onnx"\nrunner = "service"\nendpoint = "unix:{tmp_path}/no-inference.sock"'
-    t1, p1, m1 = instance(capture.url, tmp_path / "t1", unreachable)
-    t2, p2, m2 = instance(capture.url, tmp_path / "t2", unreachable)
-    front, stats = free_port(), tmp_path / "haproxy.sock"
-    cfg = tmp_path / "haproxy.cfg"
-    cfg.write_text(haproxy_config(front, stats, [(p1, m1), (p2, m2)]))
-    haproxy: subprocess.Popen[bytes] | None = None
-    try:
-        await asyncio.gather(asyncio.to_thread(t1.start), asyncio.to_thread(t2.start))
-        with (tmp_path / "haproxy.log").open("wb") as out:
-            haproxy = await asyncio.to_thread(subprocess.Popen, ["haproxy", "-db", "-f", str(cfg)],
-                                              stdout=out, stderr=subprocess.STDOUT)
-
-        def routed_to_live() -> bool:
-            assert haproxy is not None and haproxy.poll() is None, (tmp_path / "haproxy.log").read_text()
-            return (stats.exists()
-                    and server_states(stats) == {"t1": "DOWN", "t2": "DOWN"}
-                    and server_states(stats, "triaged_live") == {"t1": "UP", "t2": "UP"})
-
-        await asyncio.to_thread(wait_until_blocking, routed_to_live, 30.0, interval=0.1,
-                                what="/readyz DOWN and /healthz UP on both instances")
+    async with balanced(tmp_path, capture, unreachable) as rig:
+        front = rig.front
+        await rig.wait_for({"triaged": {"t1": "DOWN", "t2": "DOWN"}, "triaged_live": {"t1": "UP", "t2": "UP"}},
+                           "/readyz DOWN and /healthz UP on both instances")
         ledger = Ledger()
 
         async def session() -> None:
@@ -279,9 +288,3 @@ async def test_haproxy_every_instance_degraded_keeps_mail_flowing(tmp_path: Path
         report = ledger.check(delivered)
         assert report.accepted == 40 and not report.lost and not report.duplicated, report.summary()
         assert all(b"X-Triage-Model: rules-fallback/1" in d for d in delivered)
-    finally:
-        if haproxy is not None:
-            haproxy.send_signal(signal.SIGTERM)
-            haproxy.wait(timeout=10)
-        t1.close()
-        t2.close()
