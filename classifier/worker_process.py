@@ -16,9 +16,8 @@ import signal
 import socket
 import sys
 
-import structlog
-
 from classifier import worker_wire as wire
+from classifier.child_logging import configure_child_logging
 from classifier.inference import (
     BatchModel,
     classify_batch,
@@ -71,19 +70,6 @@ def _serve(sock: socket.socket, model: BatchModel, start: wire.Start) -> None:
         ))
 
 
-def _configure_logging() -> None:
-    """JSON lines on stderr, like `triaged serve` off a terminal: the few lines
-    this process writes itself (a CUDA fallback) land in the same journal."""
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.JSONRenderer(),
-        ],
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-    )
-    structlog.contextvars.bind_contextvars(process="inference")
 
 
 def main(argv: list[str]) -> int:
@@ -94,7 +80,7 @@ def main(argv: list[str]) -> int:
     # the parent decides when this process stops (it drains first).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _configure_logging()
+    configure_child_logging("inference")
     sock = socket.socket(fileno=int(argv[0]))
     try:
         started = _start(sock)

@@ -31,8 +31,9 @@ def add_subcommands(sub: Any) -> None:
 def _inference(args: argparse.Namespace) -> int:
     import asyncio
 
+    from classifier.child_logging import configure_child_logging
     from classifier.serving.endpoints import parse_endpoint
-    from classifier.serving.inference_server import configure_logging, serve
+    from classifier.serving.inference_server import serve
     from proxy.settings import ConfigError, load_settings
 
     try:
@@ -45,7 +46,7 @@ def _inference(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"triaged: --listen: {exc}", file=sys.stderr)
         return EX_CONFIG
-    configure_logging()
+    configure_child_logging("inference-service")
     listen = args.listen or settings.classifier.service.listen
     return asyncio.run(serve(settings.classifier, listen))
 

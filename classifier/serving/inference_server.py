@@ -56,6 +56,7 @@ import numpy.typing as npt
 import structlog
 
 from classifier.batcher import Batcher, BatcherClosed
+from classifier.child_logging import configure_child_logging
 from classifier.config import ClassifierSettings
 from classifier.inference import (
     DEFAULT_LOADER,
@@ -530,18 +531,6 @@ def _clear_stale_socket(path: str) -> None:
 # -- the process -------------------------------------------------------------------
 
 
-def configure_logging() -> None:
-    """JSON lines on stderr, as `triaged serve` writes off a terminal."""
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.JSONRenderer(),
-        ],
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-    )
-    structlog.contextvars.bind_contextvars(process="inference-service")
 
 
 async def serve(
@@ -604,7 +593,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The supervisor decides when we stop (after its workers drained).
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    configure_logging()
+    configure_child_logging("inference-service")
     return asyncio.run(serve(settings, args.listen or settings.service.listen,
                              loader=args.loader, model_path=args.model_path,
                              parent_fd=args.parent_fd))
