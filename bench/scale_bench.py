@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -50,13 +51,14 @@ sys.path.insert(0, str(REPO / "tests"))
 from smtp_bench import Sink, _git_commit, machine, proc_tree_cpu_s  # noqa: E402
 from triaged_proc import TriagedProcess, free_port, wait_for_banner  # noqa: E402
 
-TARGETS = ("direct", "pooled", "onnx-w1", "onnx-w2", "rules-w1")
+TARGETS = ("direct", "pooled", "onnx-w1", "onnx-w2", "rules-w1", "before-onnx-w1")
 NAMES = {
     "direct": "smtp-source → smtp-sink (no relay)",
     "pooled": "pooled naive relay (aiosmtpd + aiosmtplib, shared upstream pool)",
     "onnx-w1": "triaged, default ONNX model, workers = 1",
     "onnx-w2": "triaged, default ONNX model, workers = 2",
     "rules-w1": "triaged, rules classifier, workers = 1",
+    "before-onnx-w1": "triaged from --before-tree (the code before the CPU work), default ONNX model, one process",
 }
 MODEL = REPO / "models" / "default.onnx"
 
@@ -100,7 +102,9 @@ def tree_size(root: int) -> int:
     return n
 
 
-def start_target(target: str, upstream_port: int, workdir: Path, workers: bool) -> tuple[int, object]:
+def start_target(
+    target: str, upstream_port: int, workdir: Path, workers: bool, before_tree: str = ""
+) -> tuple[int, object]:
     """Start the system under test; (its port, a handle)."""
     if target == "pooled":
         port = free_port()
@@ -109,15 +113,28 @@ def start_target(target: str, upstream_port: int, workdir: Path, workers: bool) 
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_banner(port, 20, proc)
         return port, proc
-    kind, _, w = target.partition("-w")
-    classifier = 'kind = "rules"' if kind == "rules" else f'kind = "onnx"\nmodel_path = "{MODEL}"'
-    server = f"workers = {int(w)}" if workers else ""
+    before = target.startswith("before-")
+    kind, _, w = target.removeprefix("before-").partition("-w")
+    model = Path(before_tree) / "models" / "default.onnx" if before else MODEL
+    classifier = 'kind = "rules"' if kind == "rules" else f'kind = "onnx"\nmodel_path = "{model}"'
+    # The older tree has no server.workers (its config would refuse the key): it is one process.
+    server = f"workers = {int(w)}" if workers and not before else ""
     run_dir = workdir / f"{target}-{time.monotonic_ns()}"
     run_dir.mkdir()
     triaged = TriagedProcess(
         f"smtp://127.0.0.1:{upstream_port}", workdir=run_dir,
         sections={"classifier": classifier, "server": server},
-    ).start(timeout=120)
+    )
+    saved = os.environ.get("PYTHONPATH")
+    if before:
+        os.environ["PYTHONPATH"] = before_tree  # the child imports that tree's proxy and classifier
+    try:
+        triaged.start(timeout=120)
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
     return triaged.port, triaged
 
 
@@ -159,7 +176,7 @@ def one_run(target: str, rnd: int, args: argparse.Namespace, workdir: Path, work
         if target == "direct":
             port = sink.port
         else:
-            port, handle = start_target(target, sink.port, workdir, workers)
+            port, handle = start_target(target, sink.port, workdir, workers, args.before_tree)
             pid = pid_of(handle)
         if args.warmup:
             smtp_source(args, port, args.warmup)
@@ -265,6 +282,14 @@ def write_markdown(path: Path, report: dict[str, object]) -> None:
             f"{'met' if vs >= 1.5 else 'not met'}), **{cpu:.3f} ms** CPU per message "
             f"(target <= 0.5 ms: {'met' if cpu is not None and cpu <= 0.5 else 'not met'})."
         )
+    b, a = s.get("before-onnx-w1"), s.get("onnx-w1")
+    if b and a and b["cpu_ms_per_msg_median"] and a["cpu_ms_per_msg_median"]:
+        lines.append(
+            f"- Before → after the CPU work, one process, same run: {b['msg_per_s_median']:.0f} → "
+            f"{a['msg_per_s_median']:.0f} msg/s, {b['cpu_ms_per_msg_median']:.3f} → "
+            f"{a['cpu_ms_per_msg_median']:.3f} ms CPU per message "
+            f"({(a['cpu_ms_per_msg_median'] / b['cpu_ms_per_msg_median'] - 1) * 100:+.0f}%)."
+        )
     for note in report.get("notes", []):  # type: ignore[union-attr]
         lines.append(f"- {note}")
     lines += [
@@ -290,6 +315,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--no-write", action="store_true", help="print only, keep bench/results as is")
+    parser.add_argument("--before-tree", default="",
+                        help="a checkout of the code before the CPU work: adds the before-onnx-w1 row")
     parser.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
     parser.add_argument("--out", default=str(BENCH / "results" / "scale"),
                         help="results path without extension")
@@ -300,6 +327,14 @@ def main() -> int:
             parser.error(f"unknown target {t!r}")
     workers = has_workers()
     notes: list[str] = list(args.note)
+    if args.before_tree and "before-onnx-w1" not in targets:
+        targets.append("before-onnx-w1")
+    if not args.before_tree:
+        targets = [t for t in targets if t != "before-onnx-w1"]
+    else:
+        commit = subprocess.run(["git", "-C", args.before_tree, "describe", "--always"],
+                                capture_output=True, text=True).stdout.strip()
+        notes.append(f"before-onnx-w1 ran the tree at commit `{commit}` (the code before the CPU work).")
     if not workers:
         notes.append("This tree has no `server.workers` yet: triaged ran as one process; "
                      "the workers = 2 row was left out.")
