@@ -44,8 +44,8 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import structlog
 
+from classifier.addresses import Networks
 from classifier.types import Classifier, ClassifierError
-from proxy.networks import Networks
 from proxy.pipeline import Pipeline
 from proxy.settings import ConfigError, Settings, load_settings
 from proxy.smtp.upstream import build_upstream

@@ -12,6 +12,9 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from classifier.addresses import (
+    split_host_port as split_host_port,  # re-exported: server, supervisor
+)
 from classifier.config import ClassifierSettings
 
 Seconds = Annotated[float, Meta(gt=0, le=86_400)]
@@ -222,20 +225,6 @@ def decode_settings(toml_text: str | bytes) -> Settings:
     if errors:
         raise ConfigError("\n".join(errors))
     return settings
-
-
-def split_host_port(address: str) -> tuple[str, int]:
-    """"host:port" or "[v6]:port" -> (host, port); ValueError when malformed."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65_535:
-        raise ValueError("expected host:port")
-    if host.startswith("["):
-        if not host.endswith("]"):
-            raise ValueError("expected [v6address]:port")
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError("IPv6 addresses need brackets: [::1]:port")
-    return host, int(port)
 
 
 def listener_address(listener: ListenerSettings) -> tuple[str, int] | str:

@@ -1,11 +1,11 @@
-"""proxy.networks: the one membership test both front ends use for
+"""classifier.addresses.Networks: the one membership test both front ends use for
 allowed_clients and xforward_clients."""
 
 from __future__ import annotations
 
 import pytest
 
-from proxy.networks import Networks
+from classifier.addresses import Networks
 
 
 @pytest.mark.parametrize(

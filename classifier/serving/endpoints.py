@@ -13,11 +13,9 @@ classifier.service.allowed_clients are refused at accept.
 
 from __future__ import annotations
 
-import ipaddress
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+from classifier.addresses import split_host_port
 
 
 @dataclass(frozen=True)
@@ -46,35 +44,14 @@ def parse_endpoint(text: str) -> Endpoint:
         if len(path.encode()) > 107:
             raise ValueError("unix socket path longer than 107 bytes")
         return Endpoint(path=path)
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65_535:
-        raise ValueError("expected unix:/path or host:port")
-    if host.startswith("["):
-        if not host.endswith("]"):
-            raise ValueError("expected [v6address]:port")
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError("IPv6 addresses need brackets: [::1]:port")
-    return Endpoint(host=host, port=int(port))
+    try:
+        host, port = split_host_port(text)
+    except ValueError as exc:
+        if str(exc) == "expected host:port":
+            raise ValueError("expected unix:/path or host:port") from None
+        raise
+    return Endpoint(host=host, port=port)
 
 
-class Allowlist:
-    """CIDR blocks a TCP client must be in (the same reading as the proxy's
-    server.allowed_clients: IPv4-mapped IPv6 matches the IPv4 blocks)."""
 
-    def __init__(self, cidrs: Sequence[str]) -> None:
-        self.nets: tuple[Network, ...] = tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
-
-    def __contains__(self, address: object) -> bool:
-        if not isinstance(address, str):
-            return False
-        try:
-            ip = ipaddress.ip_address(address.partition("%")[0])
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in net for net in self.nets)
-
-
-__all__ = ["Allowlist", "Endpoint", "parse_endpoint"]
+__all__ = ["Endpoint", "parse_endpoint"]

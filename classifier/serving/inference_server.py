@@ -55,6 +55,7 @@ import msgspec
 import numpy.typing as npt
 import structlog
 
+from classifier.addresses import Networks
 from classifier.batcher import Batcher, BatcherClosed
 from classifier.child_logging import configure_child_logging
 from classifier.config import ClassifierSettings
@@ -70,7 +71,7 @@ from classifier.inference import (
 )
 from classifier.providers import ProviderChoice, log_choice
 from classifier.serving import service_wire as wire
-from classifier.serving.endpoints import Allowlist, Endpoint, parse_endpoint
+from classifier.serving.endpoints import Endpoint, parse_endpoint
 from classifier.serving.feature_spec import FeatureSpec, spec_of
 from classifier.types import Classification, ClassifierError, DeadlineExceeded, Overloaded
 
@@ -160,7 +161,7 @@ class InferenceServer:
         self._listen = listen
         self._loader = loader
         self._path = model_path or settings.model_path
-        self._allow = Allowlist(settings.service.allowed_clients)
+        self._allow = Networks(settings.service.allowed_clients)
         self._current: _Loaded | None = None
         self._generation = 0
         self._batcher: Batcher[_Item, tuple[Classification, int]] | None = None

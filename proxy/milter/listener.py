@@ -27,12 +27,12 @@ from typing import Any
 
 import structlog
 
+from classifier.addresses import Networks
 from proxy import verdict as V
 from proxy.metrics import Metrics
 from proxy.milter import codec as c
 from proxy.milter.message import Budget, MessageBuilder
 from proxy.milter.protocol import Event, MilterProtocol
-from proxy.networks import Networks
 from proxy.pipeline import Pipeline
 from proxy.settings import ListenerSettings, Settings, listener_address
 

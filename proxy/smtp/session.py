@@ -34,9 +34,9 @@ from typing import Any, cast
 import structlog
 from aiosmtpd.smtp import SMTP, Session
 
+from classifier.addresses import Networks
 from proxy import verdict as V
 from proxy.metrics import Metrics
-from proxy.networks import Networks
 from proxy.pipeline import Pipeline, message_id_of
 from proxy.proxyproto import ProxyError, ProxyHeader, parse
 from proxy.settings import ListenerSettings, Settings

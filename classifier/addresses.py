@@ -1,5 +1,8 @@
-"""Client address lists (`server.allowed_clients`, `xforward_clients`): one
-parser and one membership test for both front ends."""
+"""Addresses in config: "host:port" and CIDR lists. One parser and one
+membership test for both front ends (`server.allowed_clients`,
+`xforward_clients`) and the inference service (`classifier.endpoint`,
+`classifier.service.allowed_clients`). Here, not in `proxy`, because the
+classifier never imports `proxy`."""
 
 from __future__ import annotations
 
@@ -40,3 +43,17 @@ class Networks:
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
         return any(ip in net for net in self.nets)
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """"host:port" or "[v6]:port" -> (host, port); ValueError when malformed."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65_535:
+        raise ValueError("expected host:port")
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ValueError("expected [v6address]:port")
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError("IPv6 addresses need brackets: [::1]:port")
+    return host, int(port)
