@@ -404,12 +404,17 @@ async def send_one(host: str, port: int, entry: Sent, *, timeout_s: float = 30.0
         return
     try:
         if await transact(conn, entry):
-            try:
-                await conn.cmd(b"QUIT")
-            except NoReply:
-                pass
+            await say_quit(conn)
     finally:
         await conn.close()
+
+
+async def say_quit(conn: SmtpConn) -> None:
+    """QUIT as a polite client does; a server already gone is no error here."""
+    try:
+        await conn.cmd(b"QUIT")
+    except NoReply:
+        pass
 
 
 class Load:
@@ -478,10 +483,7 @@ class Load:
                     await conn.close()
                     conn = None
         if conn is not None:
-            try:
-                await conn.cmd(b"QUIT")
-            except NoReply:
-                pass
+            await say_quit(conn)
             await conn.close()
 
 

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Captured, CaptureServer
-from ledger import Ledger, NoReply, Refused, SmtpConn, transact
+from ledger import Ledger, NoReply, Refused, SmtpConn, say_quit, transact
 from triaged_proc import REPO, TriagedProcess, free_port
 from waiting import wait_until_blocking
 
@@ -207,10 +207,7 @@ async def test_haproxy_two_instances_one_killed(tmp_path: Path, capture: Capture
                     await conn.close()
                     conn = None
             if conn is not None:
-                try:
-                    await conn.cmd(b"QUIT")
-                except NoReply:
-                    pass
+                await say_quit(conn)
                 await conn.close()
 
         async def killer() -> None:
