@@ -42,7 +42,7 @@ from proxy.proxyproto import ProxyError, ProxyHeader, parse
 from proxy.settings import ListenerSettings, Settings
 from proxy.smtp import compat, syntax
 from proxy.smtp import envelope as lease
-from proxy.smtp.client import UpstreamError
+from proxy.smtp.client import Reply, UpstreamError
 from proxy.smtp.envelope import RelayEnvelope
 from proxy.smtp.stamp import stamp_pieces
 from proxy.smtp.upstream import Upstream
@@ -511,7 +511,7 @@ class TriageSMTP(SMTP):
                 else:
                     ctx.upstream.recycle(hop)  # DATA refused before 354 leaves MAIL open
                     outcome = "error"
-                reply = V.passthrough(answer.code, answer.message)
+                reply = _passthrough(answer)
         self._finish(envelope, content, verdict, outcome, reply, started)
         return reply
 
@@ -555,6 +555,19 @@ class TriageSMTP(SMTP):
 
 
 _SMTP_COMMANDS = compat.smtp_commands(TriageSMTP)
+_PASSTHROUGH: dict[tuple[int, str], str] = {}
+
+
+def _passthrough(reply: Reply) -> str:
+    """verdict.passthrough, remembered: the next hop's MAIL and RCPT replies
+    repeat ("250 2.1.0 Ok"); bounded, since final replies carry queue ids."""
+    key = (reply.code, reply.message)
+    got = _PASSTHROUGH.get(key)
+    if got is None:
+        got = V.passthrough(reply.code, reply.message)
+        if len(_PASSTHROUGH) < 512:
+            _PASSTHROUGH[key] = got
+    return got
 
 
 class RelayHandler:
@@ -599,7 +612,7 @@ class RelayHandler:
             envelope.mail_from = address
             envelope.mail_options.extend(options)
             lease.put(envelope, hop, ctx, closed=server.closed)
-        return V.passthrough(reply.code, reply.message)
+        return _passthrough(reply)
 
     async def handle_RCPT(
         self, server: TriageSMTP, session: Session, envelope: RelayEnvelope, address: str, options: list[str]
@@ -632,7 +645,7 @@ class RelayHandler:
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(options)
             envelope.accepted.append((address, options))
-        return V.passthrough(reply.code, reply.message)
+        return _passthrough(reply)
 
     async def handle_RSET(self, server: TriageSMTP, session: Session, envelope: RelayEnvelope) -> str:
         # aiosmtpd made a fresh envelope before this hook; the old one's
