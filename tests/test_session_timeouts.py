@@ -69,3 +69,31 @@ async def test_slow_data_past_the_idle_timeout_is_allowed(
     assert await asyncio.wait_for(c.reader.read(), 40) == b""  # closed by us
     assert time.monotonic() - t0 < 10  # at idle_timeout_s, not the DATA deadline
     await c.close()
+
+
+async def test_ehlo_reply_goes_out_in_one_write(start_triaged: StartTriaged, capture: CaptureServer) -> None:
+    """aiosmtpd pushes EHLO's lines one by one; the session gathers them into
+    one write (one syscall and segment per EHLO, not seven)."""
+    srv = await start_triaged()
+    host, port = srv.addresses[0]
+    c = await SmtpTestClient.connect(host, port)
+    assert (await c.reply())[0] == 220
+    [session] = list(srv.ctx.connections)
+    writes: list[bytes] = []
+    real_write = session._writer.write
+
+    def counting_write(data: bytes) -> None:
+        writes.append(bytes(data))
+        real_write(data)
+
+    session._writer.write = counting_write  # type: ignore[method-assign]
+    code, text = await c.cmd("EHLO client.test")
+    assert code == 250
+    lines = text.splitlines()
+    assert lines[-1] == "HELP" and "ENHANCEDSTATUSCODES" in lines and len(lines) >= 5
+    assert len(writes) == 1 and writes[0].count(b"\r\n") == len(lines)
+    # Other replies are still written as they come, one per command.
+    assert (await c.cmd("NOOP"))[0] == 250
+    assert len(writes) == 2
+    assert (await c.send_message("a@example.org", ["b@example.net"], MESSAGE))[0] == 250
+    await c.close()

@@ -127,6 +127,7 @@ class TriageSMTP(SMTP):
         self.closed = False  # connection lost: a lease coming back goes to the pool
         self.reserved = 0  # bytes of this session's DATA counted in ctx.inflight_bytes
         self._in_ehlo = False
+        self._ehlo_lines: list[bytes] | None = None  # the EHLO reply being gathered (push)
         self._rejected = False
         self._deadline = 0.0  # loop.time() the client must have sent its next command by
         self._armed_at = 0.0  # when the connection's timer fires (see _reset_timeout)
@@ -295,6 +296,12 @@ class TriageSMTP(SMTP):
                         _ENHANCED[status] = enhanced
                 status = enhanced
             status = status.encode()  # SMTPUTF8 is on (compat.init_session)
+        if self._ehlo_lines is not None:
+            # aiosmtpd pushes the EHLO reply line by line: one write (a
+            # syscall, a segment, a wake-up of the client) per line. Gathered
+            # here, they go out in one write when smtp_EHLO ends.
+            self._ehlo_lines.append(status + b"\r\n")
+            return
         writer = self._writer
         writer.write(status + b"\r\n")
         # aiosmtpd's push awaits drain() after every reply; it only waits
@@ -312,10 +319,17 @@ class TriageSMTP(SMTP):
 
     async def smtp_EHLO(self, hostname: str) -> None:
         self._in_ehlo = True
+        self._ehlo_lines = []
         try:
             await super().smtp_EHLO(hostname)
         finally:
             self._in_ehlo = False
+            lines, self._ehlo_lines = self._ehlo_lines, None
+            if lines:
+                writer = self._writer
+                writer.write(b"".join(lines))
+                if self._paused or writer.transport.is_closing():  # type: ignore[attr-defined]
+                    await writer.drain()
         if self.ctx.draining and self.idle:
             self.shutdown()
 
