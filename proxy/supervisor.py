@@ -2,9 +2,30 @@
 N front-end worker processes (proxy/worker.py) and moves no mail itself.
 
 It binds every listener itself and hands the listening sockets to the
-workers (inherited fds): port 0 works, and a dead worker's queued
-connections are still accepted by the others (with one SO_REUSEPORT socket
-per worker the kernel resets what was queued on the dead one's socket).
+workers (inherited fds), so port 0 works:
+
+- TCP listeners (SMTP, milter inet:): one SO_REUSEPORT socket per worker
+  slot and address, all on one port (the first bind resolves port 0, the
+  others bind that port). Each listens (backlog 1024) and slot K's go to
+  worker K and to every replacement of it. The kernel spreads new
+  connections over the slots by a hash of the 4-tuple, so every worker gets
+  its share even of long-lived cached connections (Postfix) that arrive
+  together at an idle host; one shared socket gave them to whichever worker
+  woke first (asyncio accepts up to the backlog per wakeup, uvloop until
+  EAGAIN): 8/0 splits were seen.
+- We keep every slot's sockets open for our whole life. A worker's death
+  then closes no listening socket: what the kernel queued on its slot stays
+  queued (not reset) and the replacement, on the same socket, accepts it.
+  So net.ipv4.tcp_migrate_req is not needed (it migrates requests of a
+  socket being closed; ours never is while we run). The trade-off: while a
+  slot has no worker (a replacement starting, ~0.3-0.9 s; a crash loop's
+  backoff, up to 30 s; a hung worker until worker_hang_timeout_s kills it)
+  the connections hashed to it wait in its backlog instead of going to the
+  others. Nothing is lost or refused: an SMTP client waits 300 s for the
+  greeting (RFC 5321 4.5.3.2.1), a milter client its connect timeout.
+- unix: listeners (milter unix:/path) cannot be balanced by SO_REUSEPORT:
+  one socket shared by all workers, as before (the first to wake accepts).
+- Without SO_REUSEPORT (not Linux/BSD) TCP listeners are shared that way too.
 
 - A worker that exits or crashes is replaced, with a backoff when it keeps
   dying soon after start (logged). A worker whose loop stops answering the
@@ -74,46 +95,51 @@ START_TIMEOUT_S = 120.0
 STABLE_S = 60.0
 MAX_BACKOFF_S = 30.0
 STOP_MARGIN_S = 10.0
+REUSEPORT = hasattr(socket, "SO_REUSEPORT")
 
 
 def supervise(settings: Settings, config_path: str | None, notify_socket: str | None) -> int:
     return asyncio.run(Supervisor(settings, config_path, notify_socket).run())
 
 
-def bind_listeners(settings: Settings) -> list[list[socket.socket]]:
-    """Listening sockets for every listener, in config order (what a single
-    process binds in Server.start, bound once here for all workers)."""
-    bound: list[list[socket.socket]] = []
+# [slot][listener] -> that listener's sockets (one per address) for slot's worker.
+SlotSockets = list[list[list[socket.socket]]]
+
+
+def bind_listeners(settings: Settings, slots: int = 1) -> SlotSockets:
+    """Listening sockets for every worker slot and listener, in config order
+    (what a single process binds in Server.start, bound once here): TCP
+    ones per slot with SO_REUSEPORT, unix: ones shared (the same objects in
+    every slot)."""
+    per_slot = slots if REUSEPORT else 1
+    bound: SlotSockets = [[] for _ in range(slots)]
     try:
         for listener in settings.server.listeners:
             where = listener_address(listener)
             if isinstance(where, str):
-                bound.append([bind_unix(where, listener)])
-            else:
-                bound.append(_bind_tcp(*where))
+                shared = [bind_unix(where, listener)]
+                for k in range(slots):
+                    bound[k].append(shared)
+                continue
+            first = _bind_tcp(*where, reuseport=per_slot > 1)
+            bound[0].append(first)
+            for k in range(1, slots):
+                # Every slot on the port the first one got (port 0 resolved),
+                # per address (a name with IPv4 and IPv6 addresses).
+                bound[k].append(first if per_slot == 1 else _bind_same(first))
     except BaseException:
         close_listeners(bound, settings, unlink=True)
         raise
     return bound
 
 
-def _bind_tcp(host: str, port: int) -> list[socket.socket]:
+def _bind_tcp(host: str, port: int, *, reuseport: bool) -> list[socket.socket]:
     # As loop.create_server does: every address the name resolves to.
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     socks: list[socket.socket] = []
     try:
         for family, type_, proto, _, addr in dict.fromkeys(infos):
-            sock = socket.socket(family, type_, proto)
-            socks.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                sock.bind(addr)
-            except OSError as exc:
-                raise OSError(exc.errno, f"error while attempting to bind on address {addr!r}: {exc.strerror}") from None
-            sock.listen(1024)
-            sock.setblocking(False)
+            socks.append(_listen(family, type_, proto, addr, reuseport=reuseport))
     except BaseException:
         for sock in socks:
             sock.close()
@@ -121,12 +147,48 @@ def _bind_tcp(host: str, port: int) -> list[socket.socket]:
     return socks
 
 
-def close_listeners(bound: list[list[socket.socket]], settings: Settings, *, unlink: bool) -> None:
-    for group in bound:
-        for sock in group:
+def _bind_same(first: list[socket.socket]) -> list[socket.socket]:
+    """Another slot's sockets on the very addresses and ports of `first`."""
+    socks: list[socket.socket] = []
+    try:
+        for sock in first:
+            socks.append(_listen(sock.family, sock.type, sock.proto, sock.getsockname(), reuseport=True))
+    except BaseException:
+        for sock in socks:
             sock.close()
-    if unlink:
-        for listener in settings.server.listeners[: len(bound)]:
+        raise
+    return socks
+
+
+def _listen(family: int, type_: int, proto: int, addr: Any, *, reuseport: bool) -> socket.socket:
+    sock = socket.socket(family, type_, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            # Only sockets of our own user may join the group (Linux checks the euid).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            sock.bind(addr)
+        except OSError as exc:
+            raise OSError(exc.errno, f"error while attempting to bind on address {addr!r}: {exc.strerror}") from None
+        sock.listen(1024)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def close_listeners(bound: SlotSockets, settings: Settings, *, unlink: bool) -> None:
+    """Close every slot's sockets (a shared one closes once: close is idempotent)."""
+    for groups in bound:
+        for group in groups:
+            for sock in group:
+                sock.close()
+    if unlink and bound:
+        for listener in settings.server.listeners[: len(bound[0])]:
             where = listener_address(listener)
             if isinstance(where, str):
                 try:
@@ -292,7 +354,7 @@ class Supervisor:
         self.config_path = config_path
         self.notify_socket = notify_socket
         self.slots = [WorkerSlot(k) for k in range(effective_workers(settings))]
-        self.sockets: list[list[socket.socket]] = []
+        self.sockets: SlotSockets = []
         self.stopping = False
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -307,7 +369,7 @@ class Supervisor:
 
     async def run(self) -> int:
         try:
-            self.sockets = bind_listeners(self.settings)
+            self.sockets = bind_listeners(self.settings, len(self.slots))
         except (OSError, ValueError) as exc:
             log.error("start_failed", error=str(exc))
             return 1
@@ -337,7 +399,7 @@ class Supervisor:
                     return 1
             log.info(
                 "started",
-                listeners=[d for lst, socks in zip(self.settings.server.listeners, self.sockets, strict=True)
+                listeners=[d for lst, socks in zip(self.settings.server.listeners, self.sockets[0], strict=True)
                            for d in describe(lst, socks)],
                 upstream=_redact(self.settings.upstream.url),
                 workers=[s.pid for s in self.slots],
@@ -381,7 +443,7 @@ class Supervisor:
         listening at start is a start failure (its own log line says why)."""
         try:
             for slot in self.slots:
-                await slot.spawn(self.settings, self.sockets, self.config_path, self._endpoint())
+                await slot.spawn(self.settings, self.sockets[slot.slot], self.config_path, self._endpoint())
         except OSError as exc:
             log.error("start_failed", error=f"cannot start a worker: {exc}")
             return False
@@ -449,7 +511,7 @@ class Supervisor:
         if self.stopping:
             return True
         try:
-            await slot.spawn(self.settings, self.sockets, self.config_path, self._endpoint())
+            await slot.spawn(self.settings, self.sockets[slot.slot], self.config_path, self._endpoint())
         except OSError as exc:
             log.error("worker_start_failed", worker=slot.slot, error=str(exc))
             return False
