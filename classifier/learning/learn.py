@@ -250,21 +250,23 @@ def finetune(
     def t(a: F32) -> Any:
         return torch.from_numpy(np.array(a, dtype=np.float32))  # a writable copy
 
+    def hidden(w: F32 | None, b: F32 | None) -> Any:
+        """A ReLU layer started from the model's weights, or None where it has none."""
+        if w is None or b is None:
+            return None
+        lin = nn.Linear(*w.shape)
+        with torch.no_grad():
+            lin.weight.copy_(t(w.T))
+            lin.bias.copy_(t(b))
+        return nn.Sequential(lin, nn.ReLU())
+
     emb = nn.EmbeddingBag.from_pretrained(t(start.emb), freeze=False, mode="mean")
-    lin: Any = None
-    if start.w_hid is not None and start.b_hid is not None:
-        lin = nn.Linear(*start.w_hid.shape)
-        with torch.no_grad():
-            lin.weight.copy_(t(start.w_hid.T))
-            lin.bias.copy_(t(start.b_hid))
-    hid: Any = nn.Sequential(lin, nn.ReLU()) if lin is not None else nn.Identity()
-    lin_spam: Any = None
-    if start.w_hid_spam is not None and start.b_hid_spam is not None:
-        lin_spam = nn.Linear(*start.w_hid_spam.shape)
-        with torch.no_grad():
-            lin_spam.weight.copy_(t(start.w_hid_spam.T))
-            lin_spam.bias.copy_(t(start.b_hid_spam))
-    hid_spam: Any = nn.Sequential(lin_spam, nn.ReLU()) if lin_spam is not None else None
+    shared = hidden(start.w_hid, start.b_hid)
+    hid: Any = shared if shared is not None else nn.Identity()
+    hid_spam: Any = hidden(start.w_hid_spam, start.b_hid_spam)
+    # The linear layers, read back when the candidate's weights are exported.
+    lin: Any = shared[0] if shared is not None else None
+    lin_spam: Any = hid_spam[0] if hid_spam is not None else None
     head_cat = nn.Linear(*start.w_cat.shape)
     head_spam = nn.Linear(*start.w_spam.shape)
     with torch.no_grad():
