@@ -46,21 +46,12 @@ from classifier.corpus import Message  # noqa: E402
 from classifier.evaluate import compute_report  # noqa: E402
 from classifier.learning.learn import LearnConfig, learn, write_candidate  # noqa: E402
 from classifier.learning.replay import save as save_replay  # noqa: E402
+from classifier.learning.store import FeedbackItem  # noqa: E402
 from classifier.model import LoadedModel, load_model  # noqa: E402
 from classifier.train import export, make_manifest, split_by_hash  # noqa: E402
 
 SIZES = (0, 25, 50, 100, 200, 500)
 
-
-class Item(msgspec.Struct, frozen=True):
-    raw: bytes
-    label: str
-    user: str
-    kind: str
-    decided: str | None
-    time: float
-    message_id: str
-    body_hash: str
 
 
 def date_of(m: Message) -> float:
@@ -153,7 +144,7 @@ def main() -> int:
             model = base
         else:
             items = [
-                Item(m.raw, m.category or "", m.group,
+                FeedbackItem(m.raw, m.category or "", m.group,
                      "confirmation" if d == m.category else "correction", d, float(k), m.ident,
                      hashlib.sha256(m.raw).hexdigest())
                 for k, (m, d) in enumerate(zip(pool[:n], decided[:n], strict=True))

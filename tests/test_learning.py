@@ -43,7 +43,7 @@ from classifier.learning.learn import (
     split,
     write_candidate,
 )
-from classifier.learning.store import FeedbackStore
+from classifier.learning.store import FeedbackItem, FeedbackStore, Kind
 from classifier.model import LoadedModel, load_model
 from classifier.train import forward
 
@@ -54,25 +54,13 @@ SHIPPING = DATA / "modern-transactional-mailandpackages/updates"
 FORUMS = DATA / "forums-public-lists-2019-2026"
 
 
-class Item(msgspec.Struct, frozen=True):
-    """The feedback store's item (classifier.learning.store.FeedbackItem), built here directly."""
 
-    raw: bytes
-    label: str
-    user: str
-    kind: str
-    decided: str | None
-    time: float
-    message_id: str
-    body_hash: str
-
-
-def feedback(model: LoadedModel, label: str, raws: Sequence[bytes], users: int = 3) -> list[Item]:
+def feedback(model: LoadedModel, label: str, raws: Sequence[bytes], users: int = 3) -> list[FeedbackItem]:
     """Each message filed under `label` by one of `users` users: a correction where the
     model said otherwise, a confirmation where it agreed."""
     preds = model.predict(model.featurize_many(raws))
     return [
-        Item(raw, label, f"user{k % users}",
+        FeedbackItem(raw, label, f"user{k % users}",
              "confirmation" if p.category == label and not p.spam else "correction",
              p.category, 1_000.0 + k, f"<{k}@test>", hashlib.sha256(raw).hexdigest())
         for k, (raw, p) in enumerate(zip(raws, preds, strict=True))
@@ -85,7 +73,7 @@ def current() -> LoadedModel:
 
 
 @pytest.fixture(scope="module")
-def items(current: LoadedModel) -> list[Item]:
+def items(current: LoadedModel) -> list[FeedbackItem]:
     ship = [raw for _, raw in iter_path(SHIPPING)]
     forums = [raw for _, raw in iter_path(FORUMS)][:400:5]
     assert len(ship) >= 40 and len(forums) == 80
@@ -93,7 +81,7 @@ def items(current: LoadedModel) -> list[Item]:
 
 
 @pytest.fixture(scope="module")
-def learnt(items: list[Item], tmp_path_factory: pytest.TempPathFactory) -> tuple[LearnResult, Path]:
+def learnt(items: list[FeedbackItem], tmp_path_factory: pytest.TempPathFactory) -> tuple[LearnResult, Path]:
     result = learn(DEFAULT, items, LearnConfig(seed=1), replay=replay.BUNDLED)
     return result, write_candidate(result, tmp_path_factory.mktemp("cand") / "candidate.onnx")
 
@@ -109,8 +97,8 @@ def test_warm_start_reads_the_weights_the_server_runs(current: LoadedModel) -> N
 
 
 def test_corrections_count_more_and_one_user_is_capped() -> None:
-    def it(user: str, kind: str, k: int) -> Item:
-        return Item(b"x", "primary", user, kind, None, 0.0, "", str(k))
+    def it(user: str, kind: Kind, k: int) -> FeedbackItem:
+        return FeedbackItem(b"x", "primary", user, kind, None, 0.0, "", str(k))
 
     few = [it("a", "correction", 0), it("a", "confirmation", 1)]
     w = item_weights(few, LearnConfig(correction_weight=4.0))
@@ -123,7 +111,7 @@ def test_corrections_count_more_and_one_user_is_capped() -> None:
     assert w[1000] == w[1001]
 
 
-def test_the_split_is_by_hash_and_deterministic(items: list[Item]) -> None:
+def test_the_split_is_by_hash_and_deterministic(items: list[FeedbackItem]) -> None:
     train, hold = split(items, 0.2)
     train2, hold2 = split(list(reversed(items)), 0.2)
     assert [i.body_hash for i in hold] == [i.body_hash for i in hold2]
@@ -157,7 +145,7 @@ def test_learnt_candidate_gives_held_out_notices_the_users_category(
 
 
 def test_learning_is_deterministic_for_a_seed(
-    items: list[Item], learnt: tuple[LearnResult, Path]
+    items: list[FeedbackItem], learnt: tuple[LearnResult, Path]
 ) -> None:
     again = learn(DEFAULT, items, LearnConfig(seed=1), replay=replay.BUNDLED)
     assert np.array_equal(again.weights.emb, learnt[0].weights.emb)
@@ -165,7 +153,7 @@ def test_learning_is_deterministic_for_a_seed(
 
 
 def test_a_candidate_from_shuffled_labels_is_refused(
-    current: LoadedModel, items: list[Item], tmp_path: Path
+    current: LoadedModel, items: list[FeedbackItem], tmp_path: Path
 ) -> None:
     rng = random.Random(3)
     labels = ["primary", "updates", "forums", "promotions", "spam"]
@@ -285,7 +273,7 @@ def run_triaged(*args: str, pre: str = "") -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def filled_store(
-    current: LoadedModel, items: list[Item], tmp_path_factory: pytest.TempPathFactory
+    current: LoadedModel, items: list[FeedbackItem], tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
     """The same feedback through the real store: stamped as the server stamped it."""
     store = FeedbackStore(tmp_path_factory.mktemp("store"))
