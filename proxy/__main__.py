@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-EX_CONFIG = 78  # sysexits.h: configuration error
+from proxy.settings import EX_CONFIG
 
 
 def build_parser() -> argparse.ArgumentParser:

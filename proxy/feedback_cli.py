@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from classifier import headers
+from proxy.settings import EX_CONFIG
 
 EX_OK = 0
 EX_DATAERR = 65  # not a message, unknown label
 EX_NOINPUT = 66  # a Maildir or folder that is not there
 EX_TEMPFAIL = 75  # the store failed (disk): the caller retries
-EX_CONFIG = 78
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # "spam": into Junk. "ham": out of Junk, into no particular category.

@@ -13,7 +13,7 @@ import argparse
 import sys
 from typing import Any
 
-EX_CONFIG = 78  # sysexits.h: configuration error
+from proxy.settings import EX_CONFIG
 
 
 def add_subcommands(sub: Any) -> None:

@@ -20,8 +20,9 @@ from typing import Any
 import msgspec
 import structlog
 
+from proxy.settings import EX_CONFIG, load_settings
+
 log = structlog.get_logger("triaged.learn")
-EX_CONFIG = 78
 
 
 def add_subcommands(sub: Any) -> None:
@@ -66,12 +67,6 @@ def add_subcommands(sub: Any) -> None:
     p.set_defaults(func=_rollback)
 
 
-def _settings(path: str | None) -> Any:
-    from proxy.settings import load_settings
-
-    return load_settings(path)
-
-
 def _learn(args: argparse.Namespace) -> int:
     from classifier.learning import gate, replay
     from classifier.learning.learn import LearnConfig, TorchMissing, learn, write_candidate
@@ -80,7 +75,7 @@ def _learn(args: argparse.Namespace) -> int:
     from proxy.settings import ConfigError
 
     try:
-        settings = _settings(args.config)
+        settings = load_settings(args.config)
     except ConfigError as exc:
         print(f"triaged learn: config: {exc}", file=sys.stderr)
         return EX_CONFIG
@@ -152,7 +147,7 @@ def _rollback(args: argparse.Namespace) -> int:
     from proxy.settings import ConfigError
 
     try:
-        model = Path(args.model or _settings(args.config).classifier.model_path)
+        model = Path(args.model or load_settings(args.config).classifier.model_path)
         with gate.exclusive(model):
             gate.rollback(model)
         if args.pidfile:

@@ -209,6 +209,10 @@ class Settings(_Section, frozen=True):
     learning: LearningSettings = LearningSettings()
 
 
+# Exit status of a command whose config is unusable (sysexits.h EX_CONFIG).
+EX_CONFIG = 78
+
+
 class ConfigError(Exception):
     """A bad config: the message names the key and the problem (exit 78)."""
 
