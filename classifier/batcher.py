@@ -402,19 +402,22 @@ class Batcher(Generic[In, Out]):
 
     def _fail(self, batch: Sequence[_Request[In, Out] | _Call[Any]], cause: Exception) -> None:
         for request in batch:
-            if request.future.done():
-                continue
-            # A fresh exception per caller: one instance raised in many tasks
-            # would collect everyone's tracebacks.
-            err: ClassifierError
-            if isinstance(cause, BatcherClosed):
-                err = BatcherClosed(str(cause))
-            elif isinstance(cause, ClassifierError):
-                err = ClassifierError(str(cause))
-            else:
-                err = ClassifierError(f"batch failed: {type(cause).__name__}: {cause}")
-            err.__cause__ = cause
-            request.future.set_exception(err)
+            if not request.future.done():
+                request.future.set_exception(failure_for(cause))
+
+
+def failure_for(cause: Exception) -> ClassifierError:
+    """What one caller of a failed batch gets: a fresh exception per caller
+    (one instance raised in many tasks would collect everyone's tracebacks)."""
+    err: ClassifierError
+    if isinstance(cause, BatcherClosed):
+        err = BatcherClosed(str(cause))
+    elif isinstance(cause, ClassifierError):
+        err = ClassifierError(str(cause))
+    else:
+        err = ClassifierError(f"batch failed: {type(cause).__name__}: {cause}")
+    err.__cause__ = cause
+    return err
 
 
 def _settle(future: asyncio.Future[Any], result: Any, exc: Exception | None) -> None:

@@ -10,20 +10,24 @@ time, so only a message that crashes it fails (the service gives it the
 header rules' verdict instead); a hung process is killed and its batch fails
 the same way.
 
-`classify_batch` is called from the batcher's worker thread, one batch at a
-time; it blocks on the socket, which releases the GIL.
+The model is started (and restarted) in a thread, since it blocks until the
+child answers Ready; after that the event loop owns the socket: a batch is one
+write, and the answer is read by an asyncio protocol (`_Channel`). No thread
+of triaged waits on the child, so there are no GIL hand-offs with the SMTP
+loop per batch (bench/results/cpu_profile.md).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Sequence
+from typing import cast
 
 import msgspec
 import structlog
@@ -44,14 +48,19 @@ STOP_TIMEOUT_S = 5.0
 
 
 class ProcessModel:
-    """One inference process and the model it loaded."""
+    """One inference process and the model it loaded.
+
+    Batches run on the event loop (`classify_batch`, one at a time); spawn()
+    and restarts block on the child's start-up and run in a thread.
+    """
 
     def __init__(self, start: wire.Start, *, hang_timeout_s: float) -> None:
         self._start = start
         self._hang_timeout_s = hang_timeout_s
-        self._lock = threading.Lock()
+        self._lock = asyncio.Lock()  # one exchange at a time; restarts too
         self._proc: subprocess.Popen[bytes] | None = None
-        self._sock: socket.socket | None = None
+        self._sock: socket.socket | None = None  # started, not yet on the loop
+        self._channel: _Channel | None = None
         self._retry_at = 0.0
         self._closed = False
         self.name_version = ""
@@ -60,11 +69,10 @@ class ProcessModel:
 
     @classmethod
     def spawn(cls, start: wire.Start, *, hang_timeout_s: float) -> ProcessModel:
-        """Start the process and wait until its model is loaded (blocking).
-        ClassifierError says why it could not be."""
+        """Start the process and wait until its model is loaded (blocking:
+        call it in a thread). ClassifierError says why it could not be."""
         model = cls(start, hang_timeout_s=hang_timeout_s)
-        with model._lock:
-            model._launch()
+        model._launch()
         return model
 
     @property
@@ -79,12 +87,12 @@ class ProcessModel:
             return True
         return not self._closed and time.monotonic() >= self._retry_at
 
-    def classify_batch(
+    async def classify_batch(
         self, raws: Sequence[bytes | memoryview]
     ) -> tuple[list[Classification | ClassifierError], BatchTiming]:
-        with self._lock:
+        async with self._lock:
             try:
-                answer = self._exchange(raws)
+                answer = await self._exchange(raws)
             except _Crashed as crash:
                 if len(raws) == 1:
                     raise ClassifierError(str(crash)) from None
@@ -92,17 +100,17 @@ class ProcessModel:
                 # run each alone in a fresh process, so that one fails alone
                 # and the rest still get their verdicts.
                 log.warning("classifier.batch_crashed_isolating", size=len(raws))
-                return self._one_by_one(raws)
+                return await self._one_by_one(raws)
         return _unpack(answer)
 
-    def _one_by_one(
+    async def _one_by_one(
         self, raws: Sequence[bytes | memoryview]
     ) -> tuple[list[Classification | ClassifierError], BatchTiming]:
         verdicts: list[Classification | ClassifierError] = []
         timings: list[BatchTiming] = []
         for raw in raws:
             try:
-                (verdict,), timing = _unpack(self._exchange([raw]))
+                (verdict,), timing = _unpack(await self._exchange([raw]))
             except ClassifierError as exc:  # _Crashed included: this one alone
                 verdicts.append(ClassifierError(str(exc)))
                 continue
@@ -111,12 +119,14 @@ class ProcessModel:
         rows = [msgspec.structs.astuple(t) for t in timings] or [(0.0, 0.0, 0.0, 0.0)]
         return verdicts, BatchTiming(*(sum(column) for column in zip(*rows, strict=True)))
 
-    def close(self) -> None:
+    async def close(self) -> None:
         """Ask the process to exit (after the batch it is running), then reap it."""
-        with self._lock:
-            self._closed = True
-            proc, sock = self._proc, self._sock
-            self._proc = self._sock = None
+        self._closed = True
+        async with self._lock:
+            proc, sock, channel = self._proc, self._sock, self._channel
+            self._proc = self._sock = self._channel = None
+        if channel is not None:
+            channel.stop()
         if sock is not None:
             try:
                 wire.send(sock, wire.Stop())
@@ -124,42 +134,55 @@ class ProcessModel:
                 pass
             sock.close()
         if proc is not None:
-            try:
-                proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            await asyncio.to_thread(_stop, proc)
 
     # -- internals (lock held) ----------------------------------------------------
 
-    def _exchange(self, raws: Sequence[bytes | memoryview]) -> wire.Results | wire.BatchFailed:
+    async def _exchange(self, raws: Sequence[bytes | memoryview]) -> wire.Results | wire.BatchFailed:
         """One Run and its answer; raises _Crashed when the process died on it."""
         if self._closed:
             raise ClassifierError("inference process stopped")
         if self._proc is not None and self._proc.poll() is not None:
             # It died between batches (the OOM killer, a stray signal):
             # start another before this batch instead of failing it.
-            self._kill("exited between batches")
-        if self._sock is None:
-            self._restart()
-        assert self._sock is not None
+            await self._kill("exited between batches")
+        channel = self._channel or await self._attach()
         try:
             # Views of the prefixes the service cut: encoded straight into
             # the frame, never copied on their own.
-            wire.send(self._sock, wire.Run([memoryview(r) for r in raws]))
-            answer = wire.receive_in_parent(self._sock)
+            async with asyncio.timeout(self._hang_timeout_s):
+                answer = await channel.request(wire.Run([memoryview(r) for r in raws]))
         except TimeoutError:
-            self._kill(f"no answer in {self._hang_timeout_s:.0f} s", force=True)
+            await self._kill(f"no answer in {self._hang_timeout_s:.0f} s", force=True)
             raise ClassifierError("inference process hung; killed") from None
         except (OSError, wire.ChannelClosed, ValueError) as exc:
             # ValueError: msgspec's DecodeError, a corrupted stream.
-            why = self._kill(f"{type(exc).__name__}: {exc}")
+            why = await self._kill(f"{type(exc).__name__}: {exc}")
             raise _Crashed(f"inference process failed: {why}") from None
         if not isinstance(answer, wire.Results | wire.BatchFailed):
             # Out of step with us: nothing it says next can be trusted.
-            self._kill(f"unexpected {type(answer).__name__}", force=True)
+            await self._kill(f"unexpected {type(answer).__name__}", force=True)
             raise ClassifierError("inference process out of step; killed")
         return answer
+
+    async def _attach(self) -> _Channel:
+        """Hand the started process's socket to the loop (restarting it first
+        when it is gone)."""
+        if self._sock is None:
+            await self._restart()
+        sock = self._sock
+        assert sock is not None
+        self._sock = None
+        sock.settimeout(None)
+        loop = asyncio.get_running_loop()
+        try:
+            _, channel = await loop.create_unix_connection(_Channel, sock=sock)
+        except OSError as exc:
+            sock.close()
+            why = await self._kill(f"{type(exc).__name__}: {exc}")
+            raise ClassifierError(f"inference process unusable: {why}") from None
+        self._channel = channel
+        return channel
 
     def _launch(self) -> None:
         ours, theirs = socket.socketpair()
@@ -194,44 +217,121 @@ class ProcessModel:
             _reap(proc)
             error = answer.error if isinstance(answer, wire.Failed) else repr(answer)
             raise ClassifierError(error)
-        ours.settimeout(self._hang_timeout_s)
         self._proc, self._sock = proc, ours
         self.name_version = answer.name_version
         self.choice = ProviderChoice(answer.provider, [], answer.provider_reason, answer.device_id)
         self.prefix_bytes = answer.prefix_bytes
 
-    def _restart(self) -> None:
+    async def _restart(self) -> None:
         now = time.monotonic()
         if now < self._retry_at:
             raise ClassifierError(
                 f"inference process down; next start in {self._retry_at - now:.1f} s"
             )
         try:
-            self._launch()
+            await asyncio.to_thread(self._launch)
         except ClassifierError as exc:
             self._retry_at = time.monotonic() + RESTART_BACKOFF_S
             log.error("classifier.worker_restart_failed", error=str(exc))
             raise
+        if self._closed:  # closed while it started: nobody will use it
+            proc, sock = self._proc, self._sock
+            self._proc = self._sock = None
+            if sock is not None:
+                sock.close()
+            if proc is not None:
+                await asyncio.to_thread(_stop, proc)
+            raise ClassifierError("inference process stopped")
         log.warning("classifier.worker_restarted", pid=self.pid, model=self.name_version)
 
-    def _kill(self, why: str, *, force: bool = False) -> str:
+    async def _kill(self, why: str, *, force: bool = False) -> str:
         """Drop a process that failed mid-batch; the next batch starts a new one.
         `force`: kill it at once (hung or out of step) and keep `why`; else
         give it a moment to exit and report how it ended."""
-        proc, sock = self._proc, self._sock
-        self._proc = self._sock = None
+        proc, sock, channel = self._proc, self._sock, self._channel
+        self._proc = self._sock = self._channel = None
+        if channel is not None:
+            channel.stop()
         if sock is not None:
             sock.close()
         if proc is not None:
             if force:
                 proc.kill()
-            status = _reap(proc)
+            status = await asyncio.to_thread(_reap, proc)
             if not force and status is not None and status < 0:
                 why = f"killed by {signal.Signals(-status).name}"
             elif not force and status:
                 why = f"exited with status {status}"
         log.error("classifier.worker_failed", pid=proc.pid if proc else None, error=why)
         return why
+
+
+class _Channel(asyncio.Protocol):
+    """The parent's end of the socketpair, read by the event loop: one
+    request at a time, its answer delivered to the awaiting batch."""
+
+    def __init__(self) -> None:
+        self._transport: asyncio.Transport | None = None
+        self._reader = wire.FrameReader()
+        self._waiter: asyncio.Future[wire.ToParent] | None = None
+        self._lost: Exception | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport.
+        self._transport = cast(asyncio.Transport, transport)
+
+    async def request(self, frame: wire.ToChild) -> wire.ToParent:
+        if self._lost is not None or self._transport is None:
+            raise wire.ChannelClosed(str(self._lost or "inference process closed its end"))
+        waiter: asyncio.Future[wire.ToParent] = asyncio.get_running_loop().create_future()
+        self._waiter = waiter
+        # The transport buffers what the socket does not take at once.
+        self._transport.write(wire.encode(frame))
+        try:
+            return await waiter
+        finally:
+            self._waiter = None
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self._reader.feed(data)
+        except (wire.ChannelClosed, ValueError) as exc:
+            self._fail(exc)
+            return
+        for frame in frames:
+            waiter = self._waiter
+            if waiter is None or waiter.done():
+                # An answer nobody asked for (or one for a batch whose caller
+                # gave up): the stream is out of step.
+                self._fail(wire.ChannelClosed(f"unexpected {type(frame).__name__}"))
+                return
+            waiter.set_result(frame)
+
+    def eof_received(self) -> bool:
+        return False  # close our end too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._lost is None:
+            self._lost = exc or wire.ChannelClosed("inference process closed its end")
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(wire.ChannelClosed(str(self._lost)))
+
+    def stop(self) -> None:
+        """Tell the process to exit (after its batch) and close our end."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(wire.encode(wire.Stop()))
+        transport.close()  # flushes the Stop first
+
+    def _fail(self, exc: Exception) -> None:
+        self._lost = exc
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+        if self._transport is not None:
+            self._transport.abort()
 
 
 class _Crashed(ClassifierError):
@@ -246,6 +346,15 @@ def _unpack(
     verdicts = [v if isinstance(v, Classification) else ClassifierError(v)
                 for v in answer.verdicts]
     return verdicts, answer.timing
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Wait for a process told to Stop; kill it when it does not exit."""
+    try:
+        proc.wait(STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _reap(proc: subprocess.Popen[bytes]) -> int | None:

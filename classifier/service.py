@@ -9,14 +9,17 @@
 
 classify() queues a view of the message's first `prefix_bytes` (what the
 model reads at all: classifier.inference.prefix_bytes_of), never a copy of
-the whole message; the batcher's worker thread hands each batch to a runner,
-which featurizes it, calls the model once and applies the header-rule
-overrides (classifier/inference.py):
+the whole message; the batcher hands each batch to a runner, which
+featurizes it, calls the model once and applies the header-rule overrides
+(classifier/inference.py):
 
 - "process" (the default): an inference process per model
   (classifier/process_runner.py). Features are Python and hold a GIL; there
-  they hold their own, so the SMTP loop and the model never wait for each other.
-- "thread": the worker thread of this process runs the same code.
+  they hold their own, so the SMTP loop and the model never wait for each
+  other. Its batches are batched and awaited on the event loop
+  (classifier/loop_batcher.py): no thread in this process waits on it.
+- "thread": the batcher's worker thread (classifier/batcher.py) runs the
+  same code in this process.
 - "service": features here, the model in a shared inference service at
   `endpoint` that batches across every worker of a host (or several hosts)
   (classifier/serving/). reload() then does not load a model: the service's
@@ -68,6 +71,7 @@ from classifier.inference import (
     prefix_bytes_of,
     resolve_loader,
 )
+from classifier.loop_batcher import LoopBatcher
 from classifier.process_runner import ProcessModel
 from classifier.providers import ProviderChoice, log_choice
 from classifier.types import Classification, ClassifierError, DeadlineExceeded, Overloaded
@@ -103,7 +107,9 @@ RECOVERED_AFTER_S = 1.0
 
 
 class Runner(Protocol):
-    """Runs whole batches for one loaded model (from the worker thread)."""
+    """Runs whole batches for one loaded model (from the batcher's worker
+    thread). ProcessModel has the same shape with `classify_batch` and
+    `close` awaited on the loop."""
 
     @property
     def name_version(self) -> str: ...
@@ -120,6 +126,10 @@ class Runner(Protocol):
     ) -> tuple[list[Classification | ClassifierError], BatchTiming]: ...
 
     def close(self) -> None: ...
+
+
+# What a loaded model is run by: a blocking Runner, or the inference process.
+AnyRunner = Runner | ProcessModel
 
 
 class ThreadRunner:
@@ -154,7 +164,7 @@ class ThreadRunner:
 
 @dataclass(eq=False)
 class _Current:
-    runner: Runner
+    runner: AnyRunner
     pending: int = 0  # classify() calls submitted to it and not yet answered
     retired: bool = False  # replaced by a reload: stop it when pending is 0
 
@@ -189,7 +199,7 @@ class OnnxClassifierService:
         self._loader: ModelLoader | str = loader if loader is not None else DEFAULT_LOADER
         self._path = settings.model_path
         self._current: _Current | None = None
-        self._batcher: Batcher[_Item, Classification] | None = None
+        self._batcher: Batcher[_Item, Classification] | LoopBatcher[_Item, Classification] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reload_lock = asyncio.Lock()
         self._stopping: set[asyncio.Task[None]] = set()  # runners being stopped
@@ -207,11 +217,17 @@ class OnnxClassifierService:
         self._loop = asyncio.get_running_loop()
         runner = await self._open(self._path)
         self._current = _Current(runner)
-        self._batcher = Batcher(
-            self._run_batch, s.batcher, timeout_ms=s.timeout_ms, metrics=self._metrics
-        )
-        if SWITCH_INTERVAL_S and sys.getswitchinterval() > SWITCH_INTERVAL_S:
-            sys.setswitchinterval(SWITCH_INTERVAL_S)
+        if s.runner == "process":
+            self._batcher = LoopBatcher(
+                self._run_batch_on_loop, s.batcher, timeout_ms=s.timeout_ms,
+                metrics=self._metrics,
+            )
+        else:
+            self._batcher = Batcher(
+                self._run_batch, s.batcher, timeout_ms=s.timeout_ms, metrics=self._metrics
+            )
+            if SWITCH_INTERVAL_S and sys.getswitchinterval() > SWITCH_INTERVAL_S:
+                sys.setswitchinterval(SWITCH_INTERVAL_S)
         await self._batcher.start()
         log_choice(runner.choice, runner.name_version)
         pid = getattr(runner, "pid", None)
@@ -312,7 +328,7 @@ class OnnxClassifierService:
         return self._current.runner.choice.kind if self._current is not None else None
 
     @property
-    def runner(self) -> Runner | None:
+    def runner(self) -> AnyRunner | None:
         return self._current.runner if self._current is not None else None
 
     @property
@@ -365,7 +381,7 @@ class OnnxClassifierService:
                  endpoint=self._settings.endpoint)
         return name
 
-    async def _open(self, path: str) -> Runner:
+    async def _open(self, path: str) -> AnyRunner:
         s = self._settings
         loader = self._loader
         if s.runner == "service":
@@ -390,28 +406,50 @@ class OnnxClassifierService:
         # the old model meanwhile.
         return await asyncio.to_thread(load)
 
-    def _stop(self, runner: Runner) -> None:
+    def _stop(self, runner: AnyRunner) -> None:
         """Stop a runner off the loop (it waits for a running batch to end)."""
-        task = asyncio.get_running_loop().create_task(asyncio.to_thread(runner.close))
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(
+            runner.close() if isinstance(runner, ProcessModel) else asyncio.to_thread(runner.close)
+        )
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
 
     def _run_batch(self, items: list[_Item]) -> list[Classification | Exception]:
         # Runs in the worker thread. One group, except across a hot swap.
         results: list[Classification | Exception | None] = [None] * len(items)
-        groups: dict[int, tuple[Runner, list[int]]] = {}
-        for i, item in enumerate(items):
-            groups.setdefault(id(item.target), (item.target.runner, []))[1].append(i)
-        for runner, indexes in groups.values():
+        for runner, indexes in _group_by_runner(items).values():
+            assert not isinstance(runner, ProcessModel)
             verdicts, timing = runner.classify_batch([items[i].raw for i in indexes])
-            if len(verdicts) != len(indexes):
-                raise ClassifierError(
-                    f"runner returned {len(verdicts)} results for {len(indexes)} inputs"
-                )
+            _check_count(verdicts, indexes)
             for i, verdict in zip(indexes, verdicts, strict=True):
                 results[i] = verdict
             self._post_timing(timing)
         return [r if r is not None else ClassifierError("no result") for r in results]
+
+    async def _run_batch_on_loop(self, items: list[_Item]) -> list[Classification | Exception]:
+        # The LoopBatcher's batch: one group, except across a hot swap.
+        groups = _group_by_runner(items)
+        if len(groups) == 1:  # the common case, without the index shuffle
+            ((runner, _),) = groups.values()
+            assert isinstance(runner, ProcessModel)
+            verdicts, timing = await runner.classify_batch([item.raw for item in items])
+            _check_count(verdicts, items)
+            self._metrics_timing(timing)
+            return list(verdicts)
+        results: list[Classification | Exception | None] = [None] * len(items)
+        for runner, indexes in groups.values():
+            assert isinstance(runner, ProcessModel)
+            verdicts, timing = await runner.classify_batch([items[i].raw for i in indexes])
+            _check_count(verdicts, indexes)
+            for i, verdict in zip(indexes, verdicts, strict=True):
+                results[i] = verdict
+            self._metrics_timing(timing)
+        return [r if r is not None else ClassifierError("no result") for r in results]
+
+    def _metrics_timing(self, timing: BatchTiming) -> None:
+        self._metrics.batch_work((timing.features_s, timing.features_cpu_s),
+                                 (timing.model_s, timing.model_cpu_s))
 
     def _post_timing(self, timing: BatchTiming) -> None:
         # Metrics hooks run on the loop (their contract).
@@ -422,6 +460,20 @@ class OnnxClassifierService:
             self._loop.call_soon_threadsafe(self._metrics.batch_work, *work)
         except RuntimeError:  # loop closed
             pass
+
+
+def _group_by_runner(items: Sequence[_Item]) -> dict[int, tuple[AnyRunner, list[int]]]:
+    """Indexes of a batch's items by the runner each was submitted to (a
+    batch never mixes models)."""
+    groups: dict[int, tuple[AnyRunner, list[int]]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(id(item.target), (item.target.runner, []))[1].append(i)
+    return groups
+
+
+def _check_count(verdicts: Sequence[object], inputs: Sequence[object]) -> None:
+    if len(verdicts) != len(inputs):
+        raise ClassifierError(f"runner returned {len(verdicts)} results for {len(inputs)} inputs")
 
 
 __all__ = ["FALLBACK_MODEL", "ModelLoader", "OnnxClassifierService", "Runner", "ThreadRunner"]

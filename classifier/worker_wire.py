@@ -11,8 +11,9 @@ The conversation is strictly request/answer, one at a time:
     ...
     Stop             ->         (exits)
 
-Blocking socket calls release the GIL, so the parent's inference thread waits
-for an answer without holding up the event loop.
+The child reads with blocking socket calls (`receive_in_child`); the parent
+reads on its event loop (`FrameReader`, fed by an asyncio protocol in
+classifier/process_runner.py), so no thread of triaged waits on the child.
 """
 
 from __future__ import annotations
@@ -89,13 +90,49 @@ class ChannelClosed(Exception):
     """The other side closed the socket (exited, or was killed)."""
 
 
-def send(sock: socket.socket, frame: ToChild | ToParent) -> None:
+def encode(frame: ToChild | ToParent) -> bytearray:
+    """The frame as it goes on the wire: its length, then msgpack."""
     # One buffer for the length and the payload: a Run carries up to a batch
     # of message prefixes, and `header + payload` would copy all of it again.
     buf = bytearray(_LENGTH.size)
     _encoder.encode_into(frame, buf, _LENGTH.size)
     _LENGTH.pack_into(buf, 0, len(buf) - _LENGTH.size)
-    sock.sendall(buf)
+    return buf
+
+
+def send(sock: socket.socket, frame: ToChild | ToParent) -> None:
+    sock.sendall(encode(frame))
+
+
+class FrameReader:
+    """Frames for the parent out of a byte stream that arrives in pieces.
+
+    feed() returns the frames completed so far; it raises ChannelClosed on a
+    length no real frame has and ValueError (msgspec's DecodeError) on a
+    frame that does not decode: either way the stream cannot be trusted.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[ToParent]:
+        buf = self._buf
+        buf += data
+        frames: list[ToParent] = []
+        start = 0
+        while len(buf) - start >= _LENGTH.size:
+            (length,) = _LENGTH.unpack_from(buf, start)
+            if length > MAX_FRAME:
+                raise ChannelClosed(f"frame of {length} bytes: stream corrupted")
+            end = start + _LENGTH.size + length
+            if len(buf) < end:
+                break
+            with memoryview(buf) as view:
+                frames.append(_to_parent.decode(view[start + _LENGTH.size:end]))
+            start = end
+        if start:
+            del buf[:start]
+        return frames
 
 
 def receive_in_child(sock: socket.socket) -> ToChild:

@@ -1,7 +1,11 @@
-"""The micro-batcher with real ONNX models, real threads and a real event loop.
+"""The micro-batchers with real ONNX models, real threads and a real event loop.
 
-Timing never decides a test: a gate in the worker thread holds a batch while
-the test arranges the queue, and close reasons are asserted, not latencies.
+Both batchers keep the same promises, so most tests run on each: "thread"
+(classifier/batcher.py, run_batch in its worker thread) and "loop"
+(classifier/loop_batcher.py, run_batch awaited on the loop; here it awaits the
+same gated runner in a thread, as the service awaits the inference process).
+Timing never decides a test: a gate in the runner holds a batch while the
+test arranges the queue, and close reasons are asserted, not latencies.
 """
 
 from __future__ import annotations
@@ -18,25 +22,39 @@ from batching_models import EchoRunner, build_echo_model
 from classifier.batch_metrics import BatchStats
 from classifier.batcher import Batcher, BatcherClosed
 from classifier.config import BatcherSettings
+from classifier.loop_batcher import LoopBatcher
 from classifier.types import ClassifierError, DeadlineExceeded, Overloaded
 
 FAST = build_echo_model()
 SLOW = build_echo_model(heavy_layers=24, heavy_dim=256)
 
 
+AnyBatcher = Batcher[int, int] | LoopBatcher[int, int]
+
+
+@pytest.fixture(params=["thread", "loop"])
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 def make(
-    runner: EchoRunner, *, max_batch_size: int = 64, max_wait_ms: float = 2.0,
-    queue_size: int = 4096, timeout_ms: float = 10_000,
-) -> tuple[Batcher[int, int], BatchStats]:
+    runner: EchoRunner, *, kind: str = "thread", max_batch_size: int = 64,
+    max_wait_ms: float = 2.0, queue_size: int = 4096, timeout_ms: float = 10_000,
+) -> tuple[AnyBatcher, BatchStats]:
     stats = BatchStats()
     settings = BatcherSettings(
         max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, queue_size=queue_size
     )
+    if kind == "loop":
+        async def run_batch(items: list[int]) -> list[int | Exception]:
+            return await asyncio.to_thread(runner, items)
+
+        return LoopBatcher(run_batch, settings, timeout_ms=timeout_ms, metrics=stats), stats
     return Batcher(runner, settings, timeout_ms=timeout_ms, metrics=stats), stats
 
 
 @asynccontextmanager
-async def started_batcher(runner: EchoRunner, **kw: Any) -> AsyncIterator[tuple[Batcher[int, int], BatchStats]]:
+async def started_batcher(runner: EchoRunner, **kw: Any) -> AsyncIterator[tuple[AnyBatcher, BatchStats]]:
     """A started batcher (see `make`), closed when the block ends."""
     batcher, stats = make(runner, **kw)
     await batcher.start()
@@ -46,7 +64,7 @@ async def started_batcher(runner: EchoRunner, **kw: Any) -> AsyncIterator[tuple[
         await batcher.close()
 
 
-async def hold_worker(batcher: Batcher[int, int], runner: EchoRunner, item: int) -> asyncio.Task[int]:
+async def hold_worker(batcher: AnyBatcher, runner: EchoRunner, item: int) -> asyncio.Task[int]:
     """Start a batch of one item and keep the worker busy with it (gate closed)."""
     runner.gate.clear()
     runner.entered.clear()
@@ -61,9 +79,9 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
-async def test_64_concurrent_callers_share_batches_and_get_their_own_result() -> None:
+async def test_64_concurrent_callers_share_batches_and_get_their_own_result(kind: str) -> None:
     runner = EchoRunner(FAST)
-    async with started_batcher(runner, max_batch_size=16) as (batcher, stats):
+    async with started_batcher(runner, kind=kind, max_batch_size=16) as (batcher, stats):
         results = await asyncio.gather(*(batcher.submit(i) for i in range(64)))
     assert results == list(range(64))
     assert sorted(runner.ran) == list(range(64))
@@ -71,9 +89,9 @@ async def test_64_concurrent_callers_share_batches_and_get_their_own_result() ->
     assert stats.close_reasons["full"] == 4
 
 
-async def test_batches_form_while_the_worker_is_busy() -> None:
+async def test_batches_form_while_the_worker_is_busy(kind: str) -> None:
     runner = EchoRunner(FAST)
-    async with started_batcher(runner, max_batch_size=64, max_wait_ms=0) as (batcher, stats):
+    async with started_batcher(runner, kind=kind, max_batch_size=64, max_wait_ms=0) as (batcher, stats):
         first = await hold_worker(batcher, runner, 1000)
         rest = [asyncio.create_task(batcher.submit(i)) for i in range(63)]
         await settle()
@@ -85,9 +103,9 @@ async def test_batches_form_while_the_worker_is_busy() -> None:
     assert list(stats.batch_sizes) == [1, 63]
 
 
-async def test_slow_model_under_staggered_load_batches() -> None:
+async def test_slow_model_under_staggered_load_batches(kind: str) -> None:
     runner = EchoRunner(SLOW)
-    batcher, stats = make(runner, max_batch_size=64)
+    batcher, stats = make(runner, kind=kind, max_batch_size=64)
     await batcher.start()
 
     async def caller(i: int) -> int:
@@ -103,19 +121,19 @@ async def test_slow_model_under_staggered_load_batches() -> None:
     assert stats.items == 64
 
 
-async def test_lone_request_does_not_wait_out_the_window() -> None:
+async def test_lone_request_does_not_wait_out_the_window(kind: str) -> None:
     runner = EchoRunner(FAST)
     # A window of a full second: a lone request that waited it out would be
     # closed by "timeout"; the fast path closes it as "idle".
-    async with started_batcher(runner, max_wait_ms=1000) as (batcher, stats):
+    async with started_batcher(runner, kind=kind, max_wait_ms=1000) as (batcher, stats):
         assert await batcher.submit(7) == 7
         assert await batcher.submit(8) == 8
     assert dict(stats.close_reasons) == {"idle": 2}
 
 
-async def test_cancelled_callers_leave_others_correct() -> None:
+async def test_cancelled_callers_leave_others_correct(kind: str) -> None:
     runner = EchoRunner(FAST)
-    async with started_batcher(runner) as (batcher, stats):
+    async with started_batcher(runner, kind=kind) as (batcher, stats):
         first = await hold_worker(batcher, runner, 1000)
         queued = {i: asyncio.create_task(batcher.submit(i)) for i in range(20)}
         await settle()
@@ -153,9 +171,9 @@ async def test_cancelled_callers_leave_others_correct() -> None:
     assert stats.errors == 0
 
 
-async def test_expired_requests_are_not_run() -> None:
+async def test_expired_requests_are_not_run(kind: str) -> None:
     runner = EchoRunner(FAST)
-    async with started_batcher(runner) as (batcher, stats):
+    async with started_batcher(runner, kind=kind) as (batcher, stats):
         first = await hold_worker(batcher, runner, 1000)
         doomed = [asyncio.create_task(batcher.submit(i, timeout_ms=20)) for i in range(5)]
         for task in doomed:
@@ -168,9 +186,9 @@ async def test_expired_requests_are_not_run() -> None:
     assert stats.timeouts == 5
 
 
-async def test_deadline_while_running_answers_the_caller_and_spares_the_batch() -> None:
+async def test_deadline_while_running_answers_the_caller_and_spares_the_batch(kind: str) -> None:
     runner = EchoRunner(FAST)
-    async with started_batcher(runner) as (batcher, stats):
+    async with started_batcher(runner, kind=kind) as (batcher, stats):
         runner.gate.clear()
         runner.entered.clear()
         short = asyncio.create_task(batcher.submit(1, timeout_ms=20))
@@ -184,9 +202,9 @@ async def test_deadline_while_running_answers_the_caller_and_spares_the_batch() 
     assert stats.timeouts == 1
 
 
-async def test_full_queue_answers_overloaded_at_once() -> None:
+async def test_full_queue_answers_overloaded_at_once(kind: str) -> None:
     runner = EchoRunner(FAST)
-    async with started_batcher(runner, queue_size=4) as (batcher, stats):
+    async with started_batcher(runner, kind=kind, queue_size=4) as (batcher, stats):
         first = await hold_worker(batcher, runner, 1000)
         queued = [asyncio.create_task(batcher.submit(i)) for i in range(4)]
         await settle()
@@ -204,9 +222,9 @@ async def test_full_queue_answers_overloaded_at_once() -> None:
     assert 99 not in runner.ran
 
 
-async def test_cancelled_callers_free_their_queue_slots() -> None:
+async def test_cancelled_callers_free_their_queue_slots(kind: str) -> None:
     runner = EchoRunner(FAST)
-    async with started_batcher(runner, queue_size=2) as (batcher, _):
+    async with started_batcher(runner, kind=kind, queue_size=2) as (batcher, _):
         first = await hold_worker(batcher, runner, 1000)
         gone = [asyncio.create_task(batcher.submit(i)) for i in range(2)]
         await settle()
@@ -220,10 +238,10 @@ async def test_cancelled_callers_free_their_queue_slots() -> None:
         assert await late == 3
 
 
-async def test_exception_reaches_exactly_that_batch() -> None:
+async def test_exception_reaches_exactly_that_batch(kind: str) -> None:
     runner = EchoRunner(FAST)
     runner.poison = {13}
-    async with started_batcher(runner) as (batcher, stats):
+    async with started_batcher(runner, kind=kind) as (batcher, stats):
         first = await hold_worker(batcher, runner, 1000)
         doomed = [asyncio.create_task(batcher.submit(i)) for i in (12, 13, 14)]
         await settle()
@@ -237,10 +255,10 @@ async def test_exception_reaches_exactly_that_batch() -> None:
     assert stats.errors == 1
 
 
-async def test_output_count_mismatch_fails_the_batch() -> None:
+async def test_output_count_mismatch_fails_the_batch(kind: str) -> None:
     runner = EchoRunner(FAST)
     runner.short = {3}
-    async with started_batcher(runner) as (batcher, stats):
+    async with started_batcher(runner, kind=kind) as (batcher, stats):
         results = await asyncio.gather(*(batcher.submit(i) for i in range(5)),
                                        return_exceptions=True)
         assert all(isinstance(r, ClassifierError) and "4 results for 5" in str(r)
@@ -249,10 +267,10 @@ async def test_output_count_mismatch_fails_the_batch() -> None:
     assert stats.errors == 1
 
 
-async def test_per_item_error_fails_only_that_caller() -> None:
+async def test_per_item_error_fails_only_that_caller(kind: str) -> None:
     runner = EchoRunner(FAST)
     runner.bad_item = {2}
-    async with started_batcher(runner) as (batcher, _):
+    async with started_batcher(runner, kind=kind) as (batcher, _):
         results = await asyncio.gather(*(batcher.submit(i) for i in range(4)),
                                        return_exceptions=True)
     assert results[0] == 0 and results[1] == 1 and results[3] == 3
@@ -260,9 +278,9 @@ async def test_per_item_error_fails_only_that_caller() -> None:
     assert len(runner.batches) == 1
 
 
-async def test_close_drains_queued_requests() -> None:
+async def test_close_drains_queued_requests(kind: str) -> None:
     runner = EchoRunner(FAST)
-    batcher, _ = make(runner)
+    batcher, _ = make(runner, kind=kind)
     await batcher.start()
     first = await hold_worker(batcher, runner, 1000)
     queued = [asyncio.create_task(batcher.submit(i)) for i in range(3)]
@@ -278,9 +296,9 @@ async def test_close_drains_queued_requests() -> None:
     assert not batcher.running
 
 
-async def test_close_without_drain_fails_queued_requests() -> None:
+async def test_close_without_drain_fails_queued_requests(kind: str) -> None:
     runner = EchoRunner(FAST)
-    batcher, _ = make(runner)
+    batcher, _ = make(runner, kind=kind)
     await batcher.start()
     first = await hold_worker(batcher, runner, 1000)
     queued = [asyncio.create_task(batcher.submit(i)) for i in range(3)]
@@ -296,13 +314,13 @@ async def test_close_without_drain_fails_queued_requests() -> None:
     assert runner.ran == [1000]
 
 
-async def test_window_closes_a_batch_while_requests_keep_arriving() -> None:
+async def test_window_closes_a_batch_while_requests_keep_arriving(kind: str) -> None:
     runner = EchoRunner(FAST)
     # Requests keep coming on every pass of the loop, so the "idle" rule never
     # fires; the max_wait_ms window must still close the batch. The queue is
     # made big enough for however long a slow machine takes to hand the worker
     # the GIL (a full queue is another test's subject).
-    batcher, stats = make(runner, max_batch_size=4096, max_wait_ms=20, queue_size=1_000_000)
+    batcher, stats = make(runner, kind=kind, max_batch_size=4096, max_wait_ms=20, queue_size=1_000_000)
     await batcher.start()
     runner.entered.clear()
     tasks: list[asyncio.Task[int]] = []
@@ -353,6 +371,25 @@ async def test_run_in_worker_runs_between_batches_in_the_worker_thread() -> None
         runner.gate.set()
         assert await first == 1000
         assert await names == "triaged-infer"
+        with pytest.raises(ZeroDivisionError):
+            await boom
+        assert await batcher.submit(3) == 3
+    with pytest.raises(BatcherClosed):
+        await batcher.run_in_worker(lambda: None)
+
+
+async def test_the_loop_batcher_runs_calls_between_batches_on_the_loop() -> None:
+    runner = EchoRunner(FAST)
+    async with started_batcher(runner, kind="loop") as (batcher, _):
+        first = await hold_worker(batcher, runner, 1000)
+        loop_thread = threading.current_thread().name
+        names = asyncio.create_task(batcher.run_in_worker(lambda: threading.current_thread().name))
+        boom = asyncio.create_task(batcher.run_in_worker(lambda: 1 // 0))
+        await settle()
+        assert not names.done()  # the running batch goes first
+        runner.gate.set()
+        assert await first == 1000
+        assert await names == loop_thread
         with pytest.raises(ZeroDivisionError):
             await boom
         assert await batcher.submit(3) == 3

@@ -1,5 +1,6 @@
 """The inference process (classifier/process_runner.py, classifier/worker_process.py):
-real child processes over a real socketpair, killed and stopped for real."""
+real child processes over a real socketpair, read by the event loop, killed
+and stopped for real."""
 
 from __future__ import annotations
 
@@ -45,14 +46,14 @@ def wait_gone(pid: int, within_s: float = 10.0) -> bool:
     return True
 
 
-def test_a_batch_runs_in_another_process(tmp_path: Path) -> None:
+async def test_a_batch_runs_in_another_process(tmp_path: Path) -> None:
     model = ProcessModel.spawn(start_frame(write_model(tmp_path / "echo-a.onnx")), hang_timeout_s=30)
     try:
         assert model.pid is not None and model.pid != os.getpid() and alive(model.pid)
         assert model.name_version == "echo-a"
-        verdicts, timing = model.classify_batch([b"3", b"unparseable", b"5"])
+        verdicts, timing = await model.classify_batch([b"3", b"unparseable", b"5"])
     finally:
-        model.close()
+        await model.close()
     assert isinstance(verdicts[0], Classification) and verdicts[0].category == "3"
     assert isinstance(verdicts[1], ClassifierError) and "features failed" in str(verdicts[1])
     assert isinstance(verdicts[2], Classification) and verdicts[2].category == "5"
@@ -71,7 +72,7 @@ def test_start_failures_say_why(tmp_path: Path) -> None:
         ProcessModel.spawn(start_frame(broken, "nonsense"), hang_timeout_s=30)
 
 
-def test_a_process_killed_between_batches_is_replaced_before_the_next(tmp_path: Path) -> None:
+async def test_a_process_killed_between_batches_is_replaced_before_the_next(tmp_path: Path) -> None:
     model = ProcessModel.spawn(start_frame(write_model(tmp_path / "m.onnx")), hang_timeout_s=30)
     try:
         first = model.pid
@@ -79,15 +80,15 @@ def test_a_process_killed_between_batches_is_replaced_before_the_next(tmp_path: 
         os.kill(first, signal.SIGKILL)
         wait_until_blocking(lambda: process_exited(first), what="the killed inference process is gone")
         # Noticed before the batch is sent: the batch is not lost.
-        verdicts, _ = model.classify_batch([b"2"])
+        verdicts, _ = await model.classify_batch([b"2"])
         assert isinstance(verdicts[0], Classification) and verdicts[0].category == "2"
         assert model.pid not in (None, first)
         assert wait_gone(first)
     finally:
-        model.close()
+        await model.close()
 
 
-def test_a_hung_process_is_killed_and_replaced(tmp_path: Path) -> None:
+async def test_a_hung_process_is_killed_and_replaced(tmp_path: Path) -> None:
     model = ProcessModel.spawn(start_frame(write_model(tmp_path / "m.onnx")), hang_timeout_s=0.5)
     try:
         first = model.pid
@@ -95,16 +96,16 @@ def test_a_hung_process_is_killed_and_replaced(tmp_path: Path) -> None:
         os.kill(first, signal.SIGSTOP)
         t0 = time.monotonic()
         with pytest.raises(ClassifierError, match="hung"):
-            model.classify_batch([b"1"])
+            await model.classify_batch([b"1"])
         assert time.monotonic() - t0 < 5
         assert wait_gone(first)
-        verdicts, _ = model.classify_batch([b"7"])
+        verdicts, _ = await model.classify_batch([b"7"])
         assert isinstance(verdicts[0], Classification) and verdicts[0].category == "7"
     finally:
-        model.close()
+        await model.close()
 
 
-def test_the_process_exits_when_triaged_goes_away(tmp_path: Path) -> None:
+async def test_the_process_exits_when_triaged_goes_away(tmp_path: Path) -> None:
     model = ProcessModel.spawn(start_frame(write_model(tmp_path / "m.onnx")), hang_timeout_s=30)
     pid = model.pid
     assert pid is not None
@@ -112,20 +113,20 @@ def test_the_process_exits_when_triaged_goes_away(tmp_path: Path) -> None:
     assert model._sock is not None
     model._sock.close()
     assert wait_gone(pid)
-    model.close()
+    await model.close()
 
 
-def test_sigterm_to_the_process_group_is_left_to_triaged(tmp_path: Path) -> None:
+async def test_sigterm_to_the_process_group_is_left_to_triaged(tmp_path: Path) -> None:
     # systemd signals the whole cgroup on stop; the child must keep serving
     # until triaged has drained and sends Stop.
     model = ProcessModel.spawn(start_frame(write_model(tmp_path / "m.onnx")), hang_timeout_s=30)
     try:
         assert model.pid is not None
         os.kill(model.pid, signal.SIGTERM)
-        verdicts, _ = model.classify_batch([b"4"])
+        verdicts, _ = await model.classify_batch([b"4"])
         assert isinstance(verdicts[0], Classification) and verdicts[0].category == "4"
     finally:
-        model.close()
+        await model.close()
 
 
 def process_service(model: Path, stats: BatchStats | None = None) -> OnnxClassifierService:
@@ -188,7 +189,7 @@ def test_the_process_runner_takes_its_loader_by_name(tmp_path: Path) -> None:
         OnnxClassifierService(s, loader=load_echo)
 
 
-def test_a_message_that_crashes_the_process_fails_alone(tmp_path: Path) -> None:
+async def test_a_message_that_crashes_the_process_fails_alone(tmp_path: Path) -> None:
     from batching_models import CRASH_HEADER, tiny_message, train_tiny_model
 
     tiny = train_tiny_model(tmp_path, tmp_path / "tiny.onnx", name="tiny")
@@ -198,10 +199,10 @@ def test_a_message_that_crashes_the_process_fails_alone(tmp_path: Path) -> None:
             tiny_message("forums", 3)]
     try:
         first = model.pid
-        verdicts, timing = model.classify_batch(raws)
+        verdicts, timing = await model.classify_batch(raws)
         assert model.pid not in (None, first)
     finally:
-        model.close()
+        await model.close()
     assert isinstance(verdicts[0], Classification) and verdicts[0].category == "primary"
     assert isinstance(verdicts[1], ClassifierError) and "SIGKILL" in str(verdicts[1])
     assert isinstance(verdicts[2], Classification) and verdicts[2].category == "forums"
