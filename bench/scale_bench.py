@@ -58,7 +58,7 @@ NAMES = {
     "onnx-w1": "triaged, default ONNX model, workers = 1",
     "onnx-w2": "triaged, default ONNX model, workers = 2",
     "rules-w1": "triaged, rules classifier, workers = 1",
-    "before-onnx-w1": "triaged from --before-tree (the code before the CPU work), default ONNX model, one process",
+    "before-onnx-w1": "triaged from --before-tree (the code before this change), default ONNX model, one process",
 }
 MODEL = REPO / "models" / "default.onnx"
 
@@ -117,8 +117,10 @@ def start_target(
     kind, _, w = target.removeprefix("before-").partition("-w")
     model = Path(before_tree) / "models" / "default.onnx" if before else MODEL
     classifier = 'kind = "rules"' if kind == "rules" else f'kind = "onnx"\nmodel_path = "{model}"'
-    # The older tree has no server.workers (its config would refuse the key): it is one process.
-    server = f"workers = {int(w)}" if workers and not before else ""
+    # A tree from before server.workers refuses the key: it is one process anyway.
+    tree_has_workers = workers and (
+        not before or (Path(before_tree) / "proxy" / "supervisor.py").exists())
+    server = f"workers = {int(w)}" if tree_has_workers else ""
     run_dir = workdir / f"{target}-{time.monotonic_ns()}"
     run_dir.mkdir()
     triaged = TriagedProcess(
@@ -285,7 +287,7 @@ def write_markdown(path: Path, report: dict[str, object]) -> None:
     b, a = s.get("before-onnx-w1"), s.get("onnx-w1")
     if b and a and b["cpu_ms_per_msg_median"] and a["cpu_ms_per_msg_median"]:
         lines.append(
-            f"- Before → after the CPU work, one process, same run: {b['msg_per_s_median']:.0f} → "
+            f"- Before → after this change, one process, same run: {b['msg_per_s_median']:.0f} → "
             f"{a['msg_per_s_median']:.0f} msg/s, {b['cpu_ms_per_msg_median']:.3f} → "
             f"{a['cpu_ms_per_msg_median']:.3f} ms CPU per message "
             f"({(a['cpu_ms_per_msg_median'] / b['cpu_ms_per_msg_median'] - 1) * 100:+.0f}%)."
@@ -316,7 +318,7 @@ def main() -> int:
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--no-write", action="store_true", help="print only, keep bench/results as is")
     parser.add_argument("--before-tree", default="",
-                        help="a checkout of the code before the CPU work: adds the before-onnx-w1 row")
+                        help="a checkout of the code before the change measured: adds the before-onnx-w1 row")
     parser.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
     parser.add_argument("--out", default=str(BENCH / "results" / "scale"),
                         help="results path without extension")
@@ -334,7 +336,7 @@ def main() -> int:
     else:
         commit = subprocess.run(["git", "-C", args.before_tree, "describe", "--always"],
                                 capture_output=True, text=True).stdout.strip()
-        notes.append(f"before-onnx-w1 ran the tree at commit `{commit}` (the code before the CPU work).")
+        notes.append(f"before-onnx-w1 ran the tree at commit `{commit}` (the code before this change).")
     if not workers:
         notes.append("This tree has no `server.workers` yet: triaged ran as one process; "
                      "the workers = 2 row was left out.")

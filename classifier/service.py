@@ -432,15 +432,13 @@ class OnnxClassifierService:
         groups = _group_by_runner(items)
         if len(groups) == 1:  # the common case, without the index shuffle
             ((runner, _),) = groups.values()
-            assert isinstance(runner, ProcessModel)
-            verdicts, timing = await runner.classify_batch([item.raw for item in items])
+            verdicts, timing = await _classify_on_loop(runner, [item.raw for item in items])
             _check_count(verdicts, items)
             self._metrics_timing(timing)
             return list(verdicts)
         results: list[Classification | Exception | None] = [None] * len(items)
         for runner, indexes in groups.values():
-            assert isinstance(runner, ProcessModel)
-            verdicts, timing = await runner.classify_batch([items[i].raw for i in indexes])
+            verdicts, timing = await _classify_on_loop(runner, [items[i].raw for i in indexes])
             _check_count(verdicts, indexes)
             for i, verdict in zip(indexes, verdicts, strict=True):
                 results[i] = verdict
@@ -469,6 +467,13 @@ def _group_by_runner(items: Sequence[_Item]) -> dict[int, tuple[AnyRunner, list[
     for i, item in enumerate(items):
         groups.setdefault(id(item.target), (item.target.runner, []))[1].append(i)
     return groups
+
+
+async def _classify_on_loop(
+    runner: AnyRunner, raws: Sequence[bytes | memoryview]
+) -> tuple[list[Classification | ClassifierError], BatchTiming]:
+    assert isinstance(runner, ProcessModel)  # the LoopBatcher's only runner
+    return await runner.classify_batch(raws)
 
 
 def _check_count(verdicts: Sequence[object], inputs: Sequence[object]) -> None:
