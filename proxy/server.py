@@ -387,8 +387,23 @@ def serve_forever(settings: Settings, config_path: str | None = None) -> int:
         return runner.run(_serve(settings, notify_socket, watchdog_s, config_path=config_path))
 
 
-def effective_workers(settings: Settings) -> int:
-    """server.workers, with 0 ("auto") as the number of usable cores (proxy/cpus.py)."""
+# Up to this many usable cores, "auto" with the ONNX model runs one worker:
+# its inference process takes the other core. On 2 cores, two workers and
+# the shared service they need cost more CPU per message and relay fewer
+# messages than one (bench/results/scale.md: 4 processes against 2).
+ONE_WORKER_UP_TO_CORES = 2
+
+
+def effective_workers(settings: Settings, cores: int | None = None) -> int:
+    """server.workers, with 0 ("auto") as one per usable core (proxy/cpus.py;
+    `cores` overrides it), but one on hosts of ONE_WORKER_UP_TO_CORES or
+    fewer with the ONNX model."""
     from proxy.cpus import usable_cpus
 
-    return settings.server.workers or usable_cpus()
+    if settings.server.workers:
+        return settings.server.workers
+    cores = usable_cpus() if cores is None else cores
+    c = settings.classifier
+    if cores <= ONE_WORKER_UP_TO_CORES and c.kind == "onnx" and c.runner == "process":
+        return 1
+    return cores

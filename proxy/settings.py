@@ -64,7 +64,9 @@ class ServerSettings(_Section, frozen=True):
     # into CRLF before the message goes on. Only CRLF.CRLF ends DATA either way.
     bare_lf: Literal["reject", "normalize"] = "reject"
     # Front-end processes sharing the listeners (proxy/supervisor.py);
-    # 0: one per usable core (affinity and cgroup quota, proxy/cpus.py);
+    # 0: one per usable core (affinity and cgroup quota, proxy/cpus.py), but
+    # 1 on hosts of 2 cores or fewer with the ONNX model (its inference
+    # process takes the other core: proxy/server.py effective_workers);
     # 1: a single process, no supervisor.
     workers: Annotated[int, Meta(ge=0, le=1024)] = 0
     # A worker whose event loop has not answered the supervisor this long is

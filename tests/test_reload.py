@@ -309,14 +309,14 @@ def test_sighup_rereads_the_config_of_triaged_serve(tmp_path: Path) -> None:
             return b"".join(p.read_bytes() for p in before)
 
         assert b"X-Triage-Category: " in send(1)
-        # workers = 0 is one per core: the first banner may come while others
+        # workers = 0 may be several workers: the first banner may come while others
         # start (one that starts during a SIGHUP reloads once it listens, from
         # the file as it is then: here already the broken one).
         wait_until_blocking(lambda: all_started(t.log_tail(1 << 20)), what="every worker listening")
         text = t.config_path.read_text()
         t.config_path.write_text(text + '\n[stamping]\ncategory_header = "X-Reloaded-Category"\n')
         t.signal(signal.SIGHUP)
-        # By every worker (workers = 0 is one per core, each connection is
+        # By every worker (workers = 0 may be several, each connection is
         # hashed to one of them), not only the first to log it.
         wait_until_blocking(lambda: reloaded_everywhere(t.log_tail(1 << 20)), what="config_reloaded logged")
         for old in (maildir / "new").iterdir():

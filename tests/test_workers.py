@@ -657,3 +657,20 @@ def test_worker_spool_directories(tmp_path: Path) -> None:
     events = EventsSettings(spool_dir=str(tmp_path / "spool"))
     assert slot_spool_dir(events, 0) == str(tmp_path / "spool")
     assert slot_spool_dir(events, 3) == str(tmp_path / "spool" / "worker-3")
+
+
+def test_auto_workers_is_one_on_two_cores_with_the_inference_process() -> None:
+    import msgspec
+
+    from proxy.server import effective_workers
+    from proxy.settings import Settings
+
+    onnx = Settings()
+    assert onnx.classifier.kind == "onnx" and onnx.classifier.runner == "process"
+    assert effective_workers(onnx, cores=1) == 1
+    assert effective_workers(onnx, cores=2) == 1  # the inference process takes the other core
+    assert effective_workers(onnx, cores=4) == 4
+    rules = msgspec.structs.replace(onnx, classifier=msgspec.structs.replace(onnx.classifier, kind="rules"))
+    assert effective_workers(rules, cores=2) == 2
+    fixed = msgspec.structs.replace(onnx, server=msgspec.structs.replace(onnx.server, workers=2))
+    assert effective_workers(fixed, cores=2) == 2
