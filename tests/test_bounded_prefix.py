@@ -93,16 +93,17 @@ def test_a_cut_message_gets_the_verdict_of_the_whole(tiny: Path) -> None:
 
 
 class _Recorder:
-    """Wraps worker_wire.send in this process: the sizes of each Run's messages."""
+    """Wraps worker_wire.encode in this process (every frame to the inference
+    process is encoded there): the sizes of each Run's messages."""
 
     def __init__(self) -> None:
         self.sizes: list[int] = []
-        self._send = wire.send
+        self._encode = wire.encode
 
-    def __call__(self, sock: Any, frame: Any) -> None:
+    def __call__(self, frame: Any) -> bytearray:
         if isinstance(frame, wire.Run):
             self.sizes.extend(len(r) for r in frame.raws)
-        self._send(sock, frame)
+        return self._encode(frame)
 
 
 def service_on(tiny: Path, runner: str, loader: Any = None,
@@ -116,7 +117,7 @@ async def test_only_the_prefix_crosses_to_the_inference_process(
     tiny: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     recorder = _Recorder()
-    monkeypatch.setattr(wire, "send", recorder)
+    monkeypatch.setattr(wire, "encode", recorder)
     stats = BatchStats()
     service = service_on(tiny, "process", stats=stats)
     await service.start()
@@ -188,7 +189,7 @@ async def test_twenty_concurrent_large_messages_are_all_stamped_by_the_model(
     measures memory; here the deadline is long, so a busy CI machine cannot
     turn a model verdict into a fallback one."""
     recorder = _Recorder()
-    monkeypatch.setattr(wire, "send", recorder)
+    monkeypatch.setattr(wire, "encode", recorder)
     async with served(onnx_settings(capture, tiny, timeout_ms=60_000.0)) as srv:
         messages = list(big_messages(20, 4 * MIB))
 
