@@ -52,6 +52,13 @@ class FeatureParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # averages the two bags apart, so a few stable structure signals are not
     # drowned by hundreds of words.
     struct_slots: int = 96
+    # Off by default: the bundled model was trained without them, and a model
+    # carries its FeatureParams (manifest), so one trained with them gets them.
+    # lure_signs: tokens for signs of mail dressed up to be clicked, and their
+    # count (`lure_tokens`). struct_digits: structure tokens keep their digits;
+    # without it every count bucket ("links:3", "body-len:6") folds to one id.
+    lure_signs: bool = False
+    struct_digits: bool = False
 
 
 # --- hashing -----------------------------------------------------------------
@@ -729,6 +736,121 @@ def _body_text(leaves: list[_Leaf], p: FeatureParams) -> str:
     return " ".join(texts)
 
 
+# --- lure signals (feature version 7) ---------------------------------------------
+#
+# Signs of mail dressed up to be clicked, each rare in wanted mail of any era.
+# Today's phishing imitates shop and delivery mail in words and layout, and the
+# training corpora have almost none of it (their modern spam is advance-fee
+# scams), so a token only today's phishing carries would get no weight. The
+# count of signs ("lure:two") is the part that transfers: 2002 spam carries other
+# signs of the same kind (IP-literal links, "click here"), so the model learns
+# what a count means, and a message with new kinds of signs shares the token.
+
+# A Latin letter next to a Cyrillic or Greek one: homoglyph words (a Cyrillic "a" in "Congrats").
+_MIXED_SCRIPT = re.compile(
+    r"[A-Za-z][\u0370-\u03ff\u0400-\u04ff]|[\u0370-\u03ff\u0400-\u04ff][A-Za-z]"
+)
+# An invisible character inside a word (tags, variation selectors, soft hyphen,
+# joiners): words split so filters miss them. Not between words: newsletters
+# pad their preheader with zero-width characters.
+_INVISIBLE_IN_WORD = re.compile(
+    r"\w[\U000e0000-\U000e01ef\u00ad\u034f\u200b\u200c\u200d\u2060\ufeff]+\w"
+)
+_PICTOGRAPH = re.compile(r"[\u2600-\u27bf\U0001f000-\U0001faff]")
+# Lure phrases (English), matched in lowercased text: each pattern is tried
+# only where one of its first words occurs (str.find), since a regex that
+# starts with an alternation or a word boundary scans every position (30-60 us
+# on 8 KB). Not "mailbox full" (bounces say it) nor "confirm your email"
+# (every sign-up does).
+_CREDENTIAL = re.compile(
+    r"(?:verify|confirm|validate|restore|reactivate|unlock)\s+(?:your|the)\s+"
+    r"(?:account|identity|password|payment|billing|card|mailbox|access)"
+    r"|(?:unusual|suspicious|unauthori[sz]ed|unrecogni[sz]ed)\s+"
+    r"(?:sign-?in|log-?in|login|activity|access|attempt|transaction)"
+    r"|password\b.{0,30}\bexpir",
+    re.S,
+)
+_CREDENTIAL_STARTS: Final = (
+    "verify", "confirm", "validate", "restore", "reactivate", "unlock", "unusual",
+    "suspicious", "unauthori", "unrecogni", "password",
+)  # fmt: skip
+_PRIZE = re.compile(r"you(?:'ve| have)? (?:won|been (?:selected|chosen))\b|claim your (?:prize|reward|gift)")
+_PRIZE_STARTS: Final = ("you", "claim your")
+_CLICK_HERE = re.compile(r"click\s+(?:here|below)\b")
+_CLICK_STARTS: Final = ("click",)
+
+
+def _phrase(words: str, starts: Sequence[str], rx: re.Pattern[str]) -> bool:
+    """Whether `rx` matches at a word start where one of `starts` occurs."""
+    for lit in starts:
+        i = words.find(lit)
+        tries = 0
+        while i >= 0 and tries < 64:  # bounded: a page of "you you you"
+            if (i == 0 or not words[i - 1].isalnum()) and rx.match(words, i):
+                return True
+            i = words.find(lit, i + 1)
+            tries += 1
+    return False
+
+
+_RISKY_EXT = frozenset("html htm shtml xhtml svg zip rar 7z iso img exe scr js vbs jar".split())
+# Structure tokens of _header_tokens that are lure signs too.
+_LURE_TOKENS = frozenset(
+    "link-ip link-text-mismatch link-shortener replyto-freemail subj-has-addr "
+    "from-digit-mix from-consonant-run from-name-has-at".split()
+)
+
+
+_LURE_COUNT: Final = ("", "lure:one", "lure:two", "lure:many")
+
+
+def lure_tokens(
+    struct: Sequence[str], subject: str, name: str, text: str, body: bytes, leaves: list[_Leaf]
+) -> list[str]:
+    """One token per lure sign found, and their count ("lure:one", "lure:two",
+    "lure:many" for three or more); nothing when there is none."""
+    out: list[str] = []
+    n = len(_LURE_TOKENS.intersection(struct))
+    head = subject + "\n" + name
+    head_ascii = head.isascii()
+    start = text[:4096]
+    if (not head_ascii and _MIXED_SCRIPT.search(head)) or (
+        not start.isascii() and _MIXED_SCRIPT.search(start)
+    ):
+        out.append("lure-mixed-script")
+    if not head_ascii and _INVISIBLE_IN_WORD.search(head):
+        out.append("lure-invisible")
+    if not head_ascii and _PICTOGRAPH.search(name):
+        out.append("lure-name-pictograph")  # brands write their name, not emoji
+    if '"' in name:
+        # A display name with a quote left inside ('PayPal", "PayPal'): botched
+        # by a bulk tool. Angle brackets alone are the null sender ("MAILER-DAEMON <>").
+        out.append("lure-name-malformed")
+    words = text[:8192].lower()
+    if _phrase(words, _CREDENTIAL_STARTS, _CREDENTIAL):
+        out.append("lure-credential")
+    if ("won" in words or "been " in words or "claim your" in words) and _phrase(
+        words, _PRIZE_STARTS, _PRIZE
+    ):
+        out.append("lure-prize")
+    if _phrase(words, _CLICK_STARTS, _CLICK_HERE):
+        out.append("lure-click-here")
+    low = body[:65536].lower()
+    if b"<form" in low:
+        out.append("lure-form")  # a form in the mail itself
+    if b"://xn--" in low or b".xn--" in low:
+        out.append("lure-punycode")
+    for leaf in leaves[:16]:
+        if leaf.attachment and leaf.filename.rsplit(".", 1)[-1].lower() in _RISKY_EXT:
+            out.append("lure-attachment")  # HTML, archives, disk images, scripts
+            break
+    n += len(out)
+    if n:
+        # In words: digits of structure tokens fold to "0" unless struct_digits.
+        out.append(_LURE_COUNT[min(n, 3)])
+    return out
+
+
 class _Prepared(msgspec.Struct):
     """One message reduced to bytes to hash: structure tokens apart from the text."""
 
@@ -748,6 +870,8 @@ def _prepare(raw: bytes, p: FeatureParams) -> _Prepared:
     name = sender[0]
     text = _body_text(leaves, p)
     tokens = _header_tokens(h, subject, leaves, body, sender)
+    if p.lure_signs:
+        tokens.extend(lure_tokens(tokens, subject, name, text, body, leaves))
     tokens.append("text-len:" + _bucket(len(text) >> 6))  # decoded words, not markup
     subj = subject.encode("utf-8", "replace")
     nm = name.encode("utf-8", "replace")
@@ -763,6 +887,11 @@ _ERROR = _Prepared(b"extract-error", b"\n\n", (1, 2))
 # Fold and token masks as bytes.translate tables (C speed, one byte out per
 # byte in); the masks are of the folded byte, so they apply to raw bytes.
 _FOLD_T: Final = _FOLD.tobytes()
+# Structure tokens fold case only with FeatureParams.struct_digits: their digits
+# are meaning ("links:3" is not "links:4"). Without it (feature version 6 as
+# shipped) they fold to "0" like words', so every count bucket (lengths, links,
+# images, parts) hashes to one id.
+_CASE_T: Final = bytes(range(65)) + bytes(range(97, 123)) + bytes(range(91, 256))
 _WORD_T: Final = _WORD[_FOLD].astype(np.uint8).tobytes()
 _NONSPACE_T: Final = _NONSPACE[_FOLD].astype(np.uint8).tobytes()
 _SEG: Final = np.array([1, 2, 3], dtype=np.int64)
@@ -790,7 +919,9 @@ def _token_spans(hdr: bytes, text: bytes) -> tuple[bytes, Spans, Spans, Spans]:
     return joined, starts[keep], ends[keep], lens[keep]
 
 
-def _span_hashes(joined: bytes, starts: Spans, ends: Spans, lens: Spans) -> npt.NDArray[np.uint64]:
+def _span_hashes(
+    joined: bytes, starts: Spans, ends: Spans, lens: Spans, hdr_end: int
+) -> npt.NDArray[np.uint64]:
     """Polynomial hash of each span of the case-folded bytes, from one
     uint64 prefix sum (wrap-around arithmetic), plus its length.
 
@@ -799,7 +930,12 @@ def _span_hashes(joined: bytes, starts: Spans, ends: Spans, lens: Spans) -> npt.
     most of a message whose body is past max_body_tokens, or whose lines are
     too long to be tokens."""
     n = int(ends[-1]) if ends.shape[0] else 0
-    buf = np.frombuffer(joined[:n].translate(_FOLD_T), dtype=np.uint8)
+    # Structure tokens (before `hdr_end`) fold case only, text folds digits too.
+    cut = min(hdr_end, n)
+    folded = joined[:n].translate(_FOLD_T)
+    if cut:
+        folded = joined[:cut].translate(_CASE_T) + folded[cut:]
+    buf = np.frombuffer(folded, dtype=np.uint8)
     prefix = np.zeros(n + 1, dtype=np.uint64)
     np.cumsum(buf * _POW[:n], dtype=np.uint64, out=prefix[1:])
     h = (prefix[ends] - prefix[starts]) * _INV[starts]
@@ -846,7 +982,7 @@ def _hash_batch(items: Sequence[_Prepared], p: FeatureParams) -> list[IdArray]:
             kind[keep],
             rank[keep],
         )
-    h = _span_hashes(joined, starts, ends, lens)
+    h = _span_hashes(joined, starts, ends, lens, len(hdrs) if p.struct_digits else 0)
     h = _mix(h ^ _segment_salts(p.seed)[kind])
     ids = _to_ids(h, p)
     msg = g >> 2
@@ -911,7 +1047,7 @@ def _hash_one(item: _Prepared, p: FeatureParams) -> IdArray:
     f1, f2, f3 = (int(x) for x in np.searchsorted(starts, (t0, t0 + c2, t0 + c3)))
     end = min(starts.shape[0], f3 + p.max_body_tokens)
     starts, ends, lens = starts[:end], ends[:end], lens[:end]
-    h = _span_hashes(joined, starts, ends, lens)
+    h = _span_hashes(joined, starts, ends, lens, len(hdr) if p.struct_digits else 0)
     # Each segment's salt on its tokens: structure [0, f1), subject, name, body [f3, end).
     h ^= np.repeat(_segment_salts(p.seed), (f1, f2 - f1, f3 - f2, end - f3))
     h = _mix(h)
@@ -1029,6 +1165,7 @@ __all__ = [
     "IdArray",
     "extract",
     "extract_many",
+    "lure_tokens",
     "sender_signal_tokens",
     "structure_ids",
 ]

@@ -3,6 +3,7 @@
   python models/dev_folds.py                      # the 3 sender folds (about 2-5 min here)
   python models/dev_folds.py --sa easy-ham-1,hard-ham-1    # plus whole SpamAssassin groups
   python models/dev_folds.py --cfg '{"spam_hidden": 64}' --set '{"MODERN_SPAM_WEIGHT": 2.0}'
+  python models/dev_folds.py --features '{"lure_signs": true, "struct_digits": true}'
 
 Runs some of the LOSO folds of models/default_recipe.py with its recipe
 (FOLD_CFG), picks the spam threshold from their out-of-fold scores with the
@@ -43,6 +44,7 @@ def main() -> int:
     ap.add_argument("--sa", default="", help="SpamAssassin groups to hold out too, comma separated")
     ap.add_argument("--cfg", default="{}", help="TrainConfig fields to change (JSON)")
     ap.add_argument("--set", default="{}", help="default_recipe constants to change (JSON)")
+    ap.add_argument("--features", default="{}", help="FeatureParams fields to change (JSON)")
     args = ap.parse_args()
     np.seterr(all="ignore")
     t0 = time.time()
@@ -52,6 +54,7 @@ def main() -> int:
         if not hasattr(R, k):
             raise SystemExit(f"default_recipe has no {k}")
         setattr(R, k, v)
+    R.PARAMS = msgspec.structs.replace(R.PARAMS, **json.loads(args.features))
     data = R.load_all(progress=False)
     folds = []
     for k in range(R.GROUP_FOLDS):

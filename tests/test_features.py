@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 from feature_checks import features_of
@@ -257,3 +258,53 @@ def test_reply_to_freemail_from_a_company() -> None:
     assert has(b"Bank <service@bank.example>", b"<bank.claims@gmail.com>")
     assert not has(b"Ann <ann@gmail.com>", b"<ann.lee@gmail.com>")  # a person's own webmail
     assert not has(b"Shop <news@shop.example>", b"<help@shop.example>")
+
+
+P7 = FeatureParams(lure_signs=True, struct_digits=True)  # the trial flags, off by default
+
+
+def test_structure_digits_only_with_the_flag() -> None:
+    """Count buckets are distinct tokens with struct_digits; without it (the
+    shipped model's ids) digits fold to "0" as in words."""
+    assert len(set(structure_ids(["links:1", "links:4"], P7).tolist())) == 2
+    assert len(set(structure_ids(["links:1", "links:4"], P).tolist())) == 1
+    raw = b"From: a@example.org\nSubject: Click here\n\nClick here http://1.2.3.4/x\n"
+    assert len(features_of(raw, P7)) == len(features_of(raw, P))
+    assert list(features_of(raw, P)[P.struct_slots :]) == list(features_of(raw, P7)[P.struct_slots :])
+
+
+def test_lure_signs_and_their_count() -> None:
+    """Signs of mail dressed up to be clicked are tokens, and so is their count
+    (the part that transfers from 2002 spam to today's phishing); plain wanted
+    mail has none. Only with FeatureParams.lure_signs."""
+    names = ["lure-mixed-script", "lure-invisible", "lure-name-pictograph",
+             "lure-name-malformed", "lure-credential", "lure-click-here", "lure-form",
+             "lure:one", "lure:two", "lure:many"]  # fmt: skip
+    ids = dict(zip(structure_ids(names, P7).tolist(), names, strict=True))
+    assert len(ids) == len(names)
+
+    def lures(raw: bytes, p: FeatureParams = P7) -> set[str]:
+        got = set(features_of(raw, p)[: p.struct_slots].tolist())
+        return {ids[i] for i in got if i in ids}
+
+    plain = b"From: Ann Lee <ann@example.org>\nSubject: lunch?\n\nLunch tomorrow at noon?\n"
+    assert lures(plain) == set()
+    homoglyph = "From: OpenSea <n@example.org>\nSubject: \u0421\u043engr\u0430tul\u0430tions\n\nhi\n".encode()
+    assert lures(homoglyph) == {"lure-mixed-script", "lure:one"}
+    phish = (
+        'From: "PayPal 💸", "PayPal" <x@example.org>\nSubject: Account\n\n'
+        "We noticed unusual sign-in activity. Click here to verify your account.\n"
+    ).encode()
+    assert lures(phish) == {
+        "lure-name-pictograph", "lure-name-malformed", "lure-credential", "lure-click-here", "lure:many",
+    }  # fmt: skip
+    form = b"From: a@example.org\nContent-Type: text/html\n\n<form action=x><input></form>\n"
+    assert lures(form) == {"lure-form", "lure:one"}
+    # Zero-width padding between words (newsletter preheaders) is no sign.
+    pad = "From: Shop <n@example.org>\nSubject: Sale \u200c \u200c now\n\nhi\n".encode()
+    assert lures(pad) == set()
+    # A split word is.
+    split = "From: Shop <n@example.org>\nSubject: Mi\U000e0139cro\U000e0139soft\n\nhi\n".encode()
+    assert lures(split) == {"lure-invisible", "lure:one"}
+    off = msgspec.structs.replace(P7, lure_signs=False)
+    assert lures(phish, off) == set()
