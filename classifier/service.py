@@ -74,6 +74,7 @@ from classifier.inference import (
 from classifier.loop_batcher import LoopBatcher
 from classifier.process_runner import ProcessModel
 from classifier.providers import ProviderChoice, log_choice
+from classifier.serving.remote_runner import RemoteRunner
 from classifier.types import Classification, ClassifierError, DeadlineExceeded, Overloaded
 
 log = structlog.get_logger("triaged.classifier")
@@ -128,8 +129,10 @@ class Runner(Protocol):
     def close(self) -> None: ...
 
 
-# What a loaded model is run by: a blocking Runner, or the inference process.
-AnyRunner = Runner | ProcessModel
+# What a loaded model is run by: a blocking Runner in the batcher's thread,
+# or one awaited on the loop (the inference process, the inference service).
+LoopRunner = ProcessModel | RemoteRunner
+AnyRunner = Runner | LoopRunner
 
 
 class ThreadRunner:
@@ -217,7 +220,7 @@ class OnnxClassifierService:
         self._loop = asyncio.get_running_loop()
         runner = await self._open(self._path)
         self._current = _Current(runner)
-        if s.runner == "process":
+        if s.runner in ("process", "service"):
             self._batcher = LoopBatcher(
                 self._run_batch_on_loop, s.batcher, timeout_ms=s.timeout_ms,
                 metrics=self._metrics,
@@ -303,11 +306,9 @@ class OnnxClassifierService:
         runner = current.runner
         try:
             async with asyncio.timeout(timeout_s):
-                if self._settings.runner == "service":
+                if isinstance(runner, RemoteRunner):
                     from classifier.serving import control
-                    from classifier.serving.remote_runner import RemoteRunner
 
-                    assert isinstance(runner, RemoteRunner)
                     return await control.ping(runner.endpoint, timeout_s) is not None
                 await batcher.run_in_worker(lambda: None)
         except (TimeoutError, ClassifierError):
@@ -370,13 +371,12 @@ class OnnxClassifierService:
     async def _refresh_remote(self, path: str | None) -> str:
         assert self._batcher is not None and self._current is not None
         runner = self._current.runner
-        refresh = getattr(runner, "refresh", None)
-        assert callable(refresh)
+        assert isinstance(runner, RemoteRunner)
         if path is not None and path != self._path:
             log.warning("classifier.reload_path_ignored", path=path,
                         reason="runner = service: the service's owner reloads its model")
-        # In the batcher's thread, between batches: it owns the connection.
-        name: str = await self._batcher.run_in_worker(refresh)
+        # The runner's lock puts it between batches on the connection.
+        name = await runner.refresh()
         log.info("classifier.reloaded", model=name, runner="service",
                  endpoint=self._settings.endpoint)
         return name
@@ -385,9 +385,7 @@ class OnnxClassifierService:
         s = self._settings
         loader = self._loader
         if s.runner == "service":
-            from classifier.serving.remote_runner import RemoteRunner
-
-            return await asyncio.to_thread(RemoteRunner.open, s)
+            return await RemoteRunner.open(s)
         if s.runner == "process":
             assert isinstance(loader, str)
             hang_s = max(HANG_MIN_S, HANG_TIMEOUTS * s.timeout_ms / 1000.0)
@@ -410,7 +408,7 @@ class OnnxClassifierService:
         """Stop a runner off the loop (it waits for a running batch to end)."""
         loop = asyncio.get_running_loop()
         task = loop.create_task(
-            runner.close() if isinstance(runner, ProcessModel) else asyncio.to_thread(runner.close)
+            runner.close() if isinstance(runner, LoopRunner) else asyncio.to_thread(runner.close)
         )
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
@@ -419,7 +417,7 @@ class OnnxClassifierService:
         # Runs in the worker thread. One group, except across a hot swap.
         results: list[Classification | Exception | None] = [None] * len(items)
         for runner, indexes in _group_by_runner(items).values():
-            assert not isinstance(runner, ProcessModel)
+            assert not isinstance(runner, LoopRunner)  # the thread runner only
             verdicts, timing = runner.classify_batch([items[i].raw for i in indexes])
             _check_count(verdicts, indexes)
             for i, verdict in zip(indexes, verdicts, strict=True):
@@ -472,7 +470,7 @@ def _group_by_runner(items: Sequence[_Item]) -> dict[int, tuple[AnyRunner, list[
 async def _classify_on_loop(
     runner: AnyRunner, raws: Sequence[bytes | memoryview]
 ) -> tuple[list[Classification | ClassifierError], BatchTiming]:
-    assert isinstance(runner, ProcessModel)  # the LoopBatcher's only runner
+    assert isinstance(runner, LoopRunner)  # the LoopBatcher's runners
     return await runner.classify_batch(raws)
 
 

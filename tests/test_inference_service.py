@@ -365,8 +365,7 @@ async def test_hot_swap_under_load_loses_nothing(echo_host: InferenceHost, sockd
 async def test_features_for_a_replaced_spec_are_answered_stale_and_redone(
     echo_host: InferenceHost, sockdir: Path,
 ) -> None:
-    runner = await asyncio.to_thread(RemoteRunner.open, settings_for(
-        Path("unused"), echo_host.endpoint))
+    runner = await RemoteRunner.open(settings_for(Path("unused"), echo_host.endpoint))
     try:
         old_info = runner._info
         assert old_info is not None
@@ -375,27 +374,28 @@ async def test_features_for_a_replaced_spec_are_answered_stale_and_redone(
         # a hot swap opens): the service must answer stale, not run it.
         conn = runner._conn
         assert conn is not None
-        await asyncio.to_thread(conn.poll)  # the pushed Info, read and dropped
-        answer = await asyncio.to_thread(_raw_classify, conn, old_info, [b"3", b"4"])
+        # The pushed Info, read and dropped.
+        await wait_until(lambda: bool(conn.poll()), 10, interval=0.005)
+        answer = await _raw_classify(conn, old_info, [b"3", b"4"])
         assert [wire.failure_kind(v) for v in answer.verdicts] == ["stale", "stale"]
         # The runner in the same spot (its Info not yet updated) redoes them once.
         runner._info = old_info
-        verdicts, _ = await asyncio.to_thread(runner.classify_batch, [b"8", b"9"])
+        verdicts, _ = await runner.classify_batch([b"8", b"9"])
     finally:
-        await asyncio.to_thread(runner.close)
+        await runner.close()
     assert [(v.category, v.model) for v in verdicts if isinstance(v, Classification)] == [
         ("8", "echo-b"), ("9", "echo-b")]
     assert (await echo_host.stats()).stale >= 4
 
 
-def _raw_classify(conn: wire.BlockingConnection, info: wire.Info, raws: list[bytes]) -> wire.Results:
+async def _raw_classify(conn: wire.ClientConnection, info: wire.Info, raws: list[bytes]) -> wire.Results:
     from classifier.inference import featurize
     from classifier.serving.feature_spec import featurizer_for
 
     batch = featurize(featurizer_for(info.spec), raws)
     conn.send(wire.Classify(99, info.spec.id, 30_000, wire.arrays_of(batch.features)))
     while True:
-        frame = conn.receive()
+        frame = await conn.receive()
         if isinstance(frame, wire.Results) and frame.id == 99:
             return frame
 
@@ -529,11 +529,10 @@ async def test_per_connection_counts_stay_bounded(sockdir: Path,
     await server.start()
     try:
         for n in range(4):  # workers that come and go (a restart, a crash)
-            runner = await asyncio.to_thread(
-                RemoteRunner.open, settings_for(Path("unused"), endpoint), client=f"worker w{n}")
-            verdicts, _ = await asyncio.to_thread(runner.classify_batch, [b"%d" % n] * (n + 1))
+            runner = await RemoteRunner.open(settings_for(Path("unused"), endpoint), client=f"worker w{n}")
+            verdicts, _ = await runner.classify_batch([b"%d" % n] * (n + 1))
             assert [v.category for v in verdicts if isinstance(v, Classification)] == [str(n)] * (n + 1)
-            await asyncio.to_thread(runner.close)
+            await runner.close()
             await wait_until(lambda: server.stats().connections == 0, 10)
         stats = server.stats()
     finally:

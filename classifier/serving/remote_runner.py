@@ -1,11 +1,14 @@
 """runner = "service": featurize here, run the model in the shared inference service.
 
-A Runner (classifier/service.py) for a front-end worker. The batcher's worker
-thread calls `classify_batch` one batch at a time: it featurizes the batch
-with the FeatureSpec the service announced (classifier/inference.featurize,
-the code every runner uses), sends the arrays over one connection
-(classifier/serving/service_wire.py), and applies the auth adjustment and the
-header-rule overrides to the answers (classifier/inference.finish_one).
+A runner (classifier/service.py) for a front-end worker, awaited on its event
+loop by the loop batcher (classifier/loop_batcher.py), one batch at a time:
+it featurizes the batch with the FeatureSpec the service announced
+(classifier/inference.featurize, the code every runner uses) right on the
+loop, sends the arrays over one connection that the loop reads
+(classifier/serving/service_wire.ClientConnection), and applies the auth
+adjustment and the header-rule overrides to the answers
+(classifier/inference.finish_one). No thread: a batch costs the worker no
+GIL hand-offs between a batcher thread and its SMTP loop.
 
 Why the overrides run here and not in the service: they read the message's
 header block, which only the worker has (the service gets arrays, not mail),
@@ -22,9 +25,8 @@ per message at once and is raised as Overloaded, as a full local queue is.
 
 from __future__ import annotations
 
+import asyncio
 import os
-import socket
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -60,8 +62,8 @@ class RemoteRunner:
         self._settings = settings
         self.endpoint = endpoint
         self._client = client
-        self._lock = threading.Lock()
-        self._conn: wire.BlockingConnection | None = None
+        self._lock = asyncio.Lock()  # one batch (or refresh) on the connection at a time
+        self._conn: wire.ClientConnection | None = None
         self._info: wire.Info | None = None
         self._infos: dict[int, wire.Info] = {}
         self._posts: dict[int, Postprocess] = {}
@@ -74,7 +76,7 @@ class RemoteRunner:
         self._hang_s = max(HANG_MIN_S, HANG_TIMEOUTS * settings.timeout_ms / 1000.0)
 
     @classmethod
-    def open(cls, settings: ClassifierSettings, *, client: str | None = None) -> RemoteRunner:
+    async def open(cls, settings: ClassifierSettings, *, client: str | None = None) -> RemoteRunner:
         """A runner for settings.endpoint, connected if the service answers.
 
         An unreachable service is not an error here (a worker must start and
@@ -89,9 +91,9 @@ class RemoteRunner:
         except ValueError as exc:
             raise ClassifierError(f"classifier.endpoint: {exc}") from None
         runner = cls(settings, endpoint, client=client or f"worker {os.getpid()}")
-        with runner._lock:
+        async with runner._lock:
             try:
-                runner._connection()
+                await runner._connection()
             except ClassifierError:
                 pass  # logged by _connection; batches fall back until it answers
         return runner
@@ -124,13 +126,14 @@ class RemoteRunner:
     def connected(self) -> bool:
         return self._conn is not None
 
-    def classify_batch(
+    async def classify_batch(
         self, raws: Sequence[bytes | memoryview]
     ) -> tuple[list[Classification | ClassifierError], BatchTiming]:
-        with self._lock:
-            conn = self._connection()
+        async with self._lock:
+            conn = await self._connection()
             try:
-                return self._classify(conn, raws)
+                async with asyncio.timeout(self._hang_s):
+                    return await self._classify(conn, raws)
             except TimeoutError:
                 self._drop(f"no answer in {self._hang_s:.0f} s")
                 raise ClassifierError("inference service did not answer; reconnecting") from None
@@ -139,29 +142,33 @@ class RemoteRunner:
                 self._drop(f"{type(exc).__name__}: {exc}")
                 raise ClassifierError(f"inference service connection lost: {exc}") from None
 
-    def refresh(self) -> str:
+    async def refresh(self) -> str:
         """Ask the service what it serves now (model name, feature spec) and
         return the name. For a worker's reload: the model itself is reloaded
         in the service, by whoever runs it, not by each of its clients."""
-        with self._lock:
-            conn = self._connection()
+        async with self._lock:
+            conn = await self._connection()
             try:
-                return self._fetch_info(conn).name_version
+                async with asyncio.timeout(self._hang_s):
+                    return (await self._fetch_info(conn)).name_version
+            except TimeoutError:
+                self._drop(f"no answer in {self._hang_s:.0f} s")
+                raise ClassifierError("inference service did not answer; reconnecting") from None
             except (OSError, wire.ChannelClosed, ValueError) as exc:
                 self._drop(f"{type(exc).__name__}: {exc}")
                 raise ClassifierError(f"inference service connection lost: {exc}") from None
 
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
+    async def close(self) -> None:
+        self._closed = True
+        async with self._lock:  # after the batch in flight
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
 
     # -- internals (lock held) -------------------------------------------------------
 
-    def _classify(
-        self, conn: wire.BlockingConnection, raws: Sequence[bytes | memoryview]
+    async def _classify(
+        self, conn: wire.ClientConnection, raws: Sequence[bytes | memoryview]
     ) -> tuple[list[Classification | ClassifierError], BatchTiming]:
         for frame in conn.poll():  # Infos pushed since the last batch (a hot swap)
             self._note(frame)
@@ -169,19 +176,19 @@ class RemoteRunner:
         assert info is not None  # set by _connect
         batch = featurize(featurizer_for(info.spec), raws)
         t0, c0 = time.perf_counter(), time.thread_time()
-        verdicts, generations = self._ask(conn, info.spec.id, batch.features)
+        verdicts, generations = await self._ask(conn, info.spec.id, batch.features)
         stale = [k for k, v in enumerate(verdicts)
                  if isinstance(v, str) and wire.failure_kind(v) == "stale"]
         if stale and self._info is not None and self._info.spec.id == info.spec.id:
             # The service pushes its new Info before any stale answer; ask
             # anyway rather than trust that ordering.
-            self._fetch_info(conn)
+            await self._fetch_info(conn)
         if stale and self._info is not None and self._info.spec.id != info.spec.id:
             # The service swapped to a model with other features while these
             # were on the way: featurize them once more, for the new spec.
             again = featurize(featurizer_for(self._info.spec),
                               [batch.raws[batch.slots[k]] for k in stale])
-            v2, g2 = self._ask(conn, self._info.spec.id, again.features)
+            v2, g2 = await self._ask(conn, self._info.spec.id, again.features)
             for j, k in enumerate(stale):
                 err = again.errors[j]
                 verdicts[k] = wire.failure("error", str(err)) if err is not None else ""
@@ -201,17 +208,17 @@ class RemoteRunner:
         model_s, model_cpu = time.perf_counter() - t0, time.thread_time() - c0
         return results, BatchTiming(batch.seconds, batch.cpu_seconds, model_s, model_cpu)
 
-    def _fetch_info(self, conn: wire.BlockingConnection) -> wire.Info:
+    async def _fetch_info(self, conn: wire.ClientConnection) -> wire.Info:
         request = self._new_id()
         conn.send(wire.GetInfo(request))
         while True:
-            frame = conn.receive()
+            frame = await conn.receive()
             if isinstance(frame, wire.Info):
                 self._note(frame)
                 if frame.id == request:
                     return frame
 
-    def _ask(self, conn: wire.BlockingConnection, spec_id: str,
+    async def _ask(self, conn: wire.ClientConnection, spec_id: str,
              features: Sequence[npt.NDArray[Any]]) -> tuple[list[Classification | str], list[int]]:
         if not features:
             return [], []
@@ -219,7 +226,7 @@ class RemoteRunner:
         conn.send(wire.Classify(request, spec_id, self._settings.timeout_ms,
                                 wire.arrays_of(features)))
         while True:
-            frame = conn.receive()
+            frame = await conn.receive()
             if isinstance(frame, wire.Info):
                 self._note(frame)
             elif isinstance(frame, wire.Results) and frame.id == request:
@@ -268,7 +275,7 @@ class RemoteRunner:
         self._next_id += 1
         return self._next_id
 
-    def _connection(self) -> wire.BlockingConnection:
+    async def _connection(self) -> wire.ClientConnection:
         if self._closed:
             raise ClassifierError("classifier is shut down")
         if self._conn is not None:
@@ -279,8 +286,8 @@ class RemoteRunner:
                 f"inference service {self.endpoint} unreachable; next try in "
                 f"{self._retry_at - now:.2f} s")
         try:
-            self._conn = self._connect()
-        except (OSError, wire.ChannelClosed, ValueError) as exc:
+            self._conn = await self._connect()
+        except (OSError, TimeoutError, wire.ChannelClosed, ValueError) as exc:
             self._retry_at = time.monotonic() + self._backoff
             self._backoff = min(self._backoff * 2, RECONNECT_MAX_S)
             if self._down_since is None:
@@ -296,30 +303,20 @@ class RemoteRunner:
             self._down_since = None
         return self._conn
 
-    def _connect(self) -> wire.BlockingConnection:
+    async def _connect(self) -> wire.ClientConnection:
         ep = self.endpoint
-        if ep.is_unix:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            conn = await (wire.ClientConnection.open(ep.path) if ep.is_unix
+                          else wire.ClientConnection.open(None, ep.host, ep.port))
             try:
-                sock.settimeout(CONNECT_TIMEOUT_S)
-                sock.connect(ep.path)
-            except OSError:
-                sock.close()
+                first = await conn.receive()  # the service speaks first: Info
+                if not isinstance(first, wire.Info):
+                    raise wire.ChannelClosed(f"expected Info, got {type(first).__name__}")
+                self._note(first)
+                conn.send(wire.Hello(self._client))
+            except BaseException:
+                conn.close()
                 raise
-        else:
-            sock = socket.create_connection((ep.host, ep.port), timeout=CONNECT_TIMEOUT_S)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = wire.BlockingConnection(sock)
-        try:
-            first = conn.receive()  # the service speaks first: Info
-            if not isinstance(first, wire.Info):
-                raise wire.ChannelClosed(f"expected Info, got {type(first).__name__}")
-            self._note(first)
-            conn.send(wire.Hello(self._client))
-        except BaseException:
-            conn.close()
-            raise
-        sock.settimeout(self._hang_s)
         return conn
 
     def _drop(self, why: str) -> None:

@@ -22,11 +22,10 @@ request the client gave up on is recognised and skipped.
 from __future__ import annotations
 
 import asyncio
-import select
-import socket
 import struct
+from collections import deque
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import msgspec
 import numpy as np
@@ -259,61 +258,105 @@ async def request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
             return got
 
 
-# -- blocking side (a worker's batcher thread) -------------------------------------
+# -- a worker's side, read by its event loop ----------------------------------------
 
 
-class BlockingConnection:
-    """A frame stream over a blocking socket, for the batcher's worker thread
-    (blocking calls release the GIL: the worker's event loop runs meanwhile)."""
+class ClientConnection(asyncio.Protocol):
+    """A worker's connection to the service, read by the worker's event loop
+    (classifier/serving/remote_runner.py): frames are taken off the socket as
+    they arrive; `receive()` waits for the next one, `poll()` returns those
+    already here (Info frames the service pushed after a hot swap)."""
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
+    def __init__(self) -> None:
+        self._transport: asyncio.Transport | None = None
         self._buf = bytearray()
+        self._frames: deque[ToClient] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._lost: Exception | None = None
+
+    @classmethod
+    async def open(cls, path: str | None, host: str = "", port: int = 0) -> ClientConnection:
+        """Connect to a Unix socket (`path`) or else TCP `host`:`port`."""
+        loop = asyncio.get_running_loop()
+        if path is not None:
+            _, conn = await loop.create_unix_connection(cls, path)
+        else:
+            # asyncio and uvloop set TCP_NODELAY on TCP transports.
+            _, conn = await loop.create_connection(cls, host, port)
+        return conn
 
     def send(self, frame: ToService) -> None:
-        self.sock.sendall(encode(frame))
+        if self._transport is None or self._transport.is_closing():
+            raise ChannelClosed(str(self._lost or "connection closed"))
+        self._transport.write(encode(frame))
 
-    def receive(self) -> ToClient:
-        """The next frame, waiting (up to the socket's timeout) for it."""
-        while True:
-            frame = self._take()
-            if frame is not None:
-                return frame
-            self._fill()
+    async def receive(self) -> ToClient:
+        """The next frame (the caller bounds the wait)."""
+        while not self._frames:
+            if self._lost is not None:
+                raise self._lost
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        return self._frames.popleft()
 
     def poll(self) -> list[ToClient]:
-        """The frames that already arrived, without waiting (pushed Info)."""
-        frames: list[ToClient] = []
-        while True:
-            readable, _, _ = select.select([self.sock], [], [], 0)
-            if not readable:
-                break
-            self._fill()
-        while (frame := self._take()) is not None:
-            frames.append(frame)
+        """The frames that already arrived, without waiting."""
+        frames = list(self._frames)
+        self._frames.clear()
         return frames
 
     def close(self) -> None:
-        self.sock.close()
+        if self._transport is not None:
+            self._transport.close()
 
-    def _fill(self) -> None:
-        chunk = self.sock.recv(1 << 20)
-        if not chunk:
-            raise ChannelClosed("inference service closed the connection")
-        self._buf += chunk
+    # -- asyncio.Protocol ---------------------------------------------------------------
 
-    def _take(self) -> ToClient | None:
-        if len(self._buf) < _LENGTH.size:
-            return None
-        (length,) = _LENGTH.unpack_from(self._buf)
-        if length > MAX_FRAME:
-            raise ChannelClosed(f"frame of {length} bytes: stream corrupted")
-        end = _LENGTH.size + length
-        if len(self._buf) < end:
-            return None
-        payload = bytes(self._buf[_LENGTH.size:end])
-        del self._buf[:end]
-        return decode_to_client(payload)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport.
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        start = 0
+        try:
+            while len(buf) - start >= _LENGTH.size:
+                (length,) = _LENGTH.unpack_from(buf, start)
+                if length > MAX_FRAME:
+                    raise ChannelClosed(f"frame of {length} bytes: stream corrupted")
+                end = start + _LENGTH.size + length
+                if len(buf) < end:
+                    break
+                self._frames.append(decode_to_client(bytes(buf[start + _LENGTH.size:end])))
+                start = end
+        except (ChannelClosed, ValueError) as exc:  # ValueError: msgspec's DecodeError
+            self._lose(exc)
+            if self._transport is not None:
+                self._transport.abort()
+            return
+        finally:
+            if start:
+                del buf[:start]
+        self._wake()
+
+    def eof_received(self) -> bool:
+        return False  # close our end too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lose(ChannelClosed(f"inference service closed the connection{f': {exc}' if exc else ''}"))
+
+    def _lose(self, exc: Exception) -> None:
+        if self._lost is None:
+            self._lost = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
 
 def arrays_of(features: Sequence[npt.NDArray[Any]]) -> list[Array]:
@@ -321,8 +364,30 @@ def arrays_of(features: Sequence[npt.NDArray[Any]]) -> list[Array]:
 
 
 __all__ = [
-    "Array", "BlockingConnection", "ChannelClosed", "Classify", "GetInfo", "GetStats", "Hello",
-    "Info", "Ping", "Pong", "Refused", "Reload", "Reloaded", "Results", "ServiceStats", "Stats",
-    "ToClient", "ToService", "arrays_of", "decode_to_client", "decode_to_service", "encode",
-    "failure", "failure_kind", "read_frame", "request",
+    "Array",
+    "ChannelClosed",
+    "Classify",
+    "ClientConnection",
+    "GetInfo",
+    "GetStats",
+    "Hello",
+    "Info",
+    "Ping",
+    "Pong",
+    "Refused",
+    "Reload",
+    "Reloaded",
+    "Results",
+    "ServiceStats",
+    "Stats",
+    "ToClient",
+    "ToService",
+    "arrays_of",
+    "decode_to_client",
+    "decode_to_service",
+    "encode",
+    "failure",
+    "failure_kind",
+    "read_frame",
+    "request",
 ]
