@@ -51,14 +51,16 @@ sys.path.insert(0, str(REPO / "tests"))
 from smtp_bench import Sink, _git_commit, machine, proc_tree_cpu_s  # noqa: E402
 from triaged_proc import TriagedProcess, free_port, wait_for_banner  # noqa: E402
 
-TARGETS = ("direct", "pooled", "onnx-w1", "onnx-w2", "rules-w1", "before-onnx-w1")
+TARGETS = ("direct", "pooled", "onnx-w1", "onnx-w2", "rules-w1", "before-onnx-w1", "before-onnx-w2")
+BEFORE = ("before-onnx-w1", "before-onnx-w2")
 NAMES = {
     "direct": "smtp-source → smtp-sink (no relay)",
     "pooled": "pooled naive relay (aiosmtpd + aiosmtplib, shared upstream pool)",
     "onnx-w1": "triaged, default ONNX model, workers = 1",
     "onnx-w2": "triaged, default ONNX model, workers = 2",
     "rules-w1": "triaged, rules classifier, workers = 1",
-    "before-onnx-w1": "triaged from --before-tree (the code before this change), default ONNX model, one process",
+    "before-onnx-w1": "triaged from --before-tree (the code before this change), default ONNX model, workers = 1",
+    "before-onnx-w2": "triaged from --before-tree (the code before this change), default ONNX model, workers = 2",
 }
 MODEL = REPO / "models" / "default.onnx"
 
@@ -284,14 +286,15 @@ def write_markdown(path: Path, report: dict[str, object]) -> None:
             f"{'met' if vs >= 1.5 else 'not met'}), **{cpu:.3f} ms** CPU per message "
             f"(target <= 0.5 ms: {'met' if cpu is not None and cpu <= 0.5 else 'not met'})."
         )
-    b, a = s.get("before-onnx-w1"), s.get("onnx-w1")
-    if b and a and b["cpu_ms_per_msg_median"] and a["cpu_ms_per_msg_median"]:
-        lines.append(
-            f"- Before → after this change, one process, same run: {b['msg_per_s_median']:.0f} → "
-            f"{a['msg_per_s_median']:.0f} msg/s, {b['cpu_ms_per_msg_median']:.3f} → "
-            f"{a['cpu_ms_per_msg_median']:.3f} ms CPU per message "
-            f"({(a['cpu_ms_per_msg_median'] / b['cpu_ms_per_msg_median'] - 1) * 100:+.0f}%)."
-        )
+    for w in (1, 2):
+        b, a = s.get(f"before-onnx-w{w}"), s.get(f"onnx-w{w}")
+        if b and a and b["cpu_ms_per_msg_median"] and a["cpu_ms_per_msg_median"]:
+            lines.append(
+                f"- Before → after this change, workers = {w}, same run: "
+                f"{b['msg_per_s_median']:.0f} → {a['msg_per_s_median']:.0f} msg/s, "
+                f"{b['cpu_ms_per_msg_median']:.3f} → {a['cpu_ms_per_msg_median']:.3f} ms CPU per "
+                f"message ({(a['cpu_ms_per_msg_median'] / b['cpu_ms_per_msg_median'] - 1) * 100:+.0f}%)."
+            )
     for note in report.get("notes", []):  # type: ignore[union-attr]
         lines.append(f"- {note}")
     lines += [
@@ -318,7 +321,8 @@ def main() -> int:
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--no-write", action="store_true", help="print only, keep bench/results as is")
     parser.add_argument("--before-tree", default="",
-                        help="a checkout of the code before the change measured: adds the before-onnx-w1 row")
+                        help="a checkout of the code before the change measured: adds the "
+                             "before-onnx-w1 row (list before-onnx-w2 in --targets for that one too)")
     parser.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
     parser.add_argument("--out", default=str(BENCH / "results" / "scale"),
                         help="results path without extension")
@@ -332,11 +336,11 @@ def main() -> int:
     if args.before_tree and "before-onnx-w1" not in targets:
         targets.append("before-onnx-w1")
     if not args.before_tree:
-        targets = [t for t in targets if t != "before-onnx-w1"]
+        targets = [t for t in targets if t not in BEFORE]
     else:
         commit = subprocess.run(["git", "-C", args.before_tree, "describe", "--always"],
                                 capture_output=True, text=True).stdout.strip()
-        notes.append(f"before-onnx-w1 ran the tree at commit `{commit}` (the code before this change).")
+        notes.append(f"The before rows ran the tree at commit `{commit}` (the code before this change).")
     if not workers:
         notes.append("This tree has no `server.workers` yet: triaged ran as one process; "
                      "the workers = 2 row was left out.")
