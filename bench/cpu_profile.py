@@ -43,9 +43,11 @@ BUCKETS: list[tuple[str, str]] = [
     ("features (classifier/features.py, headers)", r"classifier/features\.py|classifier/headers\.py"),
     ("model call (onnxruntime, model.py)", r"onnxruntime|classifier/model\.py"),
     ("overrides, auth, rules", r"classifier/overrides\.py|classifier/auth\.py|classifier/rules\.py"),
-    ("IPC to the inference process (wire, runner)",
-     r"classifier/worker_wire\.py|classifier/process_runner\.py|classifier/worker_process\.py"),
-    ("batcher and service", r"classifier/batcher\.py|classifier/service\.py|classifier/inference\.py"),
+    ("IPC to the inference process or service (wire, runners)",
+     r"classifier/worker_wire\.py|classifier/process_runner\.py|classifier/worker_process\.py"
+     r"|classifier/serving/service_wire\.py|classifier/serving/remote_runner\.py"),
+    ("batcher and service", r"classifier/batcher\.py|classifier/loop_batcher\.py"
+     r"|classifier/service\.py|classifier/inference\.py"),
     ("stamping", r"proxy/smtp/stamp\.py"),
     ("next-hop client and pool", r"proxy/smtp/client\.py|proxy/smtp/upstream\.py|proxy/smtp/envelope\.py"),
     ("pipeline (decide, finish, verdict)", r"proxy/pipeline\.py|proxy/verdict\.py|proxy/transaction\.py"),
