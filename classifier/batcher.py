@@ -89,8 +89,8 @@ class _Started:
 
 
 @dataclass(eq=False)
-class _Call(Generic[T]):
-    """A function to run in the worker between batches (run_in_worker)."""
+class Call(Generic[T]):
+    """A function to run between batches (run_in_worker), and its caller's future."""
 
     fn: Callable[[], T]
     future: asyncio.Future[T]
@@ -116,7 +116,7 @@ class Batcher(Generic[In, Out]):
         # Everything below the condition's lock is shared with the worker.
         self._cond = threading.Condition(threading.Lock())
         self._queue: deque[_Request[In, Out]] = deque()
-        self._calls: deque[_Call[Any]] = deque()
+        self._calls: deque[Call[Any]] = deque()
         self._closing = False
         self._arrivals = 0  # submits so far: the "is more coming?" probe
         # Queue depth at which a submit wakes the worker: 1 while it waits for
@@ -154,7 +154,7 @@ class Batcher(Generic[In, Out]):
         if self._loop is None or self._closing:
             raise BatcherClosed("batcher not started")
         future: asyncio.Future[T] = self._loop.create_future()
-        call = _Call(fn, future)
+        call = Call(fn, future)
         with self._cond:
             self._calls.append(call)
             self._cond.notify()
@@ -329,7 +329,7 @@ class Batcher(Generic[In, Out]):
         elapsed, cpu = time.perf_counter() - start, time.thread_time() - c0
         self._post(self._deliver, started, live, outputs, elapsed, cpu)
 
-    def _run_call(self, call: _Call[Any]) -> None:
+    def _run_call(self, call: Call[Any]) -> None:
         try:
             result = call.fn()
         except Exception as exc:
@@ -376,34 +376,42 @@ class Batcher(Generic[In, Out]):
     ) -> None:
         self._started(started)
         self._metrics.inference(elapsed, len(live), cpu)
-        try:
-            count = len(outputs)
-        except TypeError:  # not a sequence at all: a bug in run_batch
-            count = -1
-        if count != len(live):
+        mismatch = hand_out([r.future for r in live], outputs)
+        if mismatch is not None:
             self._metrics.error(len(live))
-            self._fail(
-                live,
-                ClassifierError(f"model returned {count} results for {len(live)} inputs"),
-            )
-            return
-        for request, output in zip(live, outputs, strict=True):
-            if request.future.done():
-                continue
-            if isinstance(output, Exception):
-                request.future.set_exception(output)
-            else:
-                request.future.set_result(output)
+            self._fail(live, mismatch)
 
-    def _exited(self, left: list[_Request[In, Out] | _Call[Any]]) -> None:
+    def _exited(self, left: list[_Request[In, Out] | Call[Any]]) -> None:
         self._fail(left, BatcherClosed("classifier worker stopped"))
         if self._stopped is not None and not self._stopped.done():
             self._stopped.set_result(None)
 
-    def _fail(self, batch: Sequence[_Request[In, Out] | _Call[Any]], cause: Exception) -> None:
+    def _fail(self, batch: Sequence[_Request[In, Out] | Call[Any]], cause: Exception) -> None:
         for request in batch:
             if not request.future.done():
                 request.future.set_exception(failure_for(cause))
+
+
+def hand_out(futures: Sequence[asyncio.Future[Any]], outputs: object) -> ClassifierError | None:
+    """Give each caller of a batch its output (an Exception instance fails
+    that caller alone; a caller already gone is skipped). When the outputs do
+    not match the inputs one for one (a bug in run_batch), touch no future
+    and return the error that fails them all."""
+    try:
+        count = len(outputs)  # type: ignore[arg-type]
+    except TypeError:  # not a sequence at all
+        count = -1
+    if count != len(futures):
+        return ClassifierError(f"model returned {count} results for {len(futures)} inputs")
+    assert isinstance(outputs, Sequence)
+    for future, output in zip(futures, outputs, strict=True):
+        if future.done():
+            continue
+        if isinstance(output, Exception):
+            future.set_exception(output)
+        else:
+            future.set_result(output)
+    return None
 
 
 def failure_for(cause: Exception) -> ClassifierError:

@@ -39,9 +39,9 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from classifier.batch_metrics import BatcherMetrics, CloseReason, NullMetrics
-from classifier.batcher import BatcherClosed, failure_for
+from classifier.batcher import BatcherClosed, Call, failure_for, hand_out
 from classifier.config import BatcherSettings
-from classifier.types import ClassifierError, DeadlineExceeded, Overloaded
+from classifier.types import DeadlineExceeded, Overloaded
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -57,14 +57,6 @@ class _Request(Generic[In, Out]):
     item: In
     future: asyncio.Future[Out]
     submitted: float  # perf_counter(): the window and the queue-wait metric
-
-
-@dataclass(eq=False, slots=True)
-class _Call(Generic[T]):
-    """A function to run on the loop between batches (run_in_worker)."""
-
-    fn: Callable[[], T]
-    future: asyncio.Future[T]
 
 
 class LoopBatcher(Generic[In, Out]):
@@ -83,7 +75,7 @@ class LoopBatcher(Generic[In, Out]):
         self._timeout_s = timeout_ms / 1000.0
         self._metrics: BatcherMetrics = metrics if metrics is not None else NullMetrics()
         self._queue: deque[_Request[In, Out]] = deque()
-        self._calls: deque[_Call[Any]] = deque()
+        self._calls: deque[Call[Any]] = deque()
         self._arrivals = 0  # submits so far: "did this pass bring more?"
         self._closing = False
         self._wakeup: asyncio.Future[None] | None = None  # set while the dispatcher idles
@@ -110,7 +102,7 @@ class LoopBatcher(Generic[In, Out]):
         if self._task is None or self._closing:
             raise BatcherClosed("batcher not started")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        call = _Call(fn, future)
+        call = Call(fn, future)
         self._calls.append(call)
         self._wake()
         return await future
@@ -198,7 +190,7 @@ class LoopBatcher(Generic[In, Out]):
                     except Exception as exc:  # a bug here must not strand the callers
                         _fail(batch, exc)
         finally:
-            left: list[_Request[In, Out] | _Call[Any]] = [*self._queue, *self._calls]
+            left: list[_Request[In, Out] | Call[Any]] = [*self._queue, *self._calls]
             self._queue.clear()
             self._calls.clear()
             _fail(left, BatcherClosed("classifier worker stopped"))
@@ -253,23 +245,12 @@ class LoopBatcher(Generic[In, Out]):
             return
         # The work ran elsewhere: this process spent only the round trip.
         metrics.inference(time.perf_counter() - start, len(live))
-        try:
-            count = len(outputs)
-        except TypeError:  # not a sequence at all: a bug in run_batch
-            count = -1
-        if count != len(live):
+        mismatch = hand_out([r.future for r in live], outputs)
+        if mismatch is not None:
             metrics.error(len(live))
-            _fail(live, ClassifierError(f"model returned {count} results for {len(live)} inputs"))
-            return
-        for request, output in zip(live, outputs, strict=True):
-            if request.future.done():
-                continue
-            if isinstance(output, Exception):
-                request.future.set_exception(output)
-            else:
-                request.future.set_result(output)
+            _fail(live, mismatch)
 
-    def _run_call(self, call: _Call[Any]) -> None:
+    def _run_call(self, call: Call[Any]) -> None:
         if call.future.done():
             return
         try:
@@ -278,7 +259,7 @@ class LoopBatcher(Generic[In, Out]):
             call.future.set_exception(exc)
 
 
-def _fail(requests: Sequence[_Request[Any, Any] | _Call[Any]], cause: Exception) -> None:
+def _fail(requests: Sequence[_Request[Any, Any] | Call[Any]], cause: Exception) -> None:
     for request in requests:
         if not request.future.done():
             request.future.set_exception(failure_for(cause))

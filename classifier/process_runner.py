@@ -272,7 +272,7 @@ class _Channel(asyncio.Protocol):
 
     def __init__(self) -> None:
         self._transport: asyncio.Transport | None = None
-        self._reader = wire.FrameReader()
+        self._reader = wire.frame_reader()
         self._waiter: asyncio.Future[wire.ToParent] | None = None
         self._lost: Exception | None = None
 
@@ -295,7 +295,7 @@ class _Channel(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             frames = self._reader.feed(data)
-        except (wire.ChannelClosed, ValueError) as exc:
+        except ValueError as exc:  # a corrupted stream (framing.FrameReader)
             self._fail(exc)
             return
         for frame in frames:

@@ -12,7 +12,7 @@ The conversation is strictly request/answer, one at a time:
     Stop             ->         (exits)
 
 The child reads with blocking socket calls (`receive_in_child`); the parent
-reads on its event loop (`FrameReader`, fed by an asyncio protocol in
+reads on its event loop (`frame_reader()`, fed by an asyncio protocol in
 classifier/process_runner.py), so no thread of triaged waits on the child.
 """
 
@@ -24,6 +24,7 @@ from typing import Literal
 
 import msgspec
 
+from classifier.framing import FrameReader
 from classifier.inference import BatchTiming
 from classifier.types import Classification
 
@@ -104,35 +105,9 @@ def send(sock: socket.socket, frame: ToChild | ToParent) -> None:
     sock.sendall(encode(frame))
 
 
-class FrameReader:
-    """Frames for the parent out of a byte stream that arrives in pieces.
-
-    feed() returns the frames completed so far; it raises ChannelClosed on a
-    length no real frame has and ValueError (msgspec's DecodeError) on a
-    frame that does not decode: either way the stream cannot be trusted.
-    """
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-
-    def feed(self, data: bytes) -> list[ToParent]:
-        buf = self._buf
-        buf += data
-        frames: list[ToParent] = []
-        start = 0
-        while len(buf) - start >= _LENGTH.size:
-            (length,) = _LENGTH.unpack_from(buf, start)
-            if length > MAX_FRAME:
-                raise ChannelClosed(f"frame of {length} bytes: stream corrupted")
-            end = start + _LENGTH.size + length
-            if len(buf) < end:
-                break
-            with memoryview(buf) as view:
-                frames.append(_to_parent.decode(view[start + _LENGTH.size:end]))
-            start = end
-        if start:
-            del buf[:start]
-        return frames
+def frame_reader() -> FrameReader[ToParent]:
+    """The parent's incremental reader of the child's frames (on the loop)."""
+    return FrameReader(_to_parent.decode, MAX_FRAME)
 
 
 def receive_in_child(sock: socket.socket) -> ToChild:

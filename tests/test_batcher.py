@@ -360,9 +360,11 @@ async def test_a_blocked_event_loop_does_not_hold_up_the_next_batch() -> None:
     assert stats.close_reasons["timeout"] == 1
 
 
-async def test_run_in_worker_runs_between_batches_in_the_worker_thread() -> None:
+async def test_run_in_worker_runs_between_batches(kind: str) -> None:
     runner = EchoRunner(FAST)
-    async with started_batcher(runner) as (batcher, _):
+    # The thread batcher runs calls in its worker thread, the loop batcher on the loop.
+    where = "triaged-infer" if kind == "thread" else threading.current_thread().name
+    async with started_batcher(runner, kind=kind) as (batcher, _):
         first = await hold_worker(batcher, runner, 1000)
         names = asyncio.create_task(batcher.run_in_worker(lambda: threading.current_thread().name))
         boom = asyncio.create_task(batcher.run_in_worker(lambda: 1 // 0))
@@ -370,26 +372,7 @@ async def test_run_in_worker_runs_between_batches_in_the_worker_thread() -> None
         assert not names.done()  # the running batch goes first
         runner.gate.set()
         assert await first == 1000
-        assert await names == "triaged-infer"
-        with pytest.raises(ZeroDivisionError):
-            await boom
-        assert await batcher.submit(3) == 3
-    with pytest.raises(BatcherClosed):
-        await batcher.run_in_worker(lambda: None)
-
-
-async def test_the_loop_batcher_runs_calls_between_batches_on_the_loop() -> None:
-    runner = EchoRunner(FAST)
-    async with started_batcher(runner, kind="loop") as (batcher, _):
-        first = await hold_worker(batcher, runner, 1000)
-        loop_thread = threading.current_thread().name
-        names = asyncio.create_task(batcher.run_in_worker(lambda: threading.current_thread().name))
-        boom = asyncio.create_task(batcher.run_in_worker(lambda: 1 // 0))
-        await settle()
-        assert not names.done()  # the running batch goes first
-        runner.gate.set()
-        assert await first == 1000
-        assert await names == loop_thread
+        assert await names == where
         with pytest.raises(ZeroDivisionError):
             await boom
         assert await batcher.submit(3) == 3

@@ -31,6 +31,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
+from classifier.framing import FrameReader
 from classifier.serving.feature_spec import FeatureSpec
 from classifier.types import Classification
 
@@ -269,7 +270,7 @@ class ClientConnection(asyncio.Protocol):
 
     def __init__(self) -> None:
         self._transport: asyncio.Transport | None = None
-        self._buf = bytearray()
+        self._reader: FrameReader[ToClient] = FrameReader(decode_to_client, MAX_FRAME)
         self._frames: deque[ToClient] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._lost: Exception | None = None
@@ -319,27 +320,13 @@ class ClientConnection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        buf = self._buf
-        buf += data
-        start = 0
         try:
-            while len(buf) - start >= _LENGTH.size:
-                (length,) = _LENGTH.unpack_from(buf, start)
-                if length > MAX_FRAME:
-                    raise ChannelClosed(f"frame of {length} bytes: stream corrupted")
-                end = start + _LENGTH.size + length
-                if len(buf) < end:
-                    break
-                self._frames.append(decode_to_client(bytes(buf[start + _LENGTH.size:end])))
-                start = end
-        except (ChannelClosed, ValueError) as exc:  # ValueError: msgspec's DecodeError
+            self._frames.extend(self._reader.feed(data))
+        except ValueError as exc:  # a corrupted stream (framing.FrameReader)
             self._lose(exc)
             if self._transport is not None:
                 self._transport.abort()
             return
-        finally:
-            if start:
-                del buf[:start]
         self._wake()
 
     def eof_received(self) -> bool:
