@@ -1,24 +1,30 @@
 """Learning curve of `triaged learn`: a source the base model never saw, fed N corrections.
 
-  PYTHONPATH=. .venv/bin/python bench/learning_curve.py [--source enron] [--seed 1]
+  PYTHONPATH=. .venv/bin/python bench/learning_curve.py [--source enron] [--seeds 1,2,3]
 
 Base: models/default_recipe.py's recipe (FOLD_CFG, the LOSO fold settings)
-on every trainable source but SOURCE, and without a 10% hash slice of the
-other sources (their held-out eval). SOURCE is split by sender group: 30%
-of its senders are the held-out test, the rest is the feedback pool, in Date
-order (oldest first). For N in 0, 25, 50, 100, 200, 500 the first N pool
-messages become feedback with the source's category as the users' label
-(a correction where the base disagreed, else a confirmation; user = the
-sender group, so the per-user cap applies), and `learn` (all of it trained
+on every trainable source but SOURCE, and without a hash slice
+(--others-fraction, 10%) of the other sources (their held-out eval). SOURCE
+is split by sender group: 30% of its senders are the held-out test, the rest
+is the feedback stream, in Date order (oldest first), labelled with the
+source's category (the users' label; user = the sender group, so the
+per-user cap applies). A stream message is a correction where the base's
+verdict differs from the label (another category, or spam), else a
+confirmation. The x axis counts corrections, as issue 12 asks: point C feeds
+the shortest prefix of the stream that holds C corrections, with the
+confirmations that came along in it (the row says how many feedback messages
+in all). For each point and each learning seed, `learn` (all of it trained
 on: holdout_fraction 0) warm-starts from the base, rehearsing the base's
 replay sample (made by the recipe's own `replay_sample` from the base's
 training set, as `default_recipe.py build` makes the shipped one; --no-replay
 leaves it out). Reported: SOURCE's held-out category accuracy and spam
-false-positive rate (SOURCE is wanted mail), and macro-F1 (all classes
-present, and the recipe's rule: classes with >= 20 messages), accuracy,
-per-class figures and spam FP on the other sources' held-out slice.
+false-positive rate (SOURCE is wanted mail), and on the other sources'
+held-out slice macro-F1 over all classes present (the issue's figure) and
+over classes with >= 20 messages (the recipe's MIN_CLASS_SUPPORT rule),
+accuracy, per-class figures, spam FP and which messages changed category.
 --oracle adds the reference a site cannot have: the recipe trained from
-scratch with the whole pool in its corpus.
+scratch with the whole stream in its corpus.
+The base and its replay sample are cached in --work (rebuilt when absent).
 Results: bench/results/learning_curve*.{json,md}.
 """
 
@@ -29,7 +35,6 @@ import email.utils
 import hashlib
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -44,14 +49,14 @@ import default_recipe as dr  # noqa: E402
 
 from classifier.corpus import Message  # noqa: E402
 from classifier.evaluate import compute_report  # noqa: E402
+from classifier.features import IdArray  # noqa: E402
 from classifier.learning.learn import LearnConfig, learn, write_candidate  # noqa: E402
 from classifier.learning.replay import save as save_replay  # noqa: E402
 from classifier.learning.store import FeedbackItem  # noqa: E402
 from classifier.model import LoadedModel, load_model  # noqa: E402
 from classifier.train import export, make_manifest, split_by_hash  # noqa: E402
 
-SIZES = (0, 25, 50, 100, 200, 500)
-
+CORRECTIONS = (0, 25, 50, 100, 200, 500)
 
 
 def date_of(m: Message) -> float:
@@ -66,10 +71,11 @@ def date_of(m: Message) -> float:
     return 0.0
 
 
-def measure(model: LoadedModel, test: list[Message], others: list[Message]) -> dict[str, Any]:
+def measure(model: LoadedModel, sets: dict[str, tuple[list[Message], list[IdArray]]],
+            base_cats: dict[str, list[str]] | None = None) -> dict[str, Any]:  # fmt: skip
     out: dict[str, Any] = {}
-    for name, ms in (("source", test), ("others", others)):
-        preds = model.predict(model.featurize_many([m.raw for m in ms]))
+    for name, (ms, ids) in sets.items():
+        preds = model.predict(ids)
         r = compute_report(
             model.manifest.labels,
             [m.category for m in ms],
@@ -90,86 +96,130 @@ def measure(model: LoadedModel, test: list[Message], others: list[Message]) -> d
             "classes": {c: [v.support, v.precision, v.recall, v.f1] for c, v in r.per_class.items()
                         if v.support},  # [support, precision, recall, F1]
         }  # fmt: skip
+        if base_cats is not None:  # what the candidate files differently from the base
+            out[name]["changed"] = [
+                [m.ident, m.category, b, p.category]
+                for m, b, p in zip(ms, base_cats[name], preds, strict=True)
+                if m.category and b != p.category
+            ]
     return out
+
+
+class Setup(msgspec.Struct):
+    data: Any  # dr.Data
+    base_train: list[Message]
+    test: list[Message]
+    others: list[Message]
+    stream: list[Message]  # the feedback pool, in Date order
+
+
+def setup(source: str, others_fraction: float) -> Setup:
+    data = dr.load_all(progress=False)
+    src = [m for m in data.trainable if m.source == source and m.category]
+    rest = [m for m in data.trainable if m.source != source]
+    held = [split_by_hash(m, others_fraction, b"curve-others") for m in rest]
+    others = [m for m, h in zip(rest, held, strict=True) if h]
+    base_train = [m for m, h in zip(rest, held, strict=True) if not h]
+    test = [m for m in src if dr._hash_unit(m.group, b"curve") < 0.3]
+    stream = sorted((m for m in src if dr._hash_unit(m.group, b"curve") >= 0.3), key=date_of)
+    return Setup(data, base_train, test, others, stream)
+
+
+def base_model(s: Setup, work: Path, no_replay: bool) -> tuple[Path, Path | None, float]:
+    """(base model, its replay sample, seconds): built once per --work folder."""
+    t0 = time.time()
+    base_path, replay_path = work / "base.onnx", work / "base.replay.npz"
+    if not base_path.is_file():
+        fitted = dr.recipe(s.base_train, s.data, dr.FOLD_CFG, progress=False)
+        manifest = make_manifest(fitted.result, dr.PARAMS, "curve-base", "1")
+        export(fitted.result, manifest, base_path, int8=False)
+    if not replay_path.is_file():
+        # Made as the recipe makes the shipped one (from the base's own training
+        # set: never the others' eval slice, never SOURCE).
+        save_replay(dr.replay_sample(s.base_train, s.data, "curve base training set"), replay_path)
+    return base_path, None if no_replay else replay_path, time.time() - t0
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--source", default="enron")
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--anchor", type=float, default=LearnConfig().anchor)
-    ap.add_argument("--replay-weight", type=float, default=LearnConfig().replay_weight)
+    ap.add_argument("--seeds", default="1,2,3", help="learning seeds, each run at every point")
+    ap.add_argument("--corrections", default=",".join(map(str, CORRECTIONS)),
+                    help="points of the curve, in corrections")  # fmt: skip
+    ap.add_argument("--others-fraction", type=float, default=0.1,
+                    help="hash slice of the other sources held out of the base as their eval")
     ap.add_argument("--no-replay", action="store_true", help="learn without the replay sample")
-    ap.add_argument("--replay-labels", type=float, default=LearnConfig().replay_labels)
-    ap.add_argument("--replay-batch", type=int, default=LearnConfig().replay_batch)
-    ap.add_argument("--lr", type=float, default=LearnConfig().lr)
-    ap.add_argument("--epochs", type=int, default=LearnConfig().epochs)
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a LearnConfig field other than the default (repeatable)")
+    ap.add_argument("--work", help="folder caching the base model (default: data-cache/...)")
     ap.add_argument("--tag", default="", help="suffix of the result file name")
     ap.add_argument("--oracle", action="store_true",
-                    help="also train the recipe from scratch with the whole pool (a reference)")
-    ap.add_argument("--sizes", default=",".join(map(str, SIZES)), help="feedback counts to run")
+                    help="also train the recipe from scratch with the whole stream (a reference)")
     args = ap.parse_args()
     t0 = time.time()
-    data = dr.load_all(progress=False)
-    src = [m for m in data.trainable if m.source == args.source and m.category]
-    if not src:
+    s = setup(args.source, args.others_fraction)
+    if not s.stream:
         print(f"no messages of source {args.source}", file=sys.stderr)
         return 2
-    rest = [m for m in data.trainable if m.source != args.source]
-    others = [m for m in rest if split_by_hash(m, 0.1, b"curve-others")]
-    base_train = [m for m in rest if not split_by_hash(m, 0.1, b"curve-others")]
-    test = [m for m in src if dr._hash_unit(m.group, b"curve") < 0.3]
-    pool = sorted((m for m in src if dr._hash_unit(m.group, b"curve") >= 0.3), key=date_of)
-    fitted = dr.recipe(base_train, data, dr.FOLD_CFG, progress=False)
-    work = Path(tempfile.mkdtemp(prefix="learning-curve-"))
-    base_path = work / "base.onnx"
-    manifest = make_manifest(fitted.result, dr.PARAMS, "curve-base", "1")
-    export(fitted.result, manifest, base_path, int8=False)
+    work = Path(args.work or ROOT / "data-cache" / "learning-curve" /
+                f"{args.source.replace('/', '_')}-others{args.others_fraction}-v{dr.PARAMS.version}")  # fmt: skip
+    work.mkdir(parents=True, exist_ok=True)
+    base_path, replay_path, t_base = base_model(s, work, args.no_replay)
+    overrides = {k: json.loads(v) for k, v in (x.split("=", 1) for x in args.set)}
     base = load_model(str(base_path))
-    # The base's replay sample, made as the recipe makes the shipped one (from the
-    # base's own training set: never the others' eval slice, never SOURCE).
-    replay_path = None if args.no_replay else save_replay(
-        dr.replay_sample(base_train, data, "curve base training set"), work / "base.replay.npz")
-    cfg = LearnConfig(seed=args.seed, holdout_fraction=0.0, anchor=args.anchor, lr=args.lr,
-                      epochs=args.epochs, replay_weight=args.replay_weight,
-                      replay_labels=args.replay_labels, replay_batch=args.replay_batch)  # fmt: skip
-    t_base = time.time() - t0
-    decided = [p.category for p in base.predict(base.featurize_many([m.raw for m in pool]))]
+    sets = {"source": (s.test, base.featurize_many([m.raw for m in s.test])),
+            "others": (s.others, base.featurize_many([m.raw for m in s.others]))}  # fmt: skip
+    base_cats = {k: [p.category for p in base.predict(ids)] for k, (_, ids) in sets.items()}
+    preds = base.predict(base.featurize_many([m.raw for m in s.stream]))
+    corrected = [p.category != m.category or bool(p.spam) for m, p in zip(s.stream, preds, strict=True)]
+    decided = ["spam" if p.spam else p.category for p in preds]
+    at = np.cumsum(corrected)  # corrections within the first k+1 stream messages
+    base_row = {"corrections": 0, "feedback": 0, **measure(base, sets)}
+    print(json.dumps({k: base_row[k] for k in ("corrections", "feedback")} |
+                     {k: {m: base_row[k][m] for m in ("accuracy", "spam_fp_rate", "macro_f1")}
+                      for k in sets}), flush=True)  # fmt: skip
     rows = []
-    for n in [int(x) for x in args.sizes.split(",")]:
-        if n > len(pool):
-            break
-        t1 = time.time()
-        if n == 0:
-            model = base
-        else:
-            items = [
-                FeedbackItem(m.raw, m.category or "", m.group,
-                     "confirmation" if d == m.category else "correction", d, float(k), m.ident,
-                     hashlib.sha256(m.raw).hexdigest())
-                for k, (m, d) in enumerate(zip(pool[:n], decided[:n], strict=True))
-            ]  # fmt: skip
+    for c in [int(x) for x in args.corrections.split(",") if int(x) > 0]:
+        if c > int(at[-1]):
+            print(f"the stream holds {int(at[-1])} corrections, not {c}", file=sys.stderr)
+            c = int(at[-1])
+        n = int(np.searchsorted(at, c)) + 1  # the shortest prefix with c corrections
+        items = [
+            FeedbackItem(m.raw, m.category or "", m.group,
+                         "correction" if corr else "confirmation", d, float(k), m.ident,
+                         hashlib.sha256(m.raw).hexdigest())
+            for k, (m, d, corr) in enumerate(zip(s.stream[:n], decided[:n], corrected[:n], strict=True))
+        ]  # fmt: skip
+        for seed in [int(x) for x in args.seeds.split(",")]:
+            t1 = time.time()
+            cfg = msgspec.structs.replace(LearnConfig(), seed=seed, holdout_fraction=0.0, **overrides)
             res = learn(base_path, items, cfg, replay=replay_path)
-            model = load_model(str(write_candidate(res, work / f"cand-{n}.onnx")))
-        row = {"feedback": n, "corrections": sum(d != m.category for m, d in
-                                                 zip(pool[:n], decided[:n], strict=True)),
-               **measure(model, test, others), "seconds": round(time.time() - t1, 1)}  # fmt: skip
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+            model = load_model(str(write_candidate(res, work / f"cand-{c}-{seed}.onnx")))
+            row = {"corrections": c, "feedback": n, "seed": seed, **measure(model, sets, base_cats),
+                   "seconds": round(time.time() - t1, 1)}  # fmt: skip
+            rows.append(row)
+            print(json.dumps({k: row[k] for k in ("corrections", "feedback", "seed", "seconds")} |
+                             {k: {m: row[k][m] for m in ("accuracy", "spam_fp_rate", "macro_f1",
+                                                         "macro_f1_support20")} for k in sets}),
+                  flush=True)  # fmt: skip
+        if c == int(at[-1]):
+            break
     oracle = None
     if args.oracle:
-        # The reference: the recipe trained from scratch with the whole feedback
-        # pool in its corpus (what a learner with the original corpora could do).
-        fo = dr.recipe(base_train + pool, data, dr.FOLD_CFG, progress=False)
+        # The reference: the recipe trained from scratch with the whole stream in its
+        # corpus (what a learner with the original corpora could do).
+        fo = dr.recipe(s.base_train + s.stream, s.data, dr.FOLD_CFG, progress=False)
         export(fo.result, make_manifest(fo.result, dr.PARAMS, "curve-oracle", "1"),
                work / "oracle.onnx", int8=False)  # fmt: skip
-        oracle = measure(load_model(str(work / "oracle.onnx")), test, others)
-        print(json.dumps({"feedback": "oracle", **oracle}), flush=True)
-    doc = {"source": args.source, "oracle": oracle, "seed": args.seed, "config": msgspec.to_builtins(cfg),
+        oracle = measure(load_model(str(work / "oracle.onnx")), sets)
+        print(json.dumps({"oracle": {k: oracle[k]["macro_f1"] for k in sets}}), flush=True)
+    cfg = msgspec.structs.replace(LearnConfig(), holdout_fraction=0.0, **overrides)
+    doc = {"source": args.source, "seeds": args.seeds, "config": msgspec.to_builtins(cfg),
            "replay": None if replay_path is None else replay_path.stat().st_size,
-           "pool": len(pool), "test": len(test),
-           "others": len(others), "base_seconds": round(t_base, 1), "rows": rows,
-           "base_training": fitted.result.summary["sources"]}  # fmt: skip
+           "stream": len(s.stream), "stream_corrections": int(at[-1]), "test": len(s.test),
+           "others": len(s.others), "others_fraction": args.others_fraction,
+           "base_seconds": round(t_base, 1), "seconds": round(time.time() - t0, 1),
+           "base": base_row, "rows": rows, "oracle": oracle}  # fmt: skip
     out = ROOT / "bench/results"
     name = f"learning_curve_{args.source.replace('/', '_')}{args.tag}.json"
     (out / name).write_text(json.dumps(doc, indent=2) + "\n")
