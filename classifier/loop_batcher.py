@@ -99,8 +99,8 @@ class LoopBatcher(Generic[In, Out]):
     async def run_in_worker(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the loop between batches (probes: "is the dispatcher
         alive and getting to its queue?")."""
-        if self._task is None or self._closing:
-            raise BatcherClosed("batcher not started")
+        if self._task is None or self._task.done() or self._closing:
+            raise BatcherClosed("batcher not running")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         call = Call(fn, future)
         self._calls.append(call)
@@ -114,7 +114,7 @@ class LoopBatcher(Generic[In, Out]):
         the deadline (timeout_ms, else the batcher's) passes first, and
         ClassifierError when its batch failed.
         """
-        if self._closing or self._task is None:
+        if self._closing or self._task is None or self._task.done():
             raise BatcherClosed("classifier is not running")
         queue = self._queue
         if len(queue) >= self._settings.queue_size:
