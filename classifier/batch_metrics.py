@@ -39,9 +39,10 @@ class BatcherMetrics(Protocol):
         (perf_counter, read by the worker thread as it starts the batch)."""
 
     def inference(self, seconds: float, size: int, cpu_seconds: float = 0.0) -> None:
-        """The worker thread spent this long on one batch (in process mode:
-        the round trip to the inference process), of which cpu_seconds on its
-        own CPU clock (the rest: waiting for the process, the GIL or a core)."""
+        """One batch took this long from start to results (with the inference
+        process or service: the round trip), of which cpu_seconds on the
+        thread batcher's own CPU clock (0 from the loop batcher, whose
+        batches run elsewhere)."""
 
     def batch_work(self, features: Work, model: Work) -> None:
         """Inside one batch, where the runner ran it: feature extraction and

@@ -16,13 +16,13 @@ featurizes it, calls the model once and applies the header-rule overrides
 - "process" (the default): an inference process per model
   (classifier/process_runner.py). Features are Python and hold a GIL; there
   they hold their own, so the SMTP loop and the model never wait for each
-  other. Its batches are batched and awaited on the event loop
+  other. Its batches are collected and awaited on the event loop
   (classifier/loop_batcher.py): no thread in this process waits on it.
 - "thread": the batcher's worker thread (classifier/batcher.py) runs the
   same code in this process.
-- "service": features here, the model in a shared inference service at
-  `endpoint` that batches across every worker of a host (or several hosts)
-  (classifier/serving/). reload() then does not load a model: the service's
+- "service": features here (on the loop, by the loop batcher), the model in
+  a shared inference service at `endpoint` that batches across every worker
+  of a host (or several hosts) (classifier/serving/). reload() then does not load a model: the service's
   owner reloads it once for all its clients (InferenceHost.reload, or SIGHUP
   to `triaged inference`); a worker's reload() only re-reads what the service
   serves now (model name, feature spec), which the service also pushes to
@@ -109,8 +109,8 @@ RECOVERED_AFTER_S = 1.0
 
 class Runner(Protocol):
     """Runs whole batches for one loaded model (from the batcher's worker
-    thread). ProcessModel has the same shape with `classify_batch` and
-    `close` awaited on the loop."""
+    thread). ProcessModel and RemoteRunner have the same shape with
+    `classify_batch` and `close` awaited on the loop (LoopRunner)."""
 
     @property
     def name_version(self) -> str: ...

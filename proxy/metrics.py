@@ -75,7 +75,7 @@ class BatcherPrometheus:
 
     def inference(self, seconds: float, size: int, cpu_seconds: float = 0.0) -> None:
         del size
-        del cpu_seconds  # the worker thread only waits in process mode: see model_cpu
+        del cpu_seconds  # this process only waits for the runner: see model_cpu
         self.inference_seconds.observe(seconds)
 
     def batch_work(self, features: Work, model: Work) -> None:
