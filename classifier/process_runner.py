@@ -12,7 +12,7 @@ the same way.
 
 The model is started (and restarted) in a thread, since it blocks until the
 child answers Ready; after that the event loop owns the socket: a batch is one
-write, and the answer is read by an asyncio protocol (`_Channel`). No thread
+write, and the answer is read by an asyncio protocol (framing.FrameConnection). No thread
 of triaged waits on the child, so there are no GIL hand-offs with the SMTP
 loop per batch (bench/results/cpu_profile.md).
 """
@@ -27,7 +27,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from typing import cast
 
 import msgspec
 import structlog
@@ -60,7 +59,7 @@ class ProcessModel:
         self._lock = asyncio.Lock()  # one exchange at a time; restarts too
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None  # started, not yet on the loop
-        self._channel: _Channel | None = None
+        self._channel: wire.ParentConnection | None = None
         self._retry_at = 0.0
         self._closed = False
         self.name_version = ""
@@ -126,7 +125,7 @@ class ProcessModel:
             proc, sock, channel = self._proc, self._sock, self._channel
             self._proc = self._sock = self._channel = None
         if channel is not None:
-            channel.stop()
+            _stop_channel(channel)
         if sock is not None:
             try:
                 wire.send(sock, wire.Stop())
@@ -148,10 +147,14 @@ class ProcessModel:
             await self._kill("exited between batches")
         channel = self._channel or await self._attach()
         try:
+            if channel.poll():
+                # An answer before any question: the stream is out of step.
+                raise wire.ChannelClosed("unexpected frame between batches")
             # Views of the prefixes the service cut: encoded straight into
             # the frame, never copied on their own.
+            channel.write(wire.encode(wire.Run([memoryview(r) for r in raws])))
             async with asyncio.timeout(self._hang_timeout_s):
-                answer = await channel.request(wire.Run([memoryview(r) for r in raws]))
+                answer = await channel.receive()
         except TimeoutError:
             await self._kill(f"no answer in {self._hang_timeout_s:.0f} s", force=True)
             raise ClassifierError("inference process hung; killed") from None
@@ -165,7 +168,7 @@ class ProcessModel:
             raise ClassifierError("inference process out of step; killed")
         return answer
 
-    async def _attach(self) -> _Channel:
+    async def _attach(self) -> wire.ParentConnection:
         """Hand the started process's socket to the loop (restarting it first
         when it is gone)."""
         if self._sock is None:
@@ -176,7 +179,7 @@ class ProcessModel:
         sock.settimeout(None)
         loop = asyncio.get_running_loop()
         try:
-            _, channel = await loop.create_unix_connection(_Channel, sock=sock)
+            _, channel = await loop.create_unix_connection(wire.parent_connection, sock=sock)
         except OSError as exc:
             sock.close()
             why = await self._kill(f"{type(exc).__name__}: {exc}")
@@ -251,7 +254,7 @@ class ProcessModel:
         proc, sock, channel = self._proc, self._sock, self._channel
         self._proc = self._sock = self._channel = None
         if channel is not None:
-            channel.stop()
+            _stop_channel(channel)
         if sock is not None:
             sock.close()
         if proc is not None:
@@ -266,74 +269,6 @@ class ProcessModel:
         return why
 
 
-class _Channel(asyncio.Protocol):
-    """The parent's end of the socketpair, read by the event loop: one
-    request at a time, its answer delivered to the awaiting batch."""
-
-    def __init__(self) -> None:
-        self._transport: asyncio.Transport | None = None
-        self._reader = wire.frame_reader()
-        self._waiter: asyncio.Future[wire.ToParent] | None = None
-        self._lost: Exception | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports do not subclass asyncio.Transport.
-        self._transport = cast(asyncio.Transport, transport)
-
-    async def request(self, frame: wire.ToChild) -> wire.ToParent:
-        if self._lost is not None or self._transport is None:
-            raise wire.ChannelClosed(str(self._lost or "inference process closed its end"))
-        waiter: asyncio.Future[wire.ToParent] = asyncio.get_running_loop().create_future()
-        self._waiter = waiter
-        # The transport buffers what the socket does not take at once.
-        self._transport.write(wire.encode(frame))
-        try:
-            return await waiter
-        finally:
-            self._waiter = None
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            frames = self._reader.feed(data)
-        except ValueError as exc:  # a corrupted stream (framing.FrameReader)
-            self._fail(exc)
-            return
-        for frame in frames:
-            waiter = self._waiter
-            if waiter is None or waiter.done():
-                # An answer nobody asked for (or one for a batch whose caller
-                # gave up): the stream is out of step.
-                self._fail(wire.ChannelClosed(f"unexpected {type(frame).__name__}"))
-                return
-            waiter.set_result(frame)
-
-    def eof_received(self) -> bool:
-        return False  # close our end too
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._lost is None:
-            self._lost = exc or wire.ChannelClosed("inference process closed its end")
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(wire.ChannelClosed(str(self._lost)))
-
-    def stop(self) -> None:
-        """Tell the process to exit (after its batch) and close our end."""
-        transport = self._transport
-        if transport is None or transport.is_closing():
-            return
-        transport.write(wire.encode(wire.Stop()))
-        transport.close()  # flushes the Stop first
-
-    def _fail(self, exc: Exception) -> None:
-        self._lost = exc
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(exc)
-        if self._transport is not None:
-            self._transport.abort()
-
-
 class _Crashed(ClassifierError):
     """The inference process died while it had our batch."""
 
@@ -346,6 +281,15 @@ def _unpack(
     verdicts = [v if isinstance(v, Classification) else ClassifierError(v)
                 for v in answer.verdicts]
     return verdicts, answer.timing
+
+
+def _stop_channel(channel: wire.ParentConnection) -> None:
+    """Tell the process to exit (after its batch) and close our end."""
+    try:
+        channel.write(wire.encode(wire.Stop()))
+    except wire.ChannelClosed:
+        return  # it is gone already
+    channel.close()  # flushes the Stop first
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:

@@ -12,7 +12,7 @@ The conversation is strictly request/answer, one at a time:
     Stop             ->         (exits)
 
 The child reads with blocking socket calls (`receive_in_child`); the parent
-reads on its event loop (`frame_reader()`, fed by an asyncio protocol in
+reads on its event loop (`parent_connection()`, a framing.FrameConnection in
 classifier/process_runner.py), so no thread of triaged waits on the child.
 """
 
@@ -24,7 +24,7 @@ from typing import Literal
 
 import msgspec
 
-from classifier.framing import FrameReader
+from classifier.framing import FrameConnection
 from classifier.inference import BatchTiming
 from classifier.types import Classification
 
@@ -105,9 +105,13 @@ def send(sock: socket.socket, frame: ToChild | ToParent) -> None:
     sock.sendall(encode(frame))
 
 
-def frame_reader() -> FrameReader[ToParent]:
-    """The parent's incremental reader of the child's frames (on the loop)."""
-    return FrameReader(_to_parent.decode, MAX_FRAME)
+# The parent's end of the socketpair, read by its event loop.
+ParentConnection = FrameConnection[ToParent]
+
+
+def parent_connection() -> ParentConnection:
+    """A protocol factory for the parent's end (loop.create_unix_connection)."""
+    return FrameConnection(_to_parent.decode, MAX_FRAME, ChannelClosed)
 
 
 def receive_in_child(sock: socket.socket) -> ToChild:

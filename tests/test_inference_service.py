@@ -393,7 +393,7 @@ async def _raw_classify(conn: wire.ClientConnection, info: wire.Info, raws: list
     from classifier.serving.feature_spec import featurizer_for
 
     batch = featurize(featurizer_for(info.spec), raws)
-    conn.send(wire.Classify(99, info.spec.id, 30_000, wire.arrays_of(batch.features)))
+    conn.write(wire.encode(wire.Classify(99, info.spec.id, 30_000, wire.arrays_of(batch.features))))
     while True:
         frame = await conn.receive()
         if isinstance(frame, wire.Results) and frame.id == 99:

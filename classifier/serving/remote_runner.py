@@ -5,7 +5,7 @@ loop by the loop batcher (classifier/loop_batcher.py), one batch at a time:
 it featurizes the batch with the FeatureSpec the service announced
 (classifier/inference.featurize, the code every runner uses) right on the
 loop, sends the arrays over one connection that the loop reads
-(classifier/serving/service_wire.ClientConnection), and applies the auth
+(classifier/framing.FrameConnection), and applies the auth
 adjustment and the header-rule overrides to the answers
 (classifier/inference.finish_one). No thread: a batch costs the worker no
 GIL hand-offs between a batcher thread and its SMTP loop.
@@ -210,7 +210,7 @@ class RemoteRunner:
 
     async def _fetch_info(self, conn: wire.ClientConnection) -> wire.Info:
         request = self._new_id()
-        conn.send(wire.GetInfo(request))
+        conn.write(wire.encode(wire.GetInfo(request)))
         while True:
             frame = await conn.receive()
             if isinstance(frame, wire.Info):
@@ -223,8 +223,8 @@ class RemoteRunner:
         if not features:
             return [], []
         request = self._new_id()
-        conn.send(wire.Classify(request, spec_id, self._settings.timeout_ms,
-                                wire.arrays_of(features)))
+        conn.write(wire.encode(wire.Classify(request, spec_id, self._settings.timeout_ms,
+                                             wire.arrays_of(features))))
         while True:
             frame = await conn.receive()
             if isinstance(frame, wire.Info):
@@ -306,14 +306,14 @@ class RemoteRunner:
     async def _connect(self) -> wire.ClientConnection:
         ep = self.endpoint
         async with asyncio.timeout(CONNECT_TIMEOUT_S):
-            conn = await (wire.ClientConnection.open(ep.path) if ep.is_unix
-                          else wire.ClientConnection.open(None, ep.host, ep.port))
+            conn = await (wire.open_client(ep.path) if ep.is_unix
+                          else wire.open_client(None, ep.host, ep.port))
             try:
                 first = await conn.receive()  # the service speaks first: Info
                 if not isinstance(first, wire.Info):
                     raise wire.ChannelClosed(f"expected Info, got {type(first).__name__}")
                 self._note(first)
-                conn.send(wire.Hello(self._client))
+                conn.write(wire.encode(wire.Hello(self._client)))
             except BaseException:
                 conn.close()
                 raise

@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections import deque
 from collections.abc import Sequence
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from classifier.framing import FrameReader
+from classifier.framing import FrameConnection
 from classifier.serving.feature_spec import FeatureSpec
 from classifier.types import Classification
 
@@ -262,88 +261,25 @@ async def request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
 # -- a worker's side, read by its event loop ----------------------------------------
 
 
-class ClientConnection(asyncio.Protocol):
-    """A worker's connection to the service, read by the worker's event loop
-    (classifier/serving/remote_runner.py): frames are taken off the socket as
-    they arrive; `receive()` waits for the next one, `poll()` returns those
-    already here (Info frames the service pushed after a hot swap)."""
+# A worker's connection to the service: frames to the service are encoded
+# (`encode`) and written, frames from it come out decoded.
+ClientConnection = FrameConnection[ToClient]
 
-    def __init__(self) -> None:
-        self._transport: asyncio.Transport | None = None
-        self._reader: FrameReader[ToClient] = FrameReader(decode_to_client, MAX_FRAME)
-        self._frames: deque[ToClient] = deque()
-        self._waiter: asyncio.Future[None] | None = None
-        self._lost: Exception | None = None
 
-    @classmethod
-    async def open(cls, path: str | None, host: str = "", port: int = 0) -> ClientConnection:
-        """Connect to a Unix socket (`path`) or else TCP `host`:`port`."""
-        loop = asyncio.get_running_loop()
-        if path is not None:
-            _, conn = await loop.create_unix_connection(cls, path)
-        else:
-            # asyncio and uvloop set TCP_NODELAY on TCP transports.
-            _, conn = await loop.create_connection(cls, host, port)
-        return conn
+async def open_client(path: str | None, host: str = "", port: int = 0) -> ClientConnection:
+    """Connect to the service at a Unix socket (`path`) or else TCP `host`:`port`;
+    the loop reads the connection (framing.FrameConnection)."""
+    loop = asyncio.get_running_loop()
 
-    def send(self, frame: ToService) -> None:
-        if self._transport is None or self._transport.is_closing():
-            raise ChannelClosed(str(self._lost or "connection closed"))
-        self._transport.write(encode(frame))
+    def connection() -> ClientConnection:
+        return FrameConnection(decode_to_client, MAX_FRAME, ChannelClosed)
 
-    async def receive(self) -> ToClient:
-        """The next frame (the caller bounds the wait)."""
-        while not self._frames:
-            if self._lost is not None:
-                raise self._lost
-            waiter = self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await waiter
-            finally:
-                self._waiter = None
-        return self._frames.popleft()
-
-    def poll(self) -> list[ToClient]:
-        """The frames that already arrived, without waiting."""
-        frames = list(self._frames)
-        self._frames.clear()
-        return frames
-
-    def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
-
-    # -- asyncio.Protocol ---------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports do not subclass asyncio.Transport.
-        self._transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self._frames.extend(self._reader.feed(data))
-        except ValueError as exc:  # a corrupted stream (framing.FrameReader)
-            self._lose(exc)
-            if self._transport is not None:
-                self._transport.abort()
-            return
-        self._wake()
-
-    def eof_received(self) -> bool:
-        return False  # close our end too
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._lose(ChannelClosed(f"inference service closed the connection{f': {exc}' if exc else ''}"))
-
-    def _lose(self, exc: Exception) -> None:
-        if self._lost is None:
-            self._lost = exc
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+    if path is not None:
+        _, conn = await loop.create_unix_connection(connection, path)
+    else:
+        # asyncio and uvloop set TCP_NODELAY on TCP transports.
+        _, conn = await loop.create_connection(connection, host, port)
+    return conn
 
 
 def arrays_of(features: Sequence[npt.NDArray[Any]]) -> list[Array]:
