@@ -392,18 +392,17 @@ class Batcher(Generic[In, Out]):
                 request.future.set_exception(failure_for(cause))
 
 
-def hand_out(futures: Sequence[asyncio.Future[Any]], outputs: object) -> ClassifierError | None:
+def hand_out(futures: Sequence[asyncio.Future[Any]], outputs: Sequence[Any]) -> ClassifierError | None:
     """Give each caller of a batch its output (an Exception instance fails
     that caller alone; a caller already gone is skipped). When the outputs do
     not match the inputs one for one (a bug in run_batch), touch no future
     and return the error that fails them all."""
     try:
-        count = len(outputs)  # type: ignore[arg-type]
-    except TypeError:  # not a sequence at all
+        count = len(outputs)
+    except TypeError:  # not a sequence at all, whatever its annotation says
         count = -1
     if count != len(futures):
         return ClassifierError(f"model returned {count} results for {len(futures)} inputs")
-    assert isinstance(outputs, Sequence)
     for future, output in zip(futures, outputs, strict=True):
         if future.done():
             continue

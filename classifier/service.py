@@ -427,16 +427,10 @@ class OnnxClassifierService:
 
     async def _run_batch_on_loop(self, items: list[_Item]) -> list[Classification | Exception]:
         # The LoopBatcher's batch: one group, except across a hot swap.
-        groups = _group_by_runner(items)
-        if len(groups) == 1:  # the common case, without the index shuffle
-            ((runner, _),) = groups.values()
-            verdicts, timing = await _classify_on_loop(runner, [item.raw for item in items])
-            _check_count(verdicts, items)
-            self._metrics_timing(timing)
-            return list(verdicts)
         results: list[Classification | Exception | None] = [None] * len(items)
-        for runner, indexes in groups.values():
-            verdicts, timing = await _classify_on_loop(runner, [items[i].raw for i in indexes])
+        for runner, indexes in _group_by_runner(items).values():
+            assert isinstance(runner, LoopRunner)  # the LoopBatcher's runners
+            verdicts, timing = await runner.classify_batch([items[i].raw for i in indexes])
             _check_count(verdicts, indexes)
             for i, verdict in zip(indexes, verdicts, strict=True):
                 results[i] = verdict
@@ -444,16 +438,16 @@ class OnnxClassifierService:
         return [r if r is not None else ClassifierError("no result") for r in results]
 
     def _metrics_timing(self, timing: BatchTiming) -> None:
+        # Metrics hooks run on the loop (their contract).
         self._metrics.batch_work((timing.features_s, timing.features_cpu_s),
                                  (timing.model_s, timing.model_cpu_s))
 
     def _post_timing(self, timing: BatchTiming) -> None:
-        # Metrics hooks run on the loop (their contract).
+        # From the thread batcher's worker: handed to the loop.
         if self._loop is None or isinstance(self._metrics, NullMetrics):
             return
-        work = ((timing.features_s, timing.features_cpu_s), (timing.model_s, timing.model_cpu_s))
         try:
-            self._loop.call_soon_threadsafe(self._metrics.batch_work, *work)
+            self._loop.call_soon_threadsafe(self._metrics_timing, timing)
         except RuntimeError:  # loop closed
             pass
 
@@ -465,13 +459,6 @@ def _group_by_runner(items: Sequence[_Item]) -> dict[int, tuple[AnyRunner, list[
     for i, item in enumerate(items):
         groups.setdefault(id(item.target), (item.target.runner, []))[1].append(i)
     return groups
-
-
-async def _classify_on_loop(
-    runner: AnyRunner, raws: Sequence[bytes | memoryview]
-) -> tuple[list[Classification | ClassifierError], BatchTiming]:
-    assert isinstance(runner, LoopRunner)  # the LoopBatcher's runners
-    return await runner.classify_batch(raws)
 
 
 def _check_count(verdicts: Sequence[object], inputs: Sequence[object]) -> None:
