@@ -21,7 +21,8 @@ leaves it out). Reported: SOURCE's held-out category accuracy and spam
 false-positive rate (SOURCE is wanted mail), and on the other sources'
 held-out slice macro-F1 over all classes present (the issue's figure) and
 over classes with >= 20 messages (the recipe's MIN_CLASS_SUPPORT rule),
-accuracy, per-class figures, spam FP and which messages changed category.
+accuracy, per-class figures, per-source accuracy and spam FP, and which
+messages changed category.
 --oracle adds the reference a site cannot have: the recipe trained from
 scratch with the whole stream in its corpus.
 The base and its replay sample are cached in --work (rebuilt when absent).
@@ -71,6 +72,19 @@ def date_of(m: Message) -> float:
     return 0.0
 
 
+def per_source(ms: list[Message], preds: list[Any]) -> dict[str, list[Any]]:
+    """Per source of the slice: [messages, category accuracy, spam FP rate]. A
+    source is one kind of mail, so each sees whether learning cost it anything."""
+    out: dict[str, list[Any]] = {}
+    for src in sorted({m.source for m in ms}):
+        pairs = [(m, p) for m, p in zip(ms, preds, strict=True) if m.source == src]
+        cats = [m.category == p.category for m, p in pairs if m.category]
+        ham = [bool(p.spam) for m, p in pairs if not m.spam]
+        out[src] = [len(pairs), round(float(np.mean(cats)), 4) if cats else None,
+                    round(float(np.mean(ham)), 4) if ham else None]  # fmt: skip
+    return out
+
+
 def measure(model: LoadedModel, sets: dict[str, tuple[list[Message], list[IdArray]]],
             base_cats: dict[str, list[str]] | None = None) -> dict[str, Any]:  # fmt: skip
     out: dict[str, Any] = {}
@@ -95,6 +109,7 @@ def measure(model: LoadedModel, sets: dict[str, tuple[list[Message], list[IdArra
                 [v.f1 for v in r.per_class.values() if v.support >= dr.MIN_CLASS_SUPPORT] or [0])), 4),
             "classes": {c: [v.support, v.precision, v.recall, v.f1] for c, v in r.per_class.items()
                         if v.support},  # [support, precision, recall, F1]
+            "sources": per_source(ms, preds),
         }  # fmt: skip
         if base_cats is not None:  # what the candidate files differently from the base
             out[name]["changed"] = [
