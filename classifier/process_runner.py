@@ -146,10 +146,12 @@ class ProcessModel:
             # start another before this batch instead of failing it.
             await self._kill("exited between batches")
         channel = self._channel or await self._attach()
+        if channel.poll():
+            # It spoke before any question: out of step, so nothing it says next
+            # can be trusted. This batch was not sent yet: a fresh process takes it.
+            await self._kill("unexpected frame between batches", force=True)
+            channel = await self._attach()
         try:
-            if channel.poll():
-                # An answer before any question: the stream is out of step.
-                raise wire.ChannelClosed("unexpected frame between batches")
             # Views of the prefixes the service cut: encoded straight into
             # the frame, never copied on their own.
             channel.write(wire.encode(wire.Run([memoryview(r) for r in raws])))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -182,6 +183,50 @@ def load_crashing_model(path: str, choice: ProviderChoice, threads: int) -> _Cra
     from classifier.inference import load_onnx_model
 
     return _CrashingModel(load_onnx_model(path, choice, threads))
+
+
+# Messages that make the inference process break the wire's question-and-answer
+# order, as a bug in the child (or a stray write from a native library) would.
+STRAY_AFTER = b"stray-after"  # an extra frame after this batch's answer
+WRONG_ANSWER = b"wrong-answer"  # a Ready frame where this batch's answer belongs
+
+
+class _OutOfStepModel:
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.name_version = model.name_version
+        self.manifest = model.manifest
+
+    @staticmethod
+    def _send_to_parent(frame: Any, delay_s: float = 0.0) -> None:
+        import socket
+        import time
+
+        from classifier import worker_wire as wire
+
+        time.sleep(delay_s)
+        # The process's own end of the socketpair (worker_process's argv[1]).
+        with socket.socket(fileno=os.dup(int(sys.argv[1]))) as sock:
+            wire.send(sock, frame)
+
+    def featurize(self, raw: bytes) -> np.ndarray:
+        from classifier import worker_wire as wire
+
+        frame = wire.Ready(self.name_version, "cpu", "test", None, None)
+        if raw == WRONG_ANSWER:
+            self._send_to_parent(frame)
+        elif raw == STRAY_AFTER:  # once the answer is out and the process waits for the next Run
+            threading.Thread(target=self._send_to_parent, args=(frame, 0.3), daemon=True).start()
+        return self.model.featurize(raw)  # type: ignore[no-any-return]
+
+    def predict(self, batch: Sequence[np.ndarray]) -> list[Classification]:
+        return self.model.predict(batch)  # type: ignore[no-any-return]
+
+
+def load_out_of_step_echo(path: str, choice: ProviderChoice, threads: int) -> _OutOfStepModel:
+    """The echo model ("batching_models:load_out_of_step_echo") that writes
+    frames out of turn on STRAY_AFTER and WRONG_ANSWER."""
+    return _OutOfStepModel(load_echo(path, choice, threads))
 
 
 def write_model(path: Path, **kwargs: object) -> Path:

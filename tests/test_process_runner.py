@@ -207,3 +207,50 @@ async def test_a_message_that_crashes_the_process_fails_alone(tmp_path: Path) ->
     assert isinstance(verdicts[1], ClassifierError) and "SIGKILL" in str(verdicts[1])
     assert isinstance(verdicts[2], Classification) and verdicts[2].category == "forums"
     assert timing.model_s > 0
+
+
+async def test_a_frame_between_batches_restarts_the_process_and_the_next_batch_is_not_lost(
+    tmp_path: Path,
+) -> None:
+    from batching_models import STRAY_AFTER
+
+    model = ProcessModel.spawn(
+        start_frame(write_model(tmp_path / "m.onnx"), "batching_models:load_out_of_step_echo"),
+        hang_timeout_s=30,
+    )
+    try:
+        first = model.pid
+        verdicts, _ = await model.classify_batch([STRAY_AFTER])
+        assert isinstance(verdicts[0], Classification)
+        await asyncio.sleep(1.0)  # the stray frame arrives while no batch is out
+        # Nothing of this batch was sent to the out-of-step process: a fresh one
+        # answers it, rather than the batch failing.
+        verdicts, _ = await model.classify_batch([b"4"])
+        assert isinstance(verdicts[0], Classification) and verdicts[0].category == "4"
+        assert model.pid not in (None, first)
+        assert wait_gone(first)  # type: ignore[arg-type]
+    finally:
+        await model.close()
+
+
+async def test_a_wrong_frame_as_the_answer_kills_the_process_and_fails_only_that_batch(
+    tmp_path: Path,
+) -> None:
+    from batching_models import WRONG_ANSWER
+
+    model = ProcessModel.spawn(
+        start_frame(write_model(tmp_path / "m.onnx"), "batching_models:load_out_of_step_echo"),
+        hang_timeout_s=30,
+    )
+    try:
+        first = model.pid
+        with pytest.raises(ClassifierError, match="out of step"):
+            await model.classify_batch([WRONG_ANSWER, b"3"])
+        assert wait_gone(first)  # type: ignore[arg-type]
+        # The real answer it sent after the stray frame died with it: the next
+        # batch gets its own answer from a fresh process, not the stale one.
+        verdicts, _ = await model.classify_batch([b"6", b"8"])
+        assert [v.category for v in verdicts if isinstance(v, Classification)] == ["6", "8"]
+        assert model.pid not in (None, first)
+    finally:
+        await model.close()
