@@ -35,6 +35,14 @@ class ClassifierSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True
     # "onnx": the model at model_path; "rules": header rules only.
     kind: Literal["onnx", "rules"] = "onnx"
     model_path: str = "models/default.onnx"
+    # Shadow mode: a candidate model (`triaged learn --no-promote` writes one)
+    # classifies every message beside model_path. Its verdicts are never
+    # stamped; events carry them (shadow_*) and triaged_shadow_verdicts_total
+    # counts its agreement with the serving model, so a postmaster sees how
+    # often it would have decided otherwise before `triaged promote`. It must
+    # share model_path's features (a `triaged learn` candidate does). A shadow
+    # that does not load is logged and left out; mail never waits for it.
+    shadow_model_path: str = ""
     # Header rules override the model where they are sure (list headers -> forums, ...).
     rule_overrides: bool = True
     # Deadline for one classification, queue wait included (the batcher owns

@@ -123,12 +123,18 @@ def load_and_warm(
     device_id: int,
     threads: int,
     loader: ModelLoader,
+    shadow_path: str = "",
 ) -> tuple[BatchModel, ProviderChoice]:
     """Choose the provider, load `path` and run one warm-up message through it.
 
     "auto" whose probe passed but whose model session did not come up on CUDA
     (an op without a CUDA kernel, out of memory) falls back to CPU. Any other
     failure is a ClassifierError that says what went wrong.
+
+    `shadow_path` (classifier.shadow_model_path): a second model loaded the
+    same way and run beside this one (classifier/shadow.py). One that does
+    not load, or reads other features, is logged and left out: the serving
+    model is what mail needs.
     """
     choice = choose_providers(provider, device_id)
     try:
@@ -139,7 +145,26 @@ def load_and_warm(
         log.warning("classifier.cuda_fallback", reason=str(exc))
         choice = choose_providers("cpu")
         model = _load_on(path, choice, threads, loader)
+    if shadow_path:
+        model = _with_shadow(model, shadow_path, choice, threads, loader)
     return model, choice
+
+
+def _with_shadow(
+    model: BatchModel, shadow_path: str, choice: ProviderChoice, threads: int, loader: ModelLoader
+) -> BatchModel:
+    from classifier.shadow import ShadowedModel, check_compatible
+
+    try:
+        shadow = _load_on(shadow_path, choice, threads, loader)
+        check_compatible(model, shadow, shadow_path)
+    except ClassifierError as exc:
+        log.error("classifier.shadow_unavailable", shadow=shadow_path, error=str(exc),
+                  serving=model.name_version)
+        return model
+    log.info("classifier.shadow", shadow=shadow.name_version, path=shadow_path,
+             serving=model.name_version)
+    return ShadowedModel(model, shadow, shadow_path)
 
 
 def _load_on(path: str, choice: ProviderChoice, threads: int, loader: ModelLoader) -> BatchModel:

@@ -390,13 +390,13 @@ class OnnxClassifierService:
             assert isinstance(loader, str)
             hang_s = max(HANG_MIN_S, HANG_TIMEOUTS * s.timeout_ms / 1000.0)
             start = wire.Start(path, loader, s.provider, s.device_id, s.intra_op_num_threads,
-                               s.rule_overrides, s.trusted_authserv_ids)
+                               s.rule_overrides, s.trusted_authserv_ids, s.shadow_model_path)
             return await asyncio.to_thread(ProcessModel.spawn, start, hang_timeout_s=hang_s)
         fn: ModelLoader = resolve_loader(loader) if isinstance(loader, str) else loader
 
         def load() -> ThreadRunner:
             model, choice = load_and_warm(path, s.provider, s.device_id,
-                                          s.intra_op_num_threads, fn)
+                                          s.intra_op_num_threads, fn, s.shadow_model_path)
             return ThreadRunner(model, choice, overrides=s.rule_overrides,
                                 trusted_authserv_ids=s.trusted_authserv_ids)
 

@@ -7,6 +7,19 @@ from typing import Protocol
 import msgspec
 
 
+class ShadowVerdict(msgspec.Struct, frozen=True):
+    """What the shadow model (classifier.shadow_model_path) said of the same
+    message, beside the serving model: reported in events and metrics, never
+    stamped. Compared before the header-rule overrides and the auth
+    adjustment, which would treat both models alike."""
+
+    model: str  # "name/version" of the shadow model
+    category: str
+    spam: bool | None
+    same_category: bool  # the serving model's own category agrees
+    same_spam: bool  # the serving model's own spam decision agrees
+
+
 class Classification(msgspec.Struct, frozen=True):
     """One message's verdict from a classifier.
 
@@ -19,6 +32,7 @@ class Classification(msgspec.Struct, frozen=True):
     model: str  # "name/version", stamped into X-Triage-Model
     spam: bool | None = None
     spam_score: float | None = None
+    shadow: ShadowVerdict | None = None  # only while a shadow model runs
 
 
 class ClassifierError(Exception):

@@ -37,7 +37,8 @@ def _start(sock: socket.socket) -> tuple[BatchModel, wire.Start] | None:
     try:
         loader = resolve_loader(start.loader)
         model, choice = load_and_warm(
-            start.model_path, start.provider, start.device_id, start.threads, loader
+            start.model_path, start.provider, start.device_id, start.threads, loader,
+            start.shadow_model_path,
         )
     except Exception as exc:  # reported to the parent, which logs and decides
         message = str(exc) if isinstance(exc, ClassifierError) else f"{type(exc).__name__}: {exc}"

@@ -42,6 +42,7 @@ class Start(msgspec.Struct, frozen=True, tag=True):
     threads: int
     overrides: bool
     trusted_authserv_ids: list[str] = msgspec.field(default_factory=list)  # classifier/auth.py
+    shadow_model_path: str = ""  # classifier/shadow.py
 
 
 class Ready(msgspec.Struct, frozen=True, tag=True):

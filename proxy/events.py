@@ -76,6 +76,12 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     # Only with events.pseudonymize_secret: HMAC-SHA256(secret, address)[:32].
     sender_pseudonym: str | None = None
     recipient_pseudonyms: list[str] | None = None
+    # Only in shadow mode (classifier.shadow_model_path): the candidate's
+    # verdict of the same message, never stamped. A learner host compares
+    # it with `category` / `spam` (and with the users' feedback) before promotion.
+    shadow_model: str | None = None
+    shadow_category: str | None = None
+    shadow_spam: bool | None = None
 
 
 _encoder = msgspec.json.Encoder()
@@ -182,6 +188,9 @@ class EventBuilder:
             reply_code=r.reply_code,
             sender_pseudonym=sender_p,
             recipient_pseudonyms=rcpt_p,
+            shadow_model=r.shadow.model if r.shadow else None,
+            shadow_category=r.shadow.category if r.shadow else None,
+            shadow_spam=r.shadow.spam if r.shadow else None,
         )
 
     def encode(self, r: TransactionRecord) -> bytes:

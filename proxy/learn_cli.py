@@ -60,6 +60,22 @@ def add_subcommands(sub: Any) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_learn)
 
+    p = sub.add_parser(
+        "promote",
+        help="make the candidate of `triaged learn --no-promote` the model (after shadow mode)",
+        description="Replace the model file with the candidate (keeping MODEL.prev), the way "
+        "`triaged learn` promotes: for a candidate first run beside the model in shadow mode "
+        "(classifier.shadow_model_path). Only a candidate the gate accepted, as its learn "
+        "report says, unless --force.",
+    )
+    p.add_argument("--config", help="triaged TOML config (classifier.model_path)")
+    p.add_argument("--model", help="the model file (default: classifier.model_path)")
+    p.add_argument("--candidate", help="candidate file (default: MODEL.candidate)")
+    p.add_argument("--report", help="learn report saying the gate's decision (default: MODEL.learn.json)")
+    p.add_argument("--force", action="store_true", help="promote without the gate's acceptance")
+    p.add_argument("--pidfile", help="SIGHUP this server afterwards")
+    p.set_defaults(func=_promote)
+
     p = sub.add_parser("rollback", help="put MODEL.prev back (a second rollback undoes it)")
     p.add_argument("--config", help="triaged TOML config (classifier.model_path)")
     p.add_argument("--model", help="the model file (default: classifier.model_path)")
@@ -139,6 +155,49 @@ def _learn(args: argparse.Namespace) -> int:
             return 2
         log.info("learn_reload_signalled", pid=pid)
     return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from classifier.learning import gate
+    from classifier.model import ModelError, load_model
+    from proxy.settings import ConfigError
+
+    try:
+        model = Path(args.model or load_settings(args.config).classifier.model_path)
+        candidate = Path(args.candidate) if args.candidate else model.with_name(model.name + ".candidate")
+        report = Path(args.report) if args.report else model.with_name(model.name + ".learn.json")
+        with gate.exclusive(model):
+            refusal = None if args.force else _gate_refusal(report, candidate)
+            if refusal:
+                print(f"triaged promote: {refusal} (--force promotes anyway)", file=sys.stderr)
+                return 2
+            load_model(str(candidate))  # never promote a file the server could not load
+            gate.promote(candidate, model)
+        if args.pidfile:
+            gate.signal_pidfile(Path(args.pidfile))
+    except ConfigError as exc:
+        print(f"triaged promote: config: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except (ModelError, RuntimeError, OSError, ValueError) as exc:
+        print(f"triaged promote: {exc}", file=sys.stderr)
+        return 2
+    log.info("model_promoted", model=str(model), candidate=str(candidate), forced=args.force)
+    return 0
+
+
+def _gate_refusal(report: Path, candidate: Path) -> str | None:
+    """Why the learn report does not vouch for `candidate`; None when it does."""
+    try:
+        doc = json.loads(report.read_text())
+    except FileNotFoundError:
+        return f"{report}: no learn report, so no gate decision for {candidate}"
+    except (OSError, ValueError) as exc:
+        return f"{report}: unreadable learn report ({exc})"
+    if Path(str(doc.get("candidate_file", ""))).resolve() != candidate.resolve():
+        return f"{report} is about {doc.get('candidate_file')!r}, not {str(candidate)!r}"
+    if doc.get("accepted") is not True:
+        return f"the gate refused {candidate}: {'; '.join(doc.get('reasons') or ['no reason recorded'])}"
+    return None
 
 
 def _rollback(args: argparse.Namespace) -> int:

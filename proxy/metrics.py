@@ -138,6 +138,14 @@ class Metrics:
         self.classifier_reloads = Counter(
             "triaged_classifier_reloads", "Model reloads (SIGHUP) by result", ["result"], registry=r
         )
+        # Shadow mode: disagreement rate = agreed="no" / all, per head.
+        self.shadow_verdicts = Counter(
+            "triaged_shadow_verdicts",
+            "Messages the shadow model also classified, by head and whether it agreed "
+            "with the serving model",
+            ["head", "agreed"],
+            registry=r,
+        )
         # Labelled children used per connection or per message, looked up
         # once: `.labels()` validates and locks on every call (~2 us).
         self.connections_accepted = self.connections.labels("accepted")
@@ -153,3 +161,7 @@ class Metrics:
         if record.category is not None:
             self.classifier_seconds.observe(record.classifier_latency_ms / 1000.0)
         self.message_bytes.inc(record.size_bytes)
+        if record.shadow is not None:
+            s = record.shadow
+            self.shadow_verdicts.labels("category", "yes" if s.same_category else "no").inc()
+            self.shadow_verdicts.labels("spam", "yes" if s.same_spam else "no").inc()

@@ -163,6 +163,7 @@ class Pipeline:
             total_latency_ms=total_ms,
             verdict=outcome,
             reply_code=reply_code,
+            shadow=c.shadow if c else None,
         )
         # The canonical line: no addresses, no content (DESIGN.md 8).
         log.info(

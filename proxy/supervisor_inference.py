@@ -38,8 +38,11 @@ log = structlog.get_logger("triaged.supervisor")
 PING_TIMEOUT_S = 2.0
 STATS_TIMEOUT_S = 5.0
 # Classifier keys the service itself was started with (the workers' other
-# keys, e.g. timeout_ms or rule_overrides, reload live in the workers).
-HOST_KEYS = ("kind", "provider", "device_id", "intra_op_num_threads", "runner", "batcher", "service")
+# keys, e.g. timeout_ms or rule_overrides, reload live in the workers). A
+# SIGHUP re-reads both model files; pointing the shadow at another file needs
+# a restart here (a single process takes it live).
+HOST_KEYS = ("kind", "provider", "device_id", "intra_op_num_threads", "runner", "batcher", "service",
+             "shadow_model_path")
 
 
 def wants_host(settings: Settings) -> bool:

@@ -7,6 +7,8 @@ from typing import Literal, Protocol
 
 import msgspec
 
+from classifier.types import ShadowVerdict
+
 
 class TransactionRecord(msgspec.Struct, frozen=True):
     time: float  # Unix time the transaction ended
@@ -26,6 +28,7 @@ class TransactionRecord(msgspec.Struct, frozen=True):
     total_latency_ms: float
     verdict: str  # accept | tag | quarantine | reject | tempfail | error
     reply_code: int  # the SMTP code the client got
+    shadow: ShadowVerdict | None = None  # the shadow model's verdict (classifier/shadow.py)
 
 
 class TransactionSink(Protocol):

@@ -265,13 +265,15 @@ def tiny_message(kind: str, n: int, seed: int = 0) -> bytes:
     ).encode()
 
 
-def train_tiny_model(workdir: Path, out: Path, *, name: str, version: str = "1") -> Path:
-    """primary / updates / forums categories plus a spam head, via `triaged train`."""
+def train_tiny_model(workdir: Path, out: Path, *, name: str, version: str = "1",
+                     relabel: dict[str, str] | None = None) -> Path:
+    """primary / updates / forums categories plus a spam head, via `triaged train`.
+    `relabel`: kind -> the folder its messages go to (a model that disagrees)."""
     from proxy.__main__ import main
 
     data = workdir / f"data-{name}"
     for kind in _WORDS:
-        folder = data / kind
+        folder = data / (relabel or {}).get(kind, kind)
         folder.mkdir(parents=True, exist_ok=True)
         for n in range(40):
             (folder / f"{n}.eml").write_bytes(tiny_message(kind, n))

@@ -259,7 +259,7 @@ class InferenceServer:
 
         def load() -> _Loaded:
             model, choice = load_and_warm(path, s.provider, s.device_id,
-                                          s.intra_op_num_threads, loader)
+                                          s.intra_op_num_threads, loader, s.shadow_model_path)
             spec = spec_of(model)
             self._generation += 1  # one load at a time (the reload lock, or start)
             return _Loaded(model, choice, spec, spec.id, self._generation, path)
