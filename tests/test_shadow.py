@@ -9,7 +9,9 @@ disagrees on exactly those messages.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
 from collections.abc import Sequence
 from email.parser import BytesParser
 from email.policy import compat32
@@ -21,6 +23,8 @@ import pytest
 import structlog
 from batching_models import tiny_message, train_tiny_model
 from conftest import CaptureServer, SmtpTestClient, base_settings
+from triaged_proc import TriagedProcess, serve_toml
+from waiting import wait_until
 
 from classifier.config import ClassifierSettings
 from classifier.inference import load_and_warm, load_onnx_model
@@ -187,6 +191,51 @@ async def test_the_inference_service_runs_the_shadow_for_its_workers(
     pairs = expected(serving, swapped)
     assert [(g.model, g.category) for g in got] == [(o.model, o.category) for o, _ in pairs]
     assert [g.shadow.category if g.shadow else None for g in got] == [t.category for _, t in pairs]
+
+
+async def _send(port: int, raw: bytes) -> None:
+    c = await SmtpTestClient.connect("127.0.0.1", port)
+    assert (await c.reply())[0] == 220
+    assert (await c.cmd("EHLO client.test"))[0] == 250
+    assert (await c.send_message("a@example.org", ["b@example.net"], raw))[0] == 250
+    await c.close()
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])  # a `triaged serve` child: uvloop whatever this loop is
+async def test_sighup_turns_shadow_mode_on_and_off_in_a_running_server(
+    capture: CaptureServer, models: tuple[Path, Path], tmp_path: Path
+) -> None:
+    serving, swapped = models
+    proc = TriagedProcess(capture.url, workdir=tmp_path)
+    plain = serve_toml(proc.port, capture.url, tmp_path, serving)
+    proc.config_path.write_text(plain)
+    events = tmp_path / "events.jsonl"
+
+    def shipped() -> list[dict[str, object]]:
+        if not events.exists():
+            return []
+        return [json.loads(line) for line in events.read_text().splitlines() if line.strip()]
+
+    async def reload(config: str, count: int) -> None:
+        proc.config_path.write_text(config)
+        assert proc.proc is not None
+        proc.proc.send_signal(signal.SIGHUP)
+        await wait_until(lambda: proc.log_tail(1 << 20).count('"config_reloaded"') >= count, 30)
+
+    await asyncio.to_thread(proc.start)
+    try:
+        await _send(proc.port, MESSAGES[0])
+        await reload(plain.replace('provider = "cpu"', f'provider = "cpu"\nshadow_model_path = "{swapped}"'), 1)
+        await _send(proc.port, MESSAGES[0])
+        await reload(plain, 2)
+        await _send(proc.port, MESSAGES[0])
+        await wait_until(lambda: len(shipped()) >= 3, 30)
+    finally:
+        await asyncio.to_thread(proc.stop)
+    # One message before, one during and one after shadow mode; stamped alike.
+    assert [e.get("shadow_category") for e in shipped()] == [None, "updates", None]
+    assert {e["category"] for e in shipped()} == {"primary"}
+    assert {headers_of(m.data)["x-triage-model"] for m in capture.messages} == {"serving/1"}
 
 
 # -- triaged promote -------------------------------------------------------------------
