@@ -25,6 +25,16 @@ from proxy.settings import EX_CONFIG, load_settings
 log = structlog.get_logger("triaged.learn")
 
 
+def candidate_path(model: Path) -> Path:
+    """Where `learn` writes its candidate and `promote` takes it from."""
+    return model.with_name(model.name + ".candidate")
+
+
+def report_path(model: Path) -> Path:
+    """The learn report: the gate's decision and both models' figures."""
+    return model.with_name(model.name + ".learn.json")
+
+
 def add_subcommands(sub: Any) -> None:
     p = sub.add_parser(
         "learn",
@@ -100,8 +110,8 @@ def _learn(args: argparse.Namespace) -> int:
         print("triaged learn: learning.enabled is false in the config: nothing to do")
         return 0
     model = Path(args.model or settings.classifier.model_path)
-    out = Path(args.out) if args.out else model.with_name(model.name + ".candidate")
-    report = Path(args.report) if args.report else model.with_name(model.name + ".learn.json")
+    out = Path(args.out) if args.out else candidate_path(model)
+    report = Path(args.report) if args.report else report_path(model)
     if not 0.0 < args.holdout_fraction < 1.0:
         print("triaged learn: --holdout-fraction must be between 0 and 1", file=sys.stderr)
         return 2
@@ -164,8 +174,8 @@ def _promote(args: argparse.Namespace) -> int:
 
     try:
         model = Path(args.model or load_settings(args.config).classifier.model_path)
-        candidate = Path(args.candidate) if args.candidate else model.with_name(model.name + ".candidate")
-        report = Path(args.report) if args.report else model.with_name(model.name + ".learn.json")
+        candidate = Path(args.candidate) if args.candidate else candidate_path(model)
+        report = Path(args.report) if args.report else report_path(model)
         with gate.exclusive(model):
             refusal = None if args.force else _gate_refusal(report, candidate)
             if refusal:

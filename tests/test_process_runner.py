@@ -209,15 +209,18 @@ async def test_a_message_that_crashes_the_process_fails_alone(tmp_path: Path) ->
     assert timing.model_s > 0
 
 
+def out_of_step_model(tmp_path: Path) -> ProcessModel:
+    """An inference process whose model writes frames out of turn (batching_models)."""
+    loader = "batching_models:load_out_of_step_echo"
+    return ProcessModel.spawn(start_frame(write_model(tmp_path / "m.onnx"), loader), hang_timeout_s=30)
+
+
 async def test_a_frame_between_batches_restarts_the_process_and_the_next_batch_is_not_lost(
     tmp_path: Path,
 ) -> None:
     from batching_models import STRAY_AFTER
 
-    model = ProcessModel.spawn(
-        start_frame(write_model(tmp_path / "m.onnx"), "batching_models:load_out_of_step_echo"),
-        hang_timeout_s=30,
-    )
+    model = out_of_step_model(tmp_path)
     try:
         first = model.pid
         verdicts, _ = await model.classify_batch([STRAY_AFTER])
@@ -238,10 +241,7 @@ async def test_a_wrong_frame_as_the_answer_kills_the_process_and_fails_only_that
 ) -> None:
     from batching_models import WRONG_ANSWER
 
-    model = ProcessModel.spawn(
-        start_frame(write_model(tmp_path / "m.onnx"), "batching_models:load_out_of_step_echo"),
-        hang_timeout_s=30,
-    )
+    model = out_of_step_model(tmp_path)
     try:
         first = model.pid
         with pytest.raises(ClassifierError, match="out of step"):
