@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,9 @@ def add_subcommands(sub: Any) -> None:
         "inputs", nargs="*", help="files, mboxes, Maildirs (default: one message on stdin)"
     )
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--shadow", metavar="CANDIDATE",
+                   help="also classify with CANDIDATE (e.g. MODEL.candidate of `triaged learn "
+                   "--no-promote`) and say where it differs: shadow mode, offline")  # fmt: skip
     p.set_defaults(func=_classify)
 
 
@@ -118,27 +122,56 @@ def _classify(args: argparse.Namespace) -> int:
     model = _load(args.model)
     if model is None:
         return 2
+    if args.shadow:
+        from classifier.shadow import ShadowedModel, check_compatible
+        from classifier.types import ClassifierError
+
+        shadow = _load(args.shadow)
+        if shadow is None:
+            return 2
+        try:
+            check_compatible(model, shadow, args.shadow)
+        except ClassifierError as exc:
+            print(f"triaged: {exc}", file=sys.stderr)
+            return 2
+        model = ShadowedModel(model, shadow, args.shadow)
     items = iter_inputs(args.inputs) if args.inputs else iter([("-", sys.stdin.buffer.read())])
     batch: list[tuple[str, Any]] = []
+    differ = Counter[str]()
     for ident, raw in items:
         batch.append((ident, model.featurize(raw)))
         if len(batch) >= 256:
-            _print_batch(model, batch, args.json)
-    _print_batch(model, batch, args.json)
+            _print_batch(model, batch, args.json, differ)
+    _print_batch(model, batch, args.json, differ)
+    if args.shadow:
+        n = differ["messages"]
+        print(f"{n} messages: {args.shadow} files {differ['category']} elsewhere"
+              f" ({differ['category'] / max(n, 1):.1%}) and decides spam otherwise on"
+              f" {differ['spam']} ({differ['spam'] / max(n, 1):.1%})", file=sys.stderr)  # fmt: skip
     return 0
 
 
-def _print_batch(model: Any, batch: list[tuple[str, Any]], as_json: bool) -> None:
-    """One line per message; the batch is predicted in one call and emptied."""
+def _print_batch(model: Any, batch: list[tuple[str, Any]], as_json: bool,
+                 differ: Counter[str]) -> None:  # fmt: skip
+    """One line per message; the batch is predicted in one call and emptied.
+    With a shadow: its verdict too, and `differ` counts where it disagrees."""
     for (ident, _), c in zip(batch, model.predict([ids for _, ids in batch]), strict=True):
         name = ident if as_json else (Path(ident).name if ident != "-" else "-")
+        s = c.shadow
+        if s is not None:
+            differ.update(["messages"] + ["category"] * (not s.same_category)
+                          + ["spam"] * (not s.same_spam))  # fmt: skip
         if as_json:
-            print(json.dumps({"message": name, "category": c.category, "score": c.score,
-                              "spam": c.spam, "spam_score": c.spam_score, "model": c.model}))  # fmt: skip
+            doc = {"message": name, "category": c.category, "score": c.score, "spam": c.spam,
+                   "spam_score": c.spam_score, "model": c.model}  # fmt: skip
+            if s is not None:
+                doc |= {"shadow_model": s.model, "shadow_category": s.category, "shadow_spam": s.spam}
+            print(json.dumps(doc))
         else:
-            print(
-                f"{name}\t{c.category}\t{c.score:.3f}\t{'spam' if c.spam else 'ham'}\t{c.spam_score:.3f}"
-            )
+            line = f"{name}\t{c.category}\t{c.score:.3f}\t{'spam' if c.spam else 'ham'}\t{c.spam_score:.3f}"
+            if s is not None:
+                line += f"\t{s.category}\t{'spam' if s.spam else 'ham'}"
+            print(line)
     batch.clear()
 
 

@@ -280,3 +280,23 @@ def test_promote_force_and_a_candidate_that_does_not_load(models: tuple[Path, Pa
     assert model.read_bytes() == serving.read_bytes()
     assert triaged(["promote", "--model", str(model), "--candidate", str(swapped), "--force"]) == 0
     assert model.read_bytes() == swapped.read_bytes()
+
+
+def test_classify_with_a_shadow_compares_two_models_on_a_folder(
+    models: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    serving, swapped = models
+    folder = tmp_path / "mail"
+    folder.mkdir()
+    for i, raw in enumerate(MESSAGES):
+        (folder / f"{i}.eml").write_bytes(raw)
+    assert triaged(["classify", str(serving), str(folder), "--json", "--shadow", str(swapped)]) == 0
+    out, err = capsys.readouterr()
+    rows = sorted((json.loads(line) for line in out.splitlines()), key=lambda r: r["message"])
+    assert [(r["category"], r["shadow_category"]) for r in rows] == [
+        ("primary", "updates"), ("updates", "primary"), ("forums", "forums")]
+    assert {r["model"] for r in rows} == {"serving/1"} and {r["shadow_model"] for r in rows} == {"swapped/1"}
+    assert "3 messages" in err and "files 2 elsewhere (66.7%)" in err
+    # A candidate hashed with other features cannot be compared id for id.
+    assert triaged(["classify", str(serving), str(folder), "--shadow", str(ROOT / "models/default.onnx")]) == 2
+    assert "other features" in capsys.readouterr().err
