@@ -144,7 +144,8 @@ def _learn(args: argparse.Namespace) -> int:
             current, candidate = load_model(str(model)), load_model(str(out))
             canary = gate.load_canary(Path(args.canary) if args.canary else gate.CANARY_DIR)
             decision = gate.decide(current, candidate, result.holdout, canary, gcfg, result.trained)
-            promoted = decision.accepted and not args.no_promote
+            # Without auto_promote the candidate waits for `triaged promote` (shadow mode).
+            promoted = decision.accepted and not args.no_promote and settings.learning.auto_promote
             if promoted:
                 gate.promote(out, model)
             doc = {**msgspec.to_builtins(decision), "promoted": promoted, "model_file": str(model),

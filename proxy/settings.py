@@ -170,6 +170,10 @@ class LearningSettings(_Section, frozen=True):
     # The nightly learn/gate/swap runs only when enabled; `triaged feedback`
     # records into the store either way (it is called explicitly).
     enabled: bool = False
+    # false: learn gates its candidate (MODEL.candidate) but never promotes it;
+    # a postmaster runs it in shadow mode (classifier.shadow_model_path =
+    # MODEL.candidate) and promotes with `triaged promote`. README "Shadow mode".
+    auto_promote: bool = True
     store_path: str = "./var/feedback"  # a directory: feedback.log + lock
     # Oldest feedback is dropped past this many items or this age.
     max_items: Annotated[int, Meta(ge=1, le=10_000_000)] = 50_000

@@ -259,11 +259,13 @@ async def test_a_running_server_swaps_to_the_promoted_model_on_sighup(
 # -- the command line, on the real feedback store --------------------------------
 
 
-def learn_toml(tmp: Path, model: Path, store: Path, enabled: bool = True) -> Path:
+def learn_toml(tmp: Path, model: Path, store: Path, enabled: bool = True,
+               auto_promote: bool = True) -> Path:  # fmt: skip
     path = tmp / "triaged.toml"
     path.write_text(
         f'[classifier]\nmodel_path = "{model}"\n\n'
         f'[learning]\nenabled = {"true" if enabled else "false"}\nstore_path = "{store}"\n'
+        f'auto_promote = {"true" if auto_promote else "false"}\n'
     )
     return path
 
@@ -307,6 +309,17 @@ def test_learn_command_promotes_reports_and_rolls_back(filled_store: Path, tmp_p
     r = run_triaged("rollback", "--config", str(cfg))
     assert r.returncode == 0, r.stderr
     assert model.read_bytes() == DEFAULT.read_bytes()
+    # learning.auto_promote = false: gated, left for shadow mode and `triaged promote`.
+    cfg = learn_toml(tmp_path, model, filled_store, auto_promote=False)
+    r = run_triaged("learn", "--config", str(cfg), "--quiet")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "model.onnx.learn.json").read_text())
+    assert report["accepted"] and not report["promoted"], report
+    assert model.read_bytes() == DEFAULT.read_bytes()
+    r = run_triaged("promote", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert model.read_bytes() == (tmp_path / "model.onnx.candidate").read_bytes()
+    assert load_model(str(model)).manifest.version.startswith("2+learn.")
 
 
 def current_params() -> FeatureParams:
