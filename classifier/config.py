@@ -41,7 +41,7 @@ class ClassifierSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True
     # counts its agreement with the serving model, so a postmaster sees how
     # often it would have decided otherwise before `triaged promote`. It must
     # share model_path's features (a `triaged learn` candidate does). A shadow
-    # that does not load is logged and left out; mail never waits for it.
+    # that does not load is logged and left out; one whose call fails costs no verdict.
     shadow_model_path: str = ""
     # Header rules override the model where they are sure (list headers -> forums, ...).
     rule_overrides: bool = True
