@@ -123,18 +123,17 @@ def _classify(args: argparse.Namespace) -> int:
     if model is None:
         return 2
     if args.shadow:
-        from classifier.shadow import ShadowedModel, check_compatible
+        from classifier.shadow import ShadowedModel
         from classifier.types import ClassifierError
 
         shadow = _load(args.shadow)
         if shadow is None:
             return 2
         try:
-            check_compatible(model, shadow, args.shadow)
+            model = ShadowedModel(model, shadow, args.shadow)
         except ClassifierError as exc:
             print(f"triaged: {exc}", file=sys.stderr)
             return 2
-        model = ShadowedModel(model, shadow, args.shadow)
     items = iter_inputs(args.inputs) if args.inputs else iter([("-", sys.stdin.buffer.read())])
     batch: list[tuple[str, Any]] = []
     differ = Counter[str]()

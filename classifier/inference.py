@@ -153,18 +153,17 @@ def load_and_warm(
 def _with_shadow(
     model: BatchModel, shadow_path: str, choice: ProviderChoice, threads: int, loader: ModelLoader
 ) -> BatchModel:
-    from classifier.shadow import ShadowedModel, check_compatible
+    from classifier.shadow import ShadowedModel
 
     try:
-        shadow = _load_on(shadow_path, choice, threads, loader)
-        check_compatible(model, shadow, shadow_path)
+        shadowed = ShadowedModel(model, _load_on(shadow_path, choice, threads, loader), shadow_path)
     except ClassifierError as exc:
         log.error("classifier.shadow_unavailable", shadow=shadow_path, error=str(exc),
                   serving=model.name_version)
         return model
-    log.info("classifier.shadow", shadow=shadow.name_version, path=shadow_path,
+    log.info("classifier.shadow", shadow=shadowed.shadow.name_version, path=shadow_path,
              serving=model.name_version)
-    return ShadowedModel(model, shadow, shadow_path)
+    return shadowed
 
 
 def _load_on(path: str, choice: ProviderChoice, threads: int, loader: ModelLoader) -> BatchModel:

@@ -33,9 +33,11 @@ FAILURE_LOG_EVERY_S = 60.0  # one log line per spell of shadow failures, at most
 
 
 class ShadowedModel:
-    """The serving model, with `shadow` classifying the same batches."""
+    """The serving model, with `shadow` classifying the same batches.
+    ClassifierError when the shadow cannot run beside it (check_compatible)."""
 
     def __init__(self, serving: Any, shadow: Any, shadow_path: str) -> None:
+        check_compatible(serving, shadow, shadow_path)
         self.serving = serving
         self.shadow = shadow
         self.shadow_path = shadow_path

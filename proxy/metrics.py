@@ -150,6 +150,12 @@ class Metrics:
         # once: `.labels()` validates and locks on every call (~2 us).
         self.connections_accepted = self.connections.labels("accepted")
         self._transactions: dict[tuple[str, str], Any] = {}
+        # [head][agreed] -> child: one message, two increments, no label lookup.
+        self._shadow = {
+            head: {agreed: self.shadow_verdicts.labels(head, "yes" if agreed else "no")
+                   for agreed in (True, False)}
+            for head in ("category", "spam")
+        }  # fmt: skip
 
     def record(self, record: TransactionRecord) -> None:
         key = (record.verdict, record.category or "none")
@@ -162,6 +168,5 @@ class Metrics:
             self.classifier_seconds.observe(record.classifier_latency_ms / 1000.0)
         self.message_bytes.inc(record.size_bytes)
         if record.shadow is not None:
-            s = record.shadow
-            self.shadow_verdicts.labels("category", "yes" if s.same_category else "no").inc()
-            self.shadow_verdicts.labels("spam", "yes" if s.same_spam else "no").inc()
+            self._shadow["category"][record.shadow.same_category].inc()
+            self._shadow["spam"][record.shadow.same_spam].inc()
