@@ -11,6 +11,8 @@ Each round runs Postfix's `smtp-source -s 20 -l 4096 -m N` against, in turn:
   onnx-w1    smtp-source -> triaged, default ONNX model, server.workers = 1 -> smtp-sink
   onnx-w2    the same with server.workers = 2
   rules-w1   triaged with the header-rules classifier, server.workers = 1
+  floor      smtp-source -> bench/floor_relay.py -> smtp-sink (the CPU floor of
+             relaying in Python on uvloop: callbacks only, nothing a filter needs)
 
 triaged runs with its shipped defaults otherwise (inference process runner,
 one canonical log line per message at level info, events to the JSON-lines
@@ -40,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -51,11 +54,12 @@ sys.path.insert(0, str(REPO / "tests"))
 from smtp_bench import Sink, _git_commit, machine, proc_tree_cpu_s  # noqa: E402
 from triaged_proc import TriagedProcess, free_port, wait_for_banner  # noqa: E402
 
-TARGETS = ("direct", "pooled", "onnx-w1", "onnx-w2", "rules-w1", "before-onnx-w1", "before-onnx-w2")
+TARGETS = ("direct", "pooled", "floor", "onnx-w1", "onnx-w2", "rules-w1", "before-onnx-w1", "before-onnx-w2")
 BEFORE = ("before-onnx-w1", "before-onnx-w2")
 NAMES = {
     "direct": "smtp-source → smtp-sink (no relay)",
     "pooled": "pooled naive relay (aiosmtpd + aiosmtplib, shared upstream pool)",
+    "floor": "floor relay (bench/floor_relay.py: protocol callbacks, no filtering)",
     "onnx-w1": "triaged, default ONNX model, workers = 1",
     "onnx-w2": "triaged, default ONNX model, workers = 2",
     "rules-w1": "triaged, rules classifier, workers = 1",
@@ -63,6 +67,7 @@ NAMES = {
     "before-onnx-w2": "triaged from --before-tree (the code before this change), default ONNX model, workers = 2",
 }
 MODEL = REPO / "models" / "default.onnx"
+METRICS_PORTS: dict[int, int] = {}  # id(a TriagedProcess) -> its metrics listener's port
 
 
 def has_workers() -> bool:
@@ -83,6 +88,7 @@ class Run:
     processes: int  # in that tree at the end of the run
     machine_busy: float  # share of all CPUs busy over the run
     delivered: int
+    batch_mean: float | None = None  # messages per model call (triaged's metrics)
 
 
 def machine_busy_ticks() -> tuple[int, int]:
@@ -108,9 +114,10 @@ def start_target(
     target: str, upstream_port: int, workdir: Path, workers: bool, before_tree: str = ""
 ) -> tuple[int, object]:
     """Start the system under test; (its port, a handle)."""
-    if target == "pooled":
+    if target in ("pooled", "floor"):
         port = free_port()
-        cmd = [sys.executable, str(BENCH / "naive_relay.py"), "--pooled",
+        script = ["naive_relay.py", "--pooled"] if target == "pooled" else ["floor_relay.py"]
+        cmd = [sys.executable, str(BENCH / script[0]), *script[1:],
                "--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{upstream_port}"]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_banner(port, 20, proc)
@@ -125,10 +132,15 @@ def start_target(
     server = f"workers = {int(w)}" if tree_has_workers else ""
     run_dir = workdir / f"{target}-{time.monotonic_ns()}"
     run_dir.mkdir()
+    metrics_port = free_port()
+    # The metrics listener only answers scrapes (batch_mean, read after the
+    # run); the counters behind it are kept whether it listens or not.
     triaged = TriagedProcess(
         f"smtp://127.0.0.1:{upstream_port}", workdir=run_dir,
         sections={"classifier": classifier, "server": server},
+        extra_toml=f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n',
     )
+    METRICS_PORTS[id(triaged)] = metrics_port
     saved = os.environ.get("PYTHONPATH")
     if before:
         os.environ["PYTHONPATH"] = before_tree  # the child imports that tree's proxy and classifier
@@ -140,6 +152,25 @@ def start_target(
         else:
             os.environ["PYTHONPATH"] = saved
     return triaged.port, triaged
+
+
+def batch_totals(handle: object) -> tuple[float, float] | None:
+    """(messages, model calls) so far from triaged's batch-size histogram."""
+    port = METRICS_PORTS.get(id(handle))
+    if port is None:
+        return None
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return None
+    total = {"_sum": 0.0, "_count": 0.0}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        for suffix in total:
+            if name.split("{")[0] == f"triaged_classifier_batch_size{suffix}":
+                total[suffix] += float(value)
+    return total["_sum"], total["_count"]
 
 
 def pid_of(handle: object) -> int:
@@ -185,6 +216,7 @@ def one_run(target: str, rnd: int, args: argparse.Namespace, workdir: Path, work
         if args.warmup:
             smtp_source(args, port, args.warmup)
         cpu0 = proc_tree_cpu_s(pid) if pid else 0.0
+        batches0 = batch_totals(handle)
         busy0, total0 = machine_busy_ticks()
         t0 = time.monotonic()
         smtp_source(args, port, args.messages)
@@ -192,6 +224,7 @@ def one_run(target: str, rnd: int, args: argparse.Namespace, workdir: Path, work
         busy1, total1 = machine_busy_ticks()
         cpu1 = proc_tree_cpu_s(pid) if pid else 0.0
         procs = tree_size(pid) if pid else 0
+        batches1 = batch_totals(handle)
     finally:
         if handle is not None:
             stop_target(handle)
@@ -206,7 +239,14 @@ def one_run(target: str, rnd: int, args: argparse.Namespace, workdir: Path, work
         processes=procs,
         machine_busy=round((busy1 - busy0) / max(total1 - total0, 1), 3),
         delivered=delivered - args.warmup,
+        batch_mean=_mean_batch(batches0, batches1),
     )
+
+
+def _mean_batch(before: tuple[float, float] | None, after: tuple[float, float] | None) -> float | None:
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return round((after[0] - before[0]) / (after[1] - before[1]), 2)
 
 
 def summarise(runs: list[Run]) -> dict[str, dict[str, float | None]]:
@@ -228,6 +268,9 @@ def summarise(runs: list[Run]) -> dict[str, dict[str, float | None]]:
             "machine_busy_median": round(statistics.median(r.machine_busy for r in mine), 3),
             "processes": max(r.processes for r in mine),
         }
+        batches = [r.batch_mean for r in mine if r.batch_mean is not None]
+        if batches:
+            row["batch_mean_median"] = round(statistics.median(batches), 2)
         ratios = [
             rr[target].msg_per_s / rr["pooled"].msg_per_s
             for rr in by_round.values() if target in rr and "pooled" in rr
@@ -261,8 +304,8 @@ def write_markdown(path: Path, report: dict[str, object]) -> None:
         "counted every message.",
         "",
         "| system under test | msg/s (median) | min-max | vs pooled | vs pooled, paired | "
-        "CPU ms/msg, all its processes | processes | machine busy |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "CPU ms/msg, all its processes | messages per model call | processes | machine busy |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for target, row in s.items():
         cpu = row["cpu_ms_per_msg_median"]
@@ -272,7 +315,8 @@ def write_markdown(path: Path, report: dict[str, object]) -> None:
             f"| {NAMES[target]} | {row['msg_per_s_median']:.0f} | "
             f"{row['msg_per_s_min']:.0f}-{row['msg_per_s_max']:.0f} | "
             f"{'—' if vs is None else f'{vs:.2f}x'} | {'—' if paired is None else f'{paired:.2f}x'} | "
-            f"{'—' if cpu is None else f'{cpu:.3f}'} | {row['processes'] or '—'} | "
+            f"{'—' if cpu is None else f'{cpu:.3f}'} | {row.get('batch_mean_median') or '—'} | "
+            f"{row['processes'] or '—'} | "
             f"{row['machine_busy_median'] * 100:.0f}% |"
         )
     lines.append("")
@@ -365,7 +409,8 @@ def main() -> int:
                 cpu = run.cpu_ms_per_msg
                 print(f"round {rnd} {target:9s} {run.msg_per_s:8.1f} msg/s  "
                       f"cpu {'-' if cpu is None else f'{cpu:.3f}'} ms/msg  "
-                      f"busy {run.machine_busy * 100:3.0f}%  procs {run.processes}", flush=True)
+                      f"busy {run.machine_busy * 100:3.0f}%  procs {run.processes}  "
+                      f"batch {run.batch_mean or '-'}", flush=True)
     report["runs"] = [asdict(r) for r in runs]
     report["summary"] = summarise(runs)
     print(json.dumps(report["summary"], indent=2))
