@@ -87,7 +87,7 @@ def main() -> int:
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--note", action="append", default=[])
     args = parser.parse_args()
-    args.before_tree = ""
+    args.before_tree = ""  # scale_bench.one_run reads it: no "before" rows here
     workers = has_workers()
     runs = []
     with tempfile.TemporaryDirectory(prefix="triaged-floor-") as tmp:
