@@ -181,6 +181,7 @@ def pid_of(handle: object) -> int:
 
 
 def stop_target(handle: object) -> None:
+    METRICS_PORTS.pop(id(handle), None)  # an id is reused once its object is gone
     if isinstance(handle, TriagedProcess):
         code = handle.stop()
         if code not in (0, -15):
