@@ -54,8 +54,9 @@ sys.path.insert(0, str(REPO / "tests"))
 from smtp_bench import Sink, _git_commit, machine, proc_tree_cpu_s  # noqa: E402
 from triaged_proc import TriagedProcess, free_port, wait_for_banner  # noqa: E402
 
-TARGETS = ("direct", "pooled", "floor", "onnx-w1", "onnx-w2", "rules-w1", "before-onnx-w1", "before-onnx-w2")
-BEFORE = ("before-onnx-w1", "before-onnx-w2")
+TARGETS = ("direct", "pooled", "floor", "onnx-w1", "onnx-w2", "rules-w1",
+           "before-onnx-w1", "before-onnx-w2", "before-rules-w1")
+BEFORE = ("before-onnx-w1", "before-onnx-w2", "before-rules-w1")
 NAMES = {
     "direct": "smtp-source → smtp-sink (no relay)",
     "pooled": "pooled naive relay (aiosmtpd + aiosmtplib, shared upstream pool)",
@@ -65,6 +66,7 @@ NAMES = {
     "rules-w1": "triaged, rules classifier, workers = 1",
     "before-onnx-w1": "triaged from --before-tree (the code before this change), default ONNX model, workers = 1",
     "before-onnx-w2": "triaged from --before-tree (the code before this change), default ONNX model, workers = 2",
+    "before-rules-w1": "triaged from --before-tree (the code before this change), rules classifier, workers = 1",
 }
 MODEL = REPO / "models" / "default.onnx"
 METRICS_PORTS: dict[int, int] = {}  # id(a TriagedProcess) -> its metrics listener's port
