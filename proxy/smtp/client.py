@@ -78,6 +78,12 @@ class _HopProtocol(asyncio.Protocol):
     def at_eof(self) -> bool:
         return self._error is not None
 
+    @property
+    def has_reply(self) -> bool:
+        """A reply came before the command that will read it (a 421 before
+        the next hop closed, RFC 5321 3.8)."""
+        return bool(self._replies)
+
     # -- asyncio.Protocol ------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -94,6 +100,9 @@ class _HopProtocol(asyncio.Protocol):
             end = data.find(b"\n", start)
             if end < 0:
                 break
+            if end - start > _MAX_LINE:
+                self._fail(UpstreamError("connection lost: reply line too long"))
+                return
             line = data[start:end].rstrip(b"\r\n").decode("utf-8", "replace")
             start = end + 1
             if len(line) < 3 or not line[:3].isdigit():
@@ -318,6 +327,9 @@ class SmtpClient:
             except TimeoutError:
                 self.close()
                 raise UpstreamError("data write timed out", timeout=True) from None
+            except asyncio.CancelledError:
+                self.close()  # half a body went out: never reuse this connection
+                raise
             except OSError as exc:
                 self.close()
                 raise UpstreamError(f"connection lost: {type(exc).__name__}") from None
@@ -382,6 +394,11 @@ class SmtpClient:
 
     def _send(self, data: Piece) -> None:
         if self.broken or self._transport.is_closing():
+            if not self.broken and self._proto.has_reply:
+                # The next hop said why before it closed: that reply is what
+                # the caller reads (and passes on), not a bare "closed".
+                self.broken = True
+                return
             self.broken = True
             raise UpstreamError("connection closed")
         self._transport.write(data)

@@ -6,15 +6,18 @@ goes back verbatim; at the end of DATA the message is classified, stamped,
 sent, and the client gets the next hop's final reply. Any failure of ours or
 of the next hop's transport is a 4xx: the client keeps the mail.
 
-Built on aiosmtpd's seams: handler hooks for MAIL/RCPT/RSET/HELO/EHLO, the
-transaction's state on our own Envelope (`_create_envelope`, see
-proxy/smtp/envelope.py for the next-hop lease), and `smtp_*` methods for
-XFORWARD and DATA. DATA is overridden: we read the message in large chunks
-(not line by line), without a line-length limit (the relay must be
-byte-exact), with SIZE enforced after reading (RFC 5321 4.5.3.1.10), a
-global bound on buffered bytes, and the bare-CR/LF policy of
-proxy/smtp/syntax.py. The few private aiosmtpd/asyncio internals this needs
-are in proxy/smtp/compat.py.
+Built on aiosmtpd's verbs and seams: handler hooks for MAIL/RCPT/RSET/
+HELO/EHLO, the transaction's state on our own Envelope (`_create_envelope`,
+see proxy/smtp/envelope.py for the next-hop lease), and `smtp_*` methods
+for XFORWARD and DATA. The connection is ours: bytes go from data_received
+into a LineBuffer (proxy/smtp/linebuffer.py) and replies straight to the
+transport, and the command loop (`_command_loop`) is aiosmtpd's, rewritten
+on that buffer: no StreamReader, StreamWriter or per-line log call. DATA is
+overridden: we read the message in large chunks (not line by line), without
+a line-length limit (the relay must be byte-exact), with SIZE enforced after
+reading (RFC 5321 4.5.3.1.10), a global bound on buffered bytes, and the
+bare-CR/LF policy of proxy/smtp/syntax.py. The few private aiosmtpd
+internals this needs are in proxy/smtp/compat.py.
 
 Drain (SIGTERM, RFC 5321 3.8): idle sessions get 421 at once; a session in
 a transaction or waiting on the next hop gets 421 after its last reply;
@@ -28,11 +31,12 @@ import os
 import re
 import ssl
 import time
+from collections.abc import Callable
 from itertools import count
 from typing import Any, cast
 
 import structlog
-from aiosmtpd.smtp import SMTP, Session
+from aiosmtpd.smtp import MISSING, SMTP, Session
 
 from classifier.addresses import Networks
 from proxy import verdict as V
@@ -44,6 +48,7 @@ from proxy.smtp import compat, syntax
 from proxy.smtp import envelope as lease
 from proxy.smtp.client import Reply, UpstreamError
 from proxy.smtp.envelope import RelayEnvelope
+from proxy.smtp.linebuffer import ClientGone, LineBuffer
 from proxy.smtp.stamp import stamp_pieces
 from proxy.smtp.upstream import Upstream
 from proxy.verdict import Verdict
@@ -55,6 +60,13 @@ log = structlog.get_logger("triaged.smtp")
 _PLAIN_PATH = re.compile(r"<([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+)>(.*)$", re.S)
 _DATA_CHUNK = 1 << 20  # read DATA in pieces of up to 1 MiB
 _PROXY_TIMEOUT_S = 10.0
+_PROXY_LINE_LIMIT = 1001  # a PROXY v1 line is at most 107 bytes
+_END = b"\r\n.\r\n"  # a DATA body's end (RFC 5321 4.1.1.4)
+# Buffered client bytes above which the transport stops reading: between
+# commands (a line is at most 1001 bytes), and while a body is read in
+# _DATA_CHUNK pieces.
+_COMMAND_HIGH_WATER = 1 << 16
+_DATA_HIGH_WATER = 2 * _DATA_CHUNK
 _XFORWARD_ATTRS = frozenset({"NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE"})
 _QUEUE_PREFIX = f"{os.getpid():x}"
 # Replies -> with their enhanced status code (verdict.with_enhanced, a regex
@@ -131,6 +143,11 @@ class TriageSMTP(SMTP):
         self._rejected = False
         self._deadline = 0.0  # loop.time() the client must have sent its next command by
         self._armed_at = 0.0  # when the connection's timer fires (see _reset_timeout)
+        self._lines = LineBuffer(self.loop, _COMMAND_HIGH_WATER)
+        self._paused = False  # the transport's write buffer is full (pause_writing)
+        self._drained: asyncio.Future[None] | None = None
+        self._quit = False
+        self._greeting = f"220 {s.hostname} {self.__ident__}"
 
     def _create_envelope(self) -> RelayEnvelope:
         # aiosmtpd's seam for per-transaction state: called at connect,
@@ -143,8 +160,17 @@ class TriageSMTP(SMTP):
     # -- connection life -------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self._original_transport is not None:  # STARTTLS: same connection
-            super().connection_made(transport)
+        if self._original_transport is not None:
+            # STARTTLS: the TLS layer is up on the same connection. Start
+            # afresh (RFC 3207 4.2) and never read plaintext sent before
+            # the handshake as commands.
+            self._start_session(transport)
+            self._lines.clear()
+            self._lines.attach(transport)
+            assert self._tls_protocol is not None and self.session is not None
+            self.session.ssl = self._tls_protocol._extra
+            hook = self._handle_hooks.get("STARTTLS")
+            self._tls_handshake_okay = True if hook is None else hook(self, self.session, self.envelope)
             return
         ctx = self.ctx
         peer = transport.get_extra_info("peername")
@@ -172,10 +198,33 @@ class TriageSMTP(SMTP):
         ctx.connections.add(self)
         ctx.metrics.connections_accepted.inc()
         ctx.metrics.connections_open.set(len(ctx.connections))
-        super().connection_made(transport)
+        self._start_session(transport, peer)
+        self._lines.attach(transport)
+        self._handler_coroutine = self.loop.create_task(self._handle_client())
+
+    def _start_session(self, transport: asyncio.BaseTransport, peer: Any = None) -> None:
+        """What aiosmtpd's connection_made sets up, at connect and after STARTTLS."""
+        self._set_rset_state()  # type: ignore[no-untyped-call]
+        self.session = self._create_session()
+        self.session.peer = peer if peer is not None else transport.get_extra_info("peername")
+        self.transport = transport
+        self._reset_timeout()
+
+    def data_received(self, data: bytes) -> None:
+        self._lines.feed(data)
+
+    def eof_received(self) -> bool | None:
+        # As aiosmtpd: the client is gone, so the session is too (a relay in
+        # progress is cancelled and its lease goes back).
+        self._lines.feed_eof()
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.cancel()
+        # Plain TCP: keep the transport until the session closes it (True);
+        # TLS cannot be half-open (an SSL transport warns on True).
+        return self.session is not None and self.session.ssl is None
 
     def connection_lost(self, error: Exception | None) -> None:
-        if self._rejected:
+        if self._rejected or self.closed:
             return
         ctx = self.ctx
         ctx.connections.discard(self)
@@ -183,7 +232,39 @@ class TriageSMTP(SMTP):
         self.closed = True
         if self.envelope is not None:
             lease.end(self.envelope, ctx)
-        super().connection_lost(error)
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+        if self._original_transport is not None:
+            # After STARTTLS the TLS transport is ours; the TCP one below it
+            # must be closed too.
+            self._original_transport.close()
+        self._lines.feed_eof()
+        drained, self._drained = self._drained, None
+        if drained is not None and not drained.done():
+            drained.set_exception(ConnectionResetError("connection lost"))
+        task = self._handler_coroutine
+        if task is not None and not task.done():
+            task.cancel()
+        self.transport = None
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        drained, self._drained = self._drained, None
+        if drained is not None and not drained.done():
+            drained.set_result(None)
+
+    async def _drain(self) -> None:
+        """Until the client has read enough of our replies (flow control)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("connection lost")
+        if self._paused:
+            drained: asyncio.Future[None] = self.loop.create_future()
+            self._drained = drained
+            await drained
 
     def _reset_timeout(self, duration: float | None = None) -> None:
         # aiosmtpd cancels and re-creates a loop timer at every command (and
@@ -217,9 +298,91 @@ class TriageSMTP(SMTP):
         try:
             if self.listener.proxy_protocol and not await self._read_proxy_header():
                 return
-            await super()._handle_client()
-        except (ConnectionError, asyncio.IncompleteReadError):
+            await self.push(self._greeting)
+            await self._command_loop()
+        except (ConnectionError, ClientGone):
             pass  # the client went away; nothing to answer
+
+    async def _command_loop(self) -> None:
+        """aiosmtpd's command loop (SMTP._handle_client, 1.4), on our buffer:
+        the same checks in the same order and the same replies. What is left
+        out is what this server never enables (AUTH, require_starttls, the
+        per-command call limits, PROXY through aiosmtpd) and aiosmtpd's
+        per-line debug logging."""
+        lines = self._lines
+        methods = self._smtp_methods
+        bogus_budget = compat.BOGUS_LIMIT
+        while self.transport is not None and not self._quit:
+            try:
+                raw = await lines.line(self.line_length_limit)
+                if raw is None:
+                    await self.push("500 Command line too long")
+                    continue
+                line = raw.rstrip(b"\r\n")
+                if not line:
+                    await self.push("500 Error: bad syntax")
+                    continue
+                command_bytes, _, arg_bytes = line.partition(b" ")
+                try:
+                    command = command_bytes.upper().decode("ascii")
+                except UnicodeDecodeError:
+                    await self.push("500 Error: bad syntax")
+                    continue
+                # The argument keeps any byte (SMTPUTF8 is on): surrogateescape
+                # gives the original bytes back when it is sent on.
+                arg = str(arg_bytes.strip(), "utf-8", "surrogateescape") if arg_bytes else None
+                assert self.session is not None
+                if self.session.extended_smtp:
+                    max_size = self.command_size_limits[command]
+                else:
+                    max_size = self.command_size_limit
+                if len(line) > max_size:
+                    await self.push("500 Command line too long")
+                    continue
+                if not self._tls_handshake_okay and command != "QUIT":
+                    await self.push("554 Command refused due to lack of security")
+                    continue
+                method = methods.get(command)
+                if method is None:
+                    bogus_budget -= 1
+                    if bogus_budget < 1:
+                        log.warning("too_many_unknown_commands", peer=self.peer_host)
+                        await self.push("502 5.5.1 Too many unrecognized commands, goodbye.")
+                        self._close()
+                        return
+                    await self.push(f'500 Error: command "{command}" not recognized')
+                    continue
+                self._reset_timeout()  # a valid command: the client is alive
+                await method(arg)
+            except (asyncio.CancelledError, ConnectionResetError):
+                self._close()
+                raise
+            except ClientGone:
+                self._close()
+                return
+            except compat.TLSSetupException as exc:
+                # The TLS layer never came up, so it will not tell us the
+                # connection is lost: clean up as aiosmtpd does.
+                log.info("tls_handshake_failed", peer=self.peer_host, error=str(exc.__cause__))
+                self._close()
+                self.connection_lost(exc)
+                return
+            except Exception as error:
+                try:
+                    status = await self.handle_exception(error)
+                except Exception as inner:
+                    status = f"500 Error: ({type(inner).__name__}) {inner}"
+                await self.push(status)
+
+    async def smtp_QUIT(self, arg: str | None) -> None:
+        # aiosmtpd's, ending the command loop instead of cancelling its task.
+        if arg:
+            await self.push("501 Syntax: QUIT")
+            return
+        status = await self._call_handler_hook("QUIT")
+        await self.push("221 Bye" if status is MISSING else status)
+        self._quit = True
+        self._close()
 
     async def _read_proxy_header(self) -> bool:
         buf = b""
@@ -230,10 +393,13 @@ class TriageSMTP(SMTP):
                     if not isinstance(result, int):
                         break
                     if buf.startswith(b"PROXY") or (buf[:1] == b"P" and result == 1):
-                        buf += await self._reader.readuntil(b"\n")
+                        line = await self._lines.line(_PROXY_LINE_LIMIT)
+                        if line is None:
+                            raise ProxyError("PROXY line too long")
+                        buf += line
                     else:
-                        buf += await self._reader.readexactly(result)
-        except (ProxyError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+                        buf += await self._lines.exactly(result)
+        except (ProxyError, TimeoutError, ClientGone) as exc:
             log.warning("proxy_header_invalid", peer=self.peer_host, error=type(exc).__name__)
             self._close()
             return False
@@ -250,6 +416,15 @@ class TriageSMTP(SMTP):
             return False
         return True
 
+    def _open_transport(self) -> asyncio.WriteTransport:
+        """The transport to write a reply on; ConnectionResetError once it
+        is closing (as StreamWriter.drain() raised for aiosmtpd)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("connection lost")
+        # Not isinstance(): uvloop's transports do not derive from asyncio's.
+        return cast(asyncio.WriteTransport, transport)
+
     def _close(self) -> None:
         if self.transport is not None:
             self.transport.close()
@@ -257,12 +432,12 @@ class TriageSMTP(SMTP):
     def shutdown(self) -> None:
         """Drain: close the session now with 421 (RFC 5321 3.8).
 
-        Written through the StreamWriter, which also follows a STARTTLS
-        switch; the transport is closed, so nothing the client still sends
-        (the rest of a message body) is ever read as commands.
+        self.transport follows a STARTTLS switch; the transport is closed,
+        so nothing the client still sends (the rest of a message body) is
+        ever read as commands.
         """
         if self.transport is not None and not self.transport.is_closing():
-            self._writer.write(V.SHUTTING_DOWN.encode() + b"\r\n")
+            self._open_transport().write(V.SHUTTING_DOWN.encode() + b"\r\n")
             self.transport.close()
 
     @property
@@ -302,13 +477,12 @@ class TriageSMTP(SMTP):
             # here, they go out in one write when smtp_EHLO ends.
             self._ehlo_lines.append(status + b"\r\n")
             return
-        writer = self._writer
-        writer.write(status + b"\r\n")
+        self._open_transport().write(status + b"\r\n")
         # aiosmtpd's push awaits drain() after every reply; it only waits
-        # when the client stopped reading (paused) or the connection is
-        # going, so the await (a coroutine per reply) is skipped otherwise.
-        if self._paused or writer.transport.is_closing():  # type: ignore[attr-defined]
-            await writer.drain()
+        # when the client stopped reading (paused), so the await (a
+        # coroutine per reply) is skipped otherwise.
+        if self._paused:
+            await self._drain()
         if self.ctx.draining and not self._in_ehlo and self.idle and status[:3] != b"221":
             # Draining: the command this answered was the last (RFC 5321 3.8).
             self.shutdown()
@@ -326,10 +500,9 @@ class TriageSMTP(SMTP):
             self._in_ehlo = False
             lines, self._ehlo_lines = self._ehlo_lines, None
             if lines:
-                writer = self._writer
-                writer.write(b"".join(lines))
-                if self._paused or writer.transport.is_closing():  # type: ignore[attr-defined]
-                    await writer.drain()
+                self._open_transport().write(b"".join(lines))
+                if self._paused:
+                    await self._drain()
         if self.ctx.draining and self.idle:
             self.shutdown()
 
@@ -419,7 +592,8 @@ class TriageSMTP(SMTP):
                 # Where the body ends is unknown now: answering and reading
                 # on would take the rest of it as commands. Close instead.
                 log.error("data_read_failed", peer=self.peer_host, error=type(exc).__name__)
-                self._writer.write(V.DATA_READ_FAILED.encode() + b"\r\n")
+                if self.transport is not None and not self.transport.is_closing():
+                    self._open_transport().write(V.DATA_READ_FAILED.encode() + b"\r\n")
                 self._close()
                 return
             self._reset_timeout()
@@ -470,7 +644,7 @@ class TriageSMTP(SMTP):
             ctx.unreserve(self.reserved)
             self.reserved = 0
 
-        await compat.read_data(self._reader, _DATA_CHUNK, on_chunk)
+        await self._read_body(on_chunk)
         size = max(size - 5, 0)
         if refusal is not None:
             return None, size, refusal
@@ -483,6 +657,24 @@ class TriageSMTP(SMTP):
                 return None, size, V.BARE_LINE_ENDING
             message = syntax.normalize_line_endings(message)
         return syntax.unstuff(message), size, None
+
+    async def _read_body(self, on_chunk: Callable[[bytes], None]) -> None:
+        """Hand `on_chunk` the raw DATA stream in pieces of up to _DATA_CHUNK
+        bytes: a CRLF we put in front (so that the end marker is always
+        CRLF "." CRLF, also for an empty message), then the client's bytes
+        up to and including the first CRLF "." CRLF. Bytes after it stay in
+        the buffer for the command loop (a pipelined QUIT)."""
+        lines = self._lines
+        lines.insert_front(b"\r\n")
+        lines.high_water = _DATA_HIGH_WATER
+        try:
+            while True:
+                chunk, done = await lines.until(_END, _DATA_CHUNK)
+                on_chunk(chunk)
+                if done:
+                    return
+        finally:
+            lines.high_water = _COMMAND_HIGH_WATER
 
     async def _relay(self, envelope: RelayEnvelope, content: bytes, started: float) -> str:
         ctx = self.ctx
