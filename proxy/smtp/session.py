@@ -98,6 +98,9 @@ class RelayContext:
         self.idle_leases = lease.IdleLeases()
         self.inflight_bytes = 0
         self.draining = False
+        # Read at scrape time: no gauge update (a lock and two calls) at
+        # every connect and disconnect.
+        metrics.connections_open.set_function(lambda: len(self.connections))
         self.handler = RelayHandler(self)
         h = self.handler
         self.hooks = {m[7:]: getattr(h, m) for m in dir(h) if m.startswith("handle_")}
@@ -197,7 +200,6 @@ class TriageSMTP(SMTP):
             return
         ctx.connections.add(self)
         ctx.metrics.connections_accepted.inc()
-        ctx.metrics.connections_open.set(len(ctx.connections))
         self._start_session(transport, peer)
         self._lines.attach(transport)
         self._handler_coroutine = self.loop.create_task(self._handle_client())
@@ -228,7 +230,6 @@ class TriageSMTP(SMTP):
             return
         ctx = self.ctx
         ctx.connections.discard(self)
-        ctx.metrics.connections_open.set(len(ctx.connections))
         self.closed = True
         if self.envelope is not None:
             lease.end(self.envelope, ctx)
