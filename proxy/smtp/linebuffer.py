@@ -75,8 +75,9 @@ class LineBuffer:
         bytes before its LF, which is read and dropped through its LF."""
         buf = self._buf
         too_long = False
+        searched = 0
         while True:
-            end = buf.find(b"\n")
+            end = buf.find(b"\n", searched)
             if end >= 0:
                 if too_long or end > limit:
                     del buf[: end + 1]
@@ -90,14 +91,16 @@ class LineBuffer:
                 too_long = True
                 buf.clear()
                 self._resume()
+            searched = len(buf)
             await self._more()
 
     async def until(self, marker: bytes, max_chunk: int) -> tuple[bytes, bool]:
         """(bytes, True) through the first `marker`, or (bytes, False): up to
         `max_chunk` bytes that certainly come before it."""
         buf = self._buf
+        searched = 0  # the marker does not start before this (buf only grows while we wait)
         while True:
-            at = buf.find(marker)
+            at = buf.find(marker, searched)
             if 0 <= at <= max_chunk:
                 end = at + len(marker)
                 chunk = bytes(buf[:end])
@@ -111,6 +114,7 @@ class LineBuffer:
                 del buf[:max_chunk]
                 self._resume()
                 return chunk, False
+            searched = max(0, len(buf) - len(marker) + 1)
             await self._more()
 
     async def exactly(self, n: int) -> bytes:
