@@ -50,6 +50,10 @@ class BatcherPrometheus:
             "triaged_classifier_model_cpu_seconds", "CPU time in model calls", registry=r
         )
         self.depth = Gauge("triaged_classifier_queue_depth", "Requests waiting for a batch", registry=r)
+        # The depth is reported at every submit: kept as a plain number and
+        # read at scrape time, not a locked gauge update per message.
+        self._depth = 0
+        self.depth.set_function(lambda: self._depth)
         self.timeouts = Counter("triaged_classifier_timeouts", "Requests past their deadline", registry=r)
         self.overloads = Counter("triaged_classifier_overloads", "Requests refused on a full queue", registry=r)
         self.batch_errors = Counter(
@@ -85,7 +89,7 @@ class BatcherPrometheus:
         self.model_cpu.inc(model[1])
 
     def queue_depth(self, depth: int) -> None:
-        self.depth.set(depth)
+        self._depth = depth
 
     def timeout(self) -> None:
         self.timeouts.inc()
