@@ -63,6 +63,10 @@ class SmtpMethods(Mapping[str, Callable[..., Any]]):
         return len(self._table)
 
 
+def _command_size_limit() -> int:
+    return SMTP.command_size_limit
+
+
 def init_session(
     proto: SMTP,
     *,
@@ -82,7 +86,7 @@ def init_session(
     proto.data_size_limit = data_size_limit
     proto.enable_SMTPUTF8 = True
     proto._decode_data = False
-    proto.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
+    proto.command_size_limits = collections.defaultdict(_command_size_limit)
     proto.hostname = hostname
     proto.tls_context = tls_context
     proto.require_starttls = False

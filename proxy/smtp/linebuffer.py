@@ -41,6 +41,11 @@ class LineBuffer:
         self._transport = transport
         self._reading_paused = False
 
+    def detach(self) -> None:
+        """The connection is gone: forget its transport (no cycle through
+        the transport back to the protocol that owns this buffer)."""
+        self._transport = None
+
     def feed(self, data: bytes) -> None:
         self._buf += data
         waiter = self._waiter

@@ -246,6 +246,8 @@ class TriageSMTP(SMTP):
         task = self._handler_coroutine
         if task is not None and not task.done():
             task.cancel()
+        self._lines.detach()
+        self._timeout_handle = None
         self.transport = None
 
     def pause_writing(self) -> None:
@@ -303,6 +305,11 @@ class TriageSMTP(SMTP):
             await self._command_loop()
         except (ConnectionError, ClientGone):
             pass  # the client went away; nothing to answer
+        finally:
+            # The bound-method table points back at this session: without
+            # it the session is freed by reference counting when the
+            # connection goes, not left to the cycle collector.
+            self._smtp_methods = {}
 
     async def _command_loop(self) -> None:
         """aiosmtpd's command loop (SMTP._handle_client, 1.4), on our buffer:
