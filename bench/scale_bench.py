@@ -55,7 +55,14 @@ from smtp_bench import Sink, _git_commit, machine, proc_tree_cpu_s  # noqa: E402
 from triaged_proc import TriagedProcess, free_port, wait_for_banner  # noqa: E402
 
 TARGETS = ("direct", "pooled", "floor", "onnx-w1", "onnx-w2", "rules-w1",
-           "before-onnx-w1", "before-onnx-w2", "before-rules-w1")
+           "before-onnx-w1", "before-onnx-w2", "before-rules-w1",
+           "floor-reuse", "rules-w1-reuse", "onnx-w1-reuse")
+DEFAULT_TARGETS = ("direct", "pooled", "floor", "onnx-w1", "onnx-w2", "rules-w1",
+                   "before-onnx-w1", "before-onnx-w2")
+# A "-reuse" target runs `smtp-source -d`: each session sends its messages on
+# one connection (as Postfix's connection cache does to a content filter),
+# so its CPU per message leaves out connecting, greeting, HELO and QUIT.
+REUSE = "-reuse"
 BEFORE = ("before-onnx-w1", "before-onnx-w2", "before-rules-w1")
 NAMES = {
     "direct": "smtp-source → smtp-sink (no relay)",
@@ -67,6 +74,9 @@ NAMES = {
     "before-onnx-w1": "triaged from --before-tree (the code before this change), default ONNX model, workers = 1",
     "before-onnx-w2": "triaged from --before-tree (the code before this change), default ONNX model, workers = 2",
     "before-rules-w1": "triaged from --before-tree (the code before this change), rules classifier, workers = 1",
+    "floor-reuse": "floor relay, connections reused (`smtp-source -d`)",
+    "rules-w1-reuse": "triaged, rules classifier, workers = 1, connections reused (`smtp-source -d`)",
+    "onnx-w1-reuse": "triaged, default ONNX model, workers = 1, connections reused (`smtp-source -d`)",
 }
 MODEL = REPO / "models" / "default.onnx"
 METRICS_PORTS: dict[int, int] = {}  # id(a TriagedProcess) -> its metrics listener's port
@@ -198,8 +208,8 @@ def stop_target(handle: object) -> None:
         handle.wait()
 
 
-def smtp_source(args: argparse.Namespace, port: int, messages: int) -> None:
-    cmd = ["smtp-source", "-s", str(args.sessions), "-l", str(args.length),
+def smtp_source(args: argparse.Namespace, port: int, messages: int, reuse: bool = False) -> None:
+    cmd = ["smtp-source", *(["-d"] if reuse else []), "-s", str(args.sessions), "-l", str(args.length),
            "-m", str(messages), f"127.0.0.1:{port}"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if result.returncode != 0:
@@ -207,22 +217,23 @@ def smtp_source(args: argparse.Namespace, port: int, messages: int) -> None:
 
 
 def one_run(target: str, rnd: int, args: argparse.Namespace, workdir: Path, workers: bool) -> Run:
+    system, reuse = target.removesuffix(REUSE), target.endswith(REUSE)
     sink = Sink()
     handle: object = None
     pid: int | None = None
     try:
-        if target == "direct":
+        if system == "direct":
             port = sink.port
         else:
-            port, handle = start_target(target, sink.port, workdir, workers, args.before_tree)
+            port, handle = start_target(system, sink.port, workdir, workers, args.before_tree)
             pid = pid_of(handle)
         if args.warmup:
-            smtp_source(args, port, args.warmup)
+            smtp_source(args, port, args.warmup, reuse)
         cpu0 = proc_tree_cpu_s(pid) if pid else 0.0
         batches0 = batch_totals(handle)
         busy0, total0 = machine_busy_ticks()
         t0 = time.monotonic()
-        smtp_source(args, port, args.messages)
+        smtp_source(args, port, args.messages, reuse)
         wall = time.monotonic() - t0
         busy1, total1 = machine_busy_ticks()
         cpu1 = proc_tree_cpu_s(pid) if pid else 0.0
@@ -365,7 +376,7 @@ def main() -> int:
     parser.add_argument("-l", "--length", type=int, default=4096)
     parser.add_argument("--warmup", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS))
     parser.add_argument("--no-write", action="store_true", help="print only, keep bench/results as is")
     parser.add_argument("--before-tree", default="",
                         help="a checkout of the code before the change measured: adds the "

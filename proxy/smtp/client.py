@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import cast
 
 from proxy.smtp.dotstuff import Piece, ends_with_crlf, stuffed
+from proxy.smtp.flow import WriteFlow
 
 # A message up to _SMALL bytes goes out in one write; a larger one in
 # views of _WRITE_CHUNK, each after the transport drained (see data()).
@@ -58,7 +59,7 @@ class Reply:
 _MAX_LINE = 1 << 16
 
 
-class _HopProtocol(asyncio.Protocol):
+class _HopProtocol(WriteFlow, asyncio.Protocol):
     """The connection's byte side: replies parsed as they arrive, handed to
     the one command waiting (the client is not pipelined), or kept in order
     for the next read if none waits (a 421 sent before our command)."""
@@ -71,8 +72,6 @@ class _HopProtocol(asyncio.Protocol):
         self._replies: deque[Reply] = deque()
         self._waiter: asyncio.Future[Reply] | None = None
         self._error: UpstreamError | None = None  # once set, every later read fails
-        self._paused = False  # the transport's write buffer is above its high-water mark
-        self._drained: asyncio.Future[None] | None = None
 
     @property
     def at_eof(self) -> bool:
@@ -127,18 +126,7 @@ class _HopProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         name = type(exc).__name__ if exc is not None else "IncompleteReadError"
         self._fail(UpstreamError(f"connection lost: {name}"))
-        drained, self._drained = self._drained, None
-        if drained is not None and not drained.done():
-            drained.set_exception(ConnectionResetError("connection lost"))
-
-    def pause_writing(self) -> None:
-        self._paused = True
-
-    def resume_writing(self) -> None:
-        self._paused = False
-        drained, self._drained = self._drained, None
-        if drained is not None and not drained.done():
-            drained.set_result(None)
+        self._drain_lost()
 
     # -- for the client --------------------------------------------------
 
@@ -159,11 +147,7 @@ class _HopProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("connection lost")
-        if not self._paused:
-            return
-        drained: asyncio.Future[None] = self._loop.create_future()
-        self._drained = drained
-        await drained
+        await self._wait_drained(self._loop)
 
     def _deliver(self, reply: Reply) -> None:
         waiter = self._waiter

@@ -48,6 +48,7 @@ from proxy.smtp import compat, syntax
 from proxy.smtp import envelope as lease
 from proxy.smtp.client import Reply, UpstreamError
 from proxy.smtp.envelope import RelayEnvelope
+from proxy.smtp.flow import WriteFlow
 from proxy.smtp.linebuffer import ClientGone, LineBuffer
 from proxy.smtp.stamp import stamp_pieces
 from proxy.smtp.upstream import Upstream
@@ -115,7 +116,7 @@ class RelayContext:
         self.inflight_bytes -= n
 
 
-class TriageSMTP(SMTP):
+class TriageSMTP(WriteFlow, SMTP):
     """One client connection."""
 
     envelope: RelayEnvelope | None
@@ -147,8 +148,7 @@ class TriageSMTP(SMTP):
         self._deadline = 0.0  # loop.time() the client must have sent its next command by
         self._armed_at = 0.0  # when the connection's timer fires (see _reset_timeout)
         self._lines = LineBuffer(self.loop, _COMMAND_HIGH_WATER)
-        self._paused = False  # the transport's write buffer is full (pause_writing)
-        self._drained: asyncio.Future[None] | None = None
+        self._paused = False  # the transport's write buffer is full (WriteFlow)
         self._quit = False
         self._greeting = f"220 {s.hostname} {self.__ident__}"
 
@@ -240,9 +240,7 @@ class TriageSMTP(SMTP):
             # must be closed too.
             self._original_transport.close()
         self._lines.feed_eof()
-        drained, self._drained = self._drained, None
-        if drained is not None and not drained.done():
-            drained.set_exception(ConnectionResetError("connection lost"))
+        self._drain_lost()
         task = self._handler_coroutine
         if task is not None and not task.done():
             task.cancel()
@@ -250,24 +248,12 @@ class TriageSMTP(SMTP):
         self._timeout_handle = None
         self.transport = None
 
-    def pause_writing(self) -> None:
-        self._paused = True
-
-    def resume_writing(self) -> None:
-        self._paused = False
-        drained, self._drained = self._drained, None
-        if drained is not None and not drained.done():
-            drained.set_result(None)
-
     async def _drain(self) -> None:
         """Until the client has read enough of our replies (flow control)."""
         transport = self.transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("connection lost")
-        if self._paused:
-            drained: asyncio.Future[None] = self.loop.create_future()
-            self._drained = drained
-            await drained
+        await self._wait_drained(self.loop)
 
     def _reset_timeout(self, duration: float | None = None) -> None:
         # aiosmtpd cancels and re-creates a loop timer at every command (and
