@@ -39,10 +39,10 @@ def normalize_line_endings(raw: bytes) -> bytes:
 
 def message_from_stream(parts: Sequence[bytes]) -> bytes:
     """The dot-stuffed message in the DATA stream read as `parts` (joined:
-    the CRLF compat.read_data puts in front, the message, "." CRLF): their
+    the CRLF TriageSMTP._read_body puts in front, the message, "." CRLF): their
     join less those. One copy however many parts: the ends are cut from
     views of the first and last part (joining, then slicing, copied a large
-    message twice). The last part holds the whole end marker (readuntil)."""
+    message twice). The last part holds the whole end marker (LineBuffer.until)."""
     if len(parts) == 1:
         return parts[0][2:-3]
     if len(parts[0]) < 2 or len(parts[-1]) < 3:  # not what read_data hands out
