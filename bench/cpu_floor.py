@@ -181,11 +181,15 @@ def write_markdown(path: Path, report: dict[str, object]) -> None:
         f"process and back {split['inference_path_above_model_floor_ms']:.3f}",
         f"- triaged, default model: **{split['triaged_default_ms']:.3f}** against the target of "
         f"{TARGET_MS}; the two floors alone add up to **{split['floors_sum_ms']:.3f}**.",
-        f"- of which the connection (accept, greeting, HELO, QUIT, close; the rows without and "
-        f"with `-d`): triaged **{split['triaged_default_per_connection_ms']:.3f}**, the floor relay "
-        f"{split['floor_per_connection_ms']:.3f}. With connections reused, as Postfix's "
-        f"connection cache does to an after-queue content filter, triaged's default costs "
-        f"**{split['triaged_default_connections_reused_ms']:.3f}** ms per message.",
+        f"- a connection per message (the rows without and with `-d`): the floor relay pays "
+        f"{split['floor_per_connection_ms']:.3f} for it (accept, greeting, HELO, QUIT, close), "
+        f"triaged's default **{split['triaged_default_per_connection_ms']:.3f}**: its own "
+        f"handling of the connection, and smaller batches (sessions busy connecting are not "
+        f"waiting for a verdict: {s['onnx-w1'].get('batch_mean_median')} messages per model "
+        f"call against {s['onnx-w1-reuse'].get('batch_mean_median')} with connections reused). "
+        f"With connections reused, as Postfix's connection cache does to an after-queue content "
+        f"filter, triaged's default costs **{split['triaged_default_connections_reused_ms']:.3f}** "
+        f"ms per message.",
     ]
     for note in report.get("notes", []):  # type: ignore[union-attr]
         lines.append(f"- {note}")
