@@ -64,9 +64,10 @@ _PROXY_TIMEOUT_S = 10.0
 _PROXY_LINE_LIMIT = 1001  # a PROXY v1 line is at most 107 bytes
 _END = b"\r\n.\r\n"  # a DATA body's end (RFC 5321 4.1.1.4)
 # Buffered client bytes above which the transport stops reading: between
-# commands (a line is at most 1001 bytes), and while a body is read in
-# _DATA_CHUNK pieces.
-_COMMAND_HIGH_WATER = 1 << 16
+# commands (a line is at most 1001 bytes; an MTA pipelining a hundred RCPTs
+# sends ~5 KB), and while a body is read in _DATA_CHUNK pieces. Per
+# connection, so 1,000 idle clients that send and never read hold ~16 MiB.
+_COMMAND_HIGH_WATER = 1 << 14
 _DATA_HIGH_WATER = 2 * _DATA_CHUNK
 _XFORWARD_ATTRS = frozenset({"NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE"})
 _QUEUE_PREFIX = f"{os.getpid():x}"
