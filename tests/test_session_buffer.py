@@ -290,6 +290,34 @@ async def test_a_body_of_several_chunks_relays_byte_exact(
     await c.close()
 
 
+async def test_a_large_body_is_handed_on_in_chunks_not_held_whole(
+    start_triaged: StartTriaged, capture: CaptureServer
+) -> None:
+    """While a body streams in, the session takes it off its buffer in 1 MiB
+    chunks before the end marker arrives: the buffer never holds much more
+    than its DATA high-water mark (2 MiB), however large the message."""
+    message, data = big_message()
+    srv = await start_triaged()
+    c = await connect(srv)
+    assert (await c.cmd("EHLO client.test"))[0] == 250
+    assert (await c.cmd("MAIL FROM:<a@example.org>"))[0] == 250
+    assert (await c.cmd("RCPT TO:<b@example.net>"))[0] == 250
+    assert (await c.cmd("DATA"))[0] == 354
+    session = only_session(srv)
+    most = 0
+    for i in range(0, len(data), 64 * 1024):
+        c.writer.write(data[i : i + 64 * 1024])
+        await c.writer.drain()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        most = max(most, len(session._lines._buf))
+    assert len(data) > 5 * MIB and most <= 2 * MIB + 256 * 1024, most
+    assert await c.reply() == QUEUED
+    [got] = capture.messages
+    assert_relayed(got.data, message)
+    await c.close()
+
+
 # -- the PROXY header ---------------------------------------------------------
 
 
@@ -372,14 +400,22 @@ async def test_over_long_command_lines_get_500_and_the_session_goes_on(
 # -- back-pressure: a client that never reads its replies ----------------------
 
 
-async def _recv(sock: socket.socket, want: int, deadline: float) -> bytes:
-    """At least `want` bytes from a non-blocking socket (or what came before EOF)."""
+async def _converse(
+    sock: socket.socket, deadline: float, *, send: bytes = b"", want: int | None = None
+) -> bytes:
+    """Read a non-blocking socket until `want` bytes came (None: until EOF),
+    sending `send` meanwhile as the peer takes it."""
     buf = bytearray()
-    while len(buf) < want:
+    while want is None or len(buf) < want:
+        if send:
+            try:
+                send = send[sock.send(send) :]
+            except BlockingIOError:
+                pass
         try:
             chunk = sock.recv(1 << 20)
         except BlockingIOError:
-            assert time.monotonic() < deadline, f"{len(buf)} of {want} bytes"
+            assert time.monotonic() < deadline, f"{len(buf)} bytes read, {want} wanted"
             await asyncio.sleep(0.002)
             continue
         if not chunk:
@@ -413,7 +449,7 @@ async def test_a_client_not_reading_replies_is_not_buffered_without_bound(
     try:
         await asyncio.get_running_loop().sock_connect(sock, (host, port))
         deadline = time.monotonic() + 20
-        assert (await _recv(sock, 1, deadline)).startswith(b"220 ")
+        assert (await _converse(sock, deadline, want=1)).startswith(b"220 ")
         await wait_until(lambda: srv.ctx is not None and len(srv.ctx.connections) == 1, 5)
         session = only_session(srv)
 
@@ -453,22 +489,7 @@ async def test_a_client_not_reading_replies_is_not_buffered_without_bound(
         rest += b"QUIT\r\n"
         owed = -(-sent // len(unit))
         expected = b"250 2.0.0 OK\r\n" * owed + b"221 2.0.0 Bye\r\n"
-        got = bytearray()
-        while True:
-            if rest:
-                try:
-                    rest = rest[sock.send(rest) :]
-                except BlockingIOError:
-                    pass
-            try:
-                chunk = sock.recv(1 << 20)
-            except BlockingIOError:
-                assert time.monotonic() < deadline, f"{len(got)} of {len(expected)} bytes"
-                await asyncio.sleep(0.002)
-                continue
-            if not chunk:
-                break
-            got += chunk
+        got = await _converse(sock, deadline, send=rest)
         assert len(got) == len(expected) and got == expected
     finally:
         sock.close()

@@ -142,13 +142,6 @@ class _HopProtocol(WriteFlow, asyncio.Protocol):
         finally:
             self._waiter = None
 
-    async def drain(self) -> None:
-        """Until the transport's buffer is below its low-water mark."""
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            raise ConnectionResetError("connection lost")
-        await self._wait_drained(self._loop)
-
     def _deliver(self, reply: Reply) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -305,9 +298,9 @@ class SmtpClient:
                     for piece in stuffed(pieces):
                         for at in range(0, len(piece), _WRITE_CHUNK):
                             self._send(piece[at : at + _WRITE_CHUNK])
-                            await self._proto.drain()  # at once below the high-water mark
+                            await self._proto.drain_writes(self._transport, self._loop)  # at once below the high-water mark
                     self._send(b".\r\n" if ends_with_crlf(pieces) else b"\r\n.\r\n")
-                    await self._proto.drain()
+                    await self._proto.drain_writes(self._transport, self._loop)
             except TimeoutError:
                 self.close()
                 raise UpstreamError("data write timed out", timeout=True) from None

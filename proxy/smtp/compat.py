@@ -1,8 +1,9 @@
 """Every use of aiosmtpd's private internals, in one place.
 
 aiosmtpd is pinned below its next minor (pyproject.toml: `aiosmtpd>=1.4.6,<1.5`)
-because of the things here; the SMTP tests exercise them on both event
-loops. The session (proxy/smtp/session.py) keeps aiosmtpd's verbs
+because of the things here; tests/test_proxy_codec.py checks the first
+against the installed aiosmtpd, and the SMTP tests exercise both on both
+event loops. The session (proxy/smtp/session.py) keeps aiosmtpd's verbs
 (`smtp_HELO`, `smtp_MAIL`, ... with their syntax checks and replies) and its
 public seams: handler hooks (`handle_MAIL`, ...), `_create_envelope`
 (documented for subclassing) and `smtp_*` overrides. The connection itself
@@ -63,6 +64,9 @@ class SmtpMethods(Mapping[str, Callable[..., Any]]):
         return len(self._table)
 
 
+IDENT = "ESMTP triaged"  # after the hostname in the greeting
+
+
 def _command_size_limit() -> int:
     return SMTP.command_size_limit
 
@@ -80,7 +84,7 @@ def init_session(
 ) -> None:
     """What `SMTP.__init__(handler, ...)` sets, without the introspection."""
     loop = asyncio.get_running_loop()
-    proto.__ident__ = "ESMTP triaged"
+    proto.__ident__ = IDENT
     proto.loop = loop
     proto.event_handler = handler
     proto.data_size_limit = data_size_limit

@@ -23,7 +23,11 @@ class WriteFlow:
         if drained is not None and not drained.done():
             drained.set_result(None)
 
-    async def _wait_drained(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def drain_writes(self, transport: asyncio.BaseTransport | None, loop: asyncio.AbstractEventLoop) -> None:
+        """Until `transport`'s buffer has drained; ConnectionResetError once
+        it is closing (as StreamWriter.drain())."""
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("connection lost")
         if self._paused:
             drained: asyncio.Future[None] = loop.create_future()
             self._drained = drained

@@ -48,11 +48,7 @@ class LineBuffer:
 
     def feed(self, data: bytes) -> None:
         self._buf += data
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        self._wake()
         if len(self._buf) > self.high_water and not self._reading_paused:
             transport = self._transport
             if transport is not None and not transport.is_closing():
@@ -61,17 +57,14 @@ class LineBuffer:
 
     def feed_eof(self) -> None:
         self._eof = True
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        self._wake()
 
     def clear(self) -> None:
         """Forget what was buffered (RFC 3207 4.2: plaintext sent before
         the TLS handshake is never read as commands)."""
         self._buf.clear()
-        self._resume()
+        if self._reading_paused:
+            self._resume_reading()
 
     # -- the session's side --------------------------------------------------
 
@@ -84,18 +77,13 @@ class LineBuffer:
         while True:
             end = buf.find(b"\n", searched)
             if end >= 0:
-                if too_long or end > limit:
-                    del buf[: end + 1]
-                    self._resume()
-                    return None
-                line = bytes(buf[: end + 1])
-                del buf[: end + 1]
-                self._resume()
-                return line
+                line = self._take(end + 1)
+                return None if too_long or end > limit else line
             if len(buf) > limit:
                 too_long = True
                 buf.clear()
-                self._resume()
+                if self._reading_paused:
+                    self._resume_reading()
             searched = len(buf)
             await self._more()
 
@@ -107,29 +95,18 @@ class LineBuffer:
         while True:
             at = buf.find(marker, searched)
             if 0 <= at <= max_chunk:
-                end = at + len(marker)
-                chunk = bytes(buf[:end])
-                del buf[:end]
-                self._resume()
-                return chunk, True
+                return self._take(at + len(marker)), True
             # No marker yet: all but its last len(marker) - 1 bytes are body.
-            safe = min(len(buf) - (len(marker) - 1), max_chunk)
-            if at > max_chunk or safe >= max_chunk:
-                chunk = bytes(buf[:max_chunk])
-                del buf[:max_chunk]
-                self._resume()
-                return chunk, False
             searched = max(0, len(buf) - len(marker) + 1)
+            if at > max_chunk or searched >= max_chunk:
+                return self._take(max_chunk), False
             await self._more()
 
     async def exactly(self, n: int) -> bytes:
         buf = self._buf
         while len(buf) < n:
             await self._more()
-        chunk = bytes(buf[:n])
-        del buf[:n]
-        self._resume()
-        return chunk
+        return self._take(n)
 
     def insert_front(self, data: bytes) -> None:
         self._buf[0:0] = data
@@ -138,10 +115,7 @@ class LineBuffer:
         if self._eof:
             raise ClientGone("client closed the connection")
         if self._reading_paused:  # waiting for more: what is held is too little
-            self._reading_paused = False
-            transport = self._transport
-            if transport is not None and not transport.is_closing():
-                transport.resume_reading()  # type: ignore[attr-defined]
+            self._resume_reading()
         waiter: asyncio.Future[None] = self._loop.create_future()
         self._waiter = waiter
         try:
@@ -149,9 +123,21 @@ class LineBuffer:
         finally:
             self._waiter = None
 
-    def _resume(self) -> None:
+    def _take(self, n: int) -> bytes:
+        """The first `n` buffered bytes, removed."""
+        chunk = bytes(self._buf[:n])
+        del self._buf[:n]
         if self._reading_paused and len(self._buf) <= self.high_water:
-            self._reading_paused = False
-            transport = self._transport
-            if transport is not None and not transport.is_closing():
-                transport.resume_reading()  # type: ignore[attr-defined]
+            self._resume_reading()
+        return chunk
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _resume_reading(self) -> None:
+        self._reading_paused = False
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()  # type: ignore[attr-defined]

@@ -103,6 +103,7 @@ class RelayContext:
         # Read at scrape time: no gauge update (a lock and two calls) at
         # every connect and disconnect.
         metrics.connections_open.set_function(lambda: len(self.connections))
+        self.greeting = f"220 {settings.server.hostname} {compat.IDENT}"
         self.handler = RelayHandler(self)
         h = self.handler
         self.hooks = {m[7:]: getattr(h, m) for m in dir(h) if m.startswith("handle_")}
@@ -149,9 +150,7 @@ class TriageSMTP(WriteFlow, SMTP):
         self._deadline = 0.0  # loop.time() the client must have sent its next command by
         self._armed_at = 0.0  # when the connection's timer fires (see _reset_timeout)
         self._lines = LineBuffer(self.loop, _COMMAND_HIGH_WATER)
-        self._paused = False  # the transport's write buffer is full (WriteFlow)
         self._quit = False
-        self._greeting = f"220 {s.hostname} {self.__ident__}"
 
     def _create_envelope(self) -> RelayEnvelope:
         # aiosmtpd's seam for per-transaction state: called at connect,
@@ -168,9 +167,8 @@ class TriageSMTP(WriteFlow, SMTP):
             # STARTTLS: the TLS layer is up on the same connection. Start
             # afresh (RFC 3207 4.2) and never read plaintext sent before
             # the handshake as commands.
-            self._start_session(transport)
             self._lines.clear()
-            self._lines.attach(transport)
+            self._start_session(transport)
             assert self._tls_protocol is not None and self.session is not None
             self.session.ssl = self._tls_protocol._extra
             hook = self._handle_hooks.get("STARTTLS")
@@ -202,7 +200,6 @@ class TriageSMTP(WriteFlow, SMTP):
         ctx.connections.add(self)
         ctx.metrics.connections_accepted.inc()
         self._start_session(transport, peer)
-        self._lines.attach(transport)
         self._handler_coroutine = self.loop.create_task(self._handle_client())
 
     def _start_session(self, transport: asyncio.BaseTransport, peer: Any = None) -> None:
@@ -211,6 +208,7 @@ class TriageSMTP(WriteFlow, SMTP):
         self.session = self._create_session()
         self.session.peer = peer if peer is not None else transport.get_extra_info("peername")
         self.transport = transport
+        self._lines.attach(transport)
         self._reset_timeout()
 
     def data_received(self, data: bytes) -> None:
@@ -249,13 +247,6 @@ class TriageSMTP(WriteFlow, SMTP):
         self._timeout_handle = None
         self.transport = None
 
-    async def _drain(self) -> None:
-        """Until the client has read enough of our replies (flow control)."""
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            raise ConnectionResetError("connection lost")
-        await self._wait_drained(self.loop)
-
     def _reset_timeout(self, duration: float | None = None) -> None:
         # aiosmtpd cancels and re-creates a loop timer at every command (and
         # we twice per DATA): about ten timers per message. Here the deadline
@@ -288,7 +279,7 @@ class TriageSMTP(WriteFlow, SMTP):
         try:
             if self.listener.proxy_protocol and not await self._read_proxy_header():
                 return
-            await self.push(self._greeting)
+            await self.push(self.ctx.greeting)
             await self._command_loop()
         except (ConnectionError, ClientGone):
             pass  # the client went away; nothing to answer
@@ -477,7 +468,7 @@ class TriageSMTP(WriteFlow, SMTP):
         # when the client stopped reading (paused), so the await (a
         # coroutine per reply) is skipped otherwise.
         if self._paused:
-            await self._drain()
+            await self.drain_writes(self.transport, self.loop)
         if self.ctx.draining and not self._in_ehlo and self.idle and status[:3] != b"221":
             # Draining: the command this answered was the last (RFC 5321 3.8).
             self.shutdown()
@@ -497,7 +488,7 @@ class TriageSMTP(WriteFlow, SMTP):
             if lines:
                 self._open_transport().write(b"".join(lines))
                 if self._paused:
-                    await self._drain()
+                    await self.drain_writes(self.transport, self.loop)
         if self.ctx.draining and self.idle:
             self.shutdown()
 
