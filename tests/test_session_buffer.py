@@ -69,6 +69,13 @@ async def connect(srv: Server) -> SmtpTestClient:
     return c
 
 
+async def start_data(c: SmtpTestClient) -> None:
+    """MAIL, RCPT and DATA, each accepted: the body comes next."""
+    assert (await c.cmd("MAIL FROM:<a@example.org>"))[0] == 250
+    assert (await c.cmd("RCPT TO:<b@example.net>"))[0] == 250
+    assert (await c.cmd("DATA"))[0] == 354
+
+
 def only_session(srv: Server) -> TriageSMTP:
     assert srv.ctx is not None
     [session] = list(srv.ctx.connections)
@@ -192,9 +199,7 @@ async def test_end_marker_split_at_every_position(start_triaged: StartTriaged, c
         data = wire(message)
         assert data.endswith(END)
         cut = len(data) - len(END) + k
-        assert (await c.cmd("MAIL FROM:<a@example.org>"))[0] == 250
-        assert (await c.cmd("RCPT TO:<b@example.net>"))[0] == 250
-        assert (await c.cmd("DATA"))[0] == 354
+        await start_data(c)
         await send_pieces(c, data[:cut])
         await no_reply_within(c, 0.05)
         c.writer.write(data[cut:])
@@ -204,9 +209,7 @@ async def test_end_marker_split_at_every_position(start_triaged: StartTriaged, c
     data = wire(dotted)
     at = data.index(b"\r\n..\r\n")
     for k in range(1, 6):
-        assert (await c.cmd("MAIL FROM:<a@example.org>"))[0] == 250
-        assert (await c.cmd("RCPT TO:<b@example.net>"))[0] == 250
-        assert (await c.cmd("DATA"))[0] == 354
+        await start_data(c)
         await send_pieces(c, data[: at + k])
         await no_reply_within(c, 0.02)
         c.writer.write(data[at + k :])
@@ -276,9 +279,7 @@ async def test_a_body_of_several_chunks_relays_byte_exact(
     srv = await start_triaged()
     c = await connect(srv)
     assert (await c.cmd("EHLO client.test"))[0] == 250
-    assert (await c.cmd("MAIL FROM:<a@example.org>"))[0] == 250
-    assert (await c.cmd("RCPT TO:<b@example.net>"))[0] == 250
-    assert (await c.cmd("DATA"))[0] == 354
+    await start_data(c)
     # In writes of an odd size, with a pipelined NOOP right behind the end.
     await send_pieces(c, *(data[i : i + 700_001] for i in range(0, len(data), 700_001)), gap_s=0)
     c.writer.write(b"NOOP\r\n")
@@ -300,9 +301,7 @@ async def test_a_large_body_is_handed_on_in_chunks_not_held_whole(
     srv = await start_triaged()
     c = await connect(srv)
     assert (await c.cmd("EHLO client.test"))[0] == 250
-    assert (await c.cmd("MAIL FROM:<a@example.org>"))[0] == 250
-    assert (await c.cmd("RCPT TO:<b@example.net>"))[0] == 250
-    assert (await c.cmd("DATA"))[0] == 354
+    await start_data(c)
     session = only_session(srv)
     most = 0
     for i in range(0, len(data), 64 * 1024):
