@@ -101,6 +101,12 @@ class Run:
     machine_busy: float  # share of all CPUs busy over the run
     delivered: int
     batch_mean: float | None = None  # messages per model call (triaged's metrics)
+    # Thread CPU the inference side spent per message, read from triaged's
+    # own counters over the measured run: featurizing, and the model call
+    # with the overrides. Under the run's load, so what they cost while
+    # sharing the cores, not in isolation (bench/cpu_floor.py sets them apart).
+    features_cpu_ms: float | None = None
+    model_cpu_ms: float | None = None
 
 
 def machine_busy_ticks() -> tuple[int, int]:
@@ -166,8 +172,17 @@ def start_target(
     return triaged.port, triaged
 
 
-def batch_totals(handle: object) -> tuple[float, float] | None:
-    """(messages, model calls) so far from triaged's batch-size histogram."""
+# triaged's counters behind Run.batch_mean, features_cpu_ms and model_cpu_ms.
+CLASSIFIER_SERIES = {
+    "batch_sum": "triaged_classifier_batch_size_sum",
+    "batch_count": "triaged_classifier_batch_size_count",
+    "features_cpu_s": "triaged_classifier_features_cpu_seconds_total",
+    "model_cpu_s": "triaged_classifier_model_cpu_seconds_total",
+}
+
+
+def classifier_totals(handle: object) -> dict[str, float] | None:
+    """The CLASSIFIER_SERIES so far, from triaged's metrics listener."""
     port = METRICS_PORTS.get(id(handle))
     if port is None:
         return None
@@ -176,13 +191,14 @@ def batch_totals(handle: object) -> tuple[float, float] | None:
             text = reply.read().decode()
     except OSError:
         return None
-    total = {"_sum": 0.0, "_count": 0.0}
+    wanted = {series: key for key, series in CLASSIFIER_SERIES.items()}
+    total = dict.fromkeys(CLASSIFIER_SERIES, 0.0)
     for line in text.splitlines():
         name, _, value = line.partition(" ")
-        for suffix in total:
-            if name.split("{")[0] == f"triaged_classifier_batch_size{suffix}":
-                total[suffix] += float(value)
-    return total["_sum"], total["_count"]
+        key = wanted.get(name.split("{")[0])
+        if key is not None:
+            total[key] += float(value)
+    return total
 
 
 def pid_of(handle: object) -> int:
@@ -230,7 +246,7 @@ def one_run(target: str, rnd: int, args: argparse.Namespace, workdir: Path, work
         if args.warmup:
             smtp_source(args, port, args.warmup, reuse)
         cpu0 = proc_tree_cpu_s(pid) if pid else 0.0
-        batches0 = batch_totals(handle)
+        counters0 = classifier_totals(handle)
         busy0, total0 = machine_busy_ticks()
         t0 = time.monotonic()
         smtp_source(args, port, args.messages, reuse)
@@ -238,7 +254,7 @@ def one_run(target: str, rnd: int, args: argparse.Namespace, workdir: Path, work
         busy1, total1 = machine_busy_ticks()
         cpu1 = proc_tree_cpu_s(pid) if pid else 0.0
         procs = tree_size(pid) if pid else 0
-        batches1 = batch_totals(handle)
+        counters1 = classifier_totals(handle)
     finally:
         if handle is not None:
             stop_target(handle)
@@ -253,14 +269,27 @@ def one_run(target: str, rnd: int, args: argparse.Namespace, workdir: Path, work
         processes=procs,
         machine_busy=round((busy1 - busy0) / max(total1 - total0, 1), 3),
         delivered=delivered - args.warmup,
-        batch_mean=_mean_batch(batches0, batches1),
+        batch_mean=_mean_batch(counters0, counters1),
+        features_cpu_ms=_per_message(counters0, counters1, "features_cpu_s", args.messages),
+        model_cpu_ms=_per_message(counters0, counters1, "model_cpu_s", args.messages),
     )
 
 
-def _mean_batch(before: tuple[float, float] | None, after: tuple[float, float] | None) -> float | None:
-    if before is None or after is None or after[1] <= before[1]:
+def _mean_batch(before: dict[str, float] | None, after: dict[str, float] | None) -> float | None:
+    if before is None or after is None or after["batch_count"] <= before["batch_count"]:
         return None
-    return round((after[0] - before[0]) / (after[1] - before[1]), 2)
+    calls = after["batch_count"] - before["batch_count"]
+    return round((after["batch_sum"] - before["batch_sum"]) / calls, 2)
+
+
+def _per_message(
+    before: dict[str, float] | None, after: dict[str, float] | None, key: str, messages: int
+) -> float | None:
+    """Milliseconds of `key` (seconds) per message over the run; None without
+    a model (no batches) or metrics."""
+    if before is None or after is None or after["batch_count"] <= before["batch_count"]:
+        return None
+    return round((after[key] - before[key]) * 1000 / messages, 3)
 
 
 def summarise(runs: list[Run]) -> dict[str, dict[str, float | None]]:
@@ -282,9 +311,12 @@ def summarise(runs: list[Run]) -> dict[str, dict[str, float | None]]:
             "machine_busy_median": round(statistics.median(r.machine_busy for r in mine), 3),
             "processes": max(r.processes for r in mine),
         }
-        batches = [r.batch_mean for r in mine if r.batch_mean is not None]
-        if batches:
-            row["batch_mean_median"] = round(statistics.median(batches), 2)
+        for field, key, digits in (("batch_mean", "batch_mean_median", 2),
+                                   ("features_cpu_ms", "features_cpu_ms_median", 3),
+                                   ("model_cpu_ms", "model_cpu_ms_median", 3)):
+            values = [v for r in mine if (v := getattr(r, field)) is not None]
+            if values:
+                row[key] = round(statistics.median(values), digits)
         ratios = [
             rr[target].msg_per_s / rr["pooled"].msg_per_s
             for rr in by_round.values() if target in rr and "pooled" in rr
