@@ -529,3 +529,58 @@ async def test_small_data_is_stuffed(raw_hop: StartHop) -> None:
     assert (reply.code, reply.message) == (250, "2.0.0 Ok: small")
     assert got == [b"..first\r\nSubject: s\r\n\r\n...two\r\n..\r\nend\r\n.\r\n"]
     client.close()
+
+
+_XFORWARD_EHLO = b"250-hop\r\n250-PIPELINING\r\n250 XFORWARD NAME ADDR PORT\r\n"
+
+
+@pytest.mark.parametrize("xforward_code", [250, 550])
+async def test_xforward_is_pipelined_with_mail(raw_hop: StartHop, xforward_code: int) -> None:
+    """With PIPELINING, XFORWARD and MAIL leave in one write: this hop reads
+    both before it answers either (a client waiting for XFORWARD's reply first
+    would wait forever). The reply handed back is MAIL's, whatever XFORWARD got;
+    attributes the hop did not offer (PROTO) are not sent."""
+    seen: list[str] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _greet(reader, writer, ehlo=_XFORWARD_EHLO)
+        seen.append(await _expect(reader, "XFORWARD"))
+        seen.append(await _expect(reader, "MAIL"))
+        await _send(writer, b"%d 2.0.0 xforward said\r\n" % xforward_code, b"250 2.1.0 Sender ok\r\n")
+        await _expect(reader, "RCPT")
+        await _send(writer, b"250 2.1.5 Recipient ok\r\n")
+        await _until_client_goes(reader)
+
+    hop = await raw_hop(script)
+    client = await _raw_connect(hop)
+    attrs = {"ADDR": "192.0.2.7", "PORT": "4242", "PROTO": "ESMTP"}
+    reply = await asyncio.wait_for(client.mail("a@example.org", ["BODY=8BITMIME"], attrs), 2)
+    assert (reply.code, reply.message) == (250, "2.1.0 Sender ok")
+    assert seen == ["XFORWARD ADDR=192.0.2.7 PORT=4242", "MAIL FROM:<a@example.org> BODY=8BITMIME"]
+    # In step afterwards: the next command gets its own reply.
+    reply = await asyncio.wait_for(client.rcpt("b@example.org", []), 2)
+    assert (reply.code, reply.message) == (250, "2.1.5 Recipient ok")
+    client.close()
+
+
+async def test_xforward_waits_for_its_reply_without_pipelining(raw_hop: StartHop) -> None:
+    """A hop without PIPELINING gets one command at a time: nothing after an
+    XFORWARD line until it is answered. Long attributes take several lines."""
+    seen: list[str] = []
+    name = "mx." + "n" * 390 + ".example"
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _greet(reader, writer, ehlo=b"250-hop\r\n250 XFORWARD NAME ADDR\r\n")
+        for verb in ("XFORWARD", "XFORWARD", "MAIL"):
+            seen.append(await _expect(reader, verb))
+            with pytest.raises(TimeoutError):  # nothing more before our answer
+                await asyncio.wait_for(reader.readuntil(b"\r\n"), 0.1)
+            await _send(writer, b"250 2.0.0 Ok\r\n")
+        await _until_client_goes(reader)
+
+    hop = await raw_hop(script)
+    client = await _raw_connect(hop)
+    reply = await asyncio.wait_for(client.mail("a@example.org", [], {"NAME": name, "ADDR": "192.0.2.7"}), 5)
+    assert reply.ok
+    assert seen == [f"XFORWARD NAME={name}", "XFORWARD ADDR=192.0.2.7", "MAIL FROM:<a@example.org>"]
+    client.close()

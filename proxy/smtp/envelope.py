@@ -162,9 +162,8 @@ async def open_hop(
         except UpstreamError as exc:
             return None, upstream_error_reply(ctx, exc, "connect")
         try:
-            if attrs and ctx.settings.upstream.xforward and "XFORWARD" in hop.extensions:
-                await hop.xforward(attrs)
-            reply = await hop.mail(sender, offered(options, hop.extensions))
+            forward = attrs if ctx.settings.upstream.xforward and "XFORWARD" in hop.extensions else None
+            reply = await hop.mail(sender, offered(options, hop.extensions), forward)
         except BaseException as exc:
             ctx.upstream.release(hop, clean=False)  # cancelled too: the slot comes back
             if not isinstance(exc, UpstreamError):

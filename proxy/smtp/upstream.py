@@ -11,7 +11,7 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from itertools import count
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,8 +33,10 @@ class Hop(Protocol):
     extensions: dict[str, str]
     reused: bool  # came from the pool idle list (may be stale)
 
-    async def xforward(self, attrs: dict[str, str]) -> None: ...
-    async def mail(self, sender: str, options: list[str]) -> Reply: ...
+    # MAIL, after XFORWARD of the attributes in `xforward` the hop offers.
+    async def mail(
+        self, sender: str, options: list[str], xforward: Mapping[str, str] | None = None
+    ) -> Reply: ...
     async def rcpt(self, recipient: str, options: list[str]) -> Reply: ...
     async def data(self, pieces: Sequence[Piece]) -> Reply: ...
     async def rset(self) -> bool: ...
@@ -198,10 +200,9 @@ class MaildirHop:
         self.path = path
         self.sender = ""
 
-    async def xforward(self, attrs: dict[str, str]) -> None:
-        return None
-
-    async def mail(self, sender: str, options: list[str]) -> Reply:
+    async def mail(
+        self, sender: str, options: list[str], xforward: Mapping[str, str] | None = None
+    ) -> Reply:
         self.sender = sender
         return Reply(250, "2.1.0 Ok")
 
