@@ -208,6 +208,16 @@ async def _expect(reader: asyncio.StreamReader, verb: str) -> str:
     return line
 
 
+async def _converse(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *steps: tuple[str, bytes]
+) -> None:
+    """For each (verb, answer): the client's next command must start with
+    `verb`; then `answer` goes back."""
+    for verb, answer in steps:
+        await _expect(reader, verb)
+        await _send(writer, answer)
+
+
 async def _greet(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     ehlo: bytes = b"250-hop\r\n250 PIPELINING\r\n",
@@ -268,14 +278,13 @@ async def test_bare_lf_lines_and_verbatim_text(raw_hop: StartHop) -> None:
 
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _greet(reader, writer, ehlo=b"250-hop greets t\n250-PIPELINING\n250 8BITMIME\n")
-        await _expect(reader, "NOOP")
-        await _send(writer, b"250 2.0.0 Ok\n")
-        await _expect(reader, "MAIL FROM:<a@example.org>")
-        await _send(writer, b"250-first line\n250-  spaced  out \n250 last: 4.2.0 \xc3\xa9t\xc3\xa9\n")
-        await _expect(reader, "RCPT TO:<b@example.org>")
-        await _send(writer, b"550-5.1.1 mixed\r\n550 5.1.1 endings\n")
-        await _expect(reader, "RSET")
-        await _send(writer, b"250\n")
+        await _converse(
+            reader, writer,
+            ("NOOP", b"250 2.0.0 Ok\n"),
+            ("MAIL FROM:<a@example.org>", b"250-first line\n250-  spaced  out \n250 last: 4.2.0 \xc3\xa9t\xc3\xa9\n"),
+            ("RCPT TO:<b@example.org>", b"550-5.1.1 mixed\r\n550 5.1.1 endings\n"),
+            ("RSET", b"250\n"),
+        )
         await _until_client_goes(reader)
 
     hop = await raw_hop(script)
@@ -385,12 +394,12 @@ async def test_unsolicited_reply_goes_to_the_next_command(raw_hop: StartHop) -> 
         await _greet(reader, writer)
         await asyncio.sleep(_GAP_S)
         await _send(writer, b"421-4.3.2 going\r\n", b"421 4.3.2 away\r\n", b"421 4.3.2 again\r\n")
-        await _expect(reader, "NOOP")
-        await _send(writer, b"250 2.0.0 noop ok\r\n")
-        await _expect(reader, "RSET")
-        await _send(writer, b"250 2.0.0 rset ok\r\n")
-        await _expect(reader, "NOOP")
-        await _send(writer, b"250 2.0.0 second noop ok\r\n")
+        await _converse(
+            reader, writer,
+            ("NOOP", b"250 2.0.0 noop ok\r\n"),
+            ("RSET", b"250 2.0.0 rset ok\r\n"),
+            ("NOOP", b"250 2.0.0 second noop ok\r\n"),
+        )
         await _until_client_goes(reader)
 
     hop = await raw_hop(script)
@@ -547,8 +556,7 @@ async def test_xforward_is_pipelined_with_mail(raw_hop: StartHop, xforward_code:
         seen.append(await _expect(reader, "XFORWARD"))
         seen.append(await _expect(reader, "MAIL"))
         await _send(writer, b"%d 2.0.0 xforward said\r\n" % xforward_code, b"250 2.1.0 Sender ok\r\n")
-        await _expect(reader, "RCPT")
-        await _send(writer, b"250 2.1.5 Recipient ok\r\n")
+        await _converse(reader, writer, ("RCPT", b"250 2.1.5 Recipient ok\r\n"))
         await _until_client_goes(reader)
 
     hop = await raw_hop(script)

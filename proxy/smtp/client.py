@@ -323,7 +323,7 @@ class SmtpClient:
         """
         lines = _xforward_lines(xforward, self.extensions) if xforward else []
         lines.append(_with_options(f"MAIL FROM:{_angle(sender)}", options))
-        if "PIPELINING" not in self.extensions:
+        if len(lines) == 1 or "PIPELINING" not in self.extensions:
             for line in lines[:-1]:
                 await self.command(line)
             return await self.command(lines[-1])
